@@ -1,0 +1,45 @@
+"""The ``ssvae`` command: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+
+    ssvae fit -c configs/mnist/m1_vae.yaml [-c configs/presets/quick.yaml] [--data.num_labelled 600]
+    ssvae fit -c configs/mnist/m1_classifier.yaml --model.vae_checkpoint <vae>/checkpoints/last.ckpt
+    ssvae test -c configs/mnist/m1_classifier.yaml --ckpt_path <classifier>/checkpoints/last.ckpt
+
+The numbers the data determine (classes, image shape) reach the model through ``link_arguments``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+from ssvae_pl.data.sources import DataSourceError
+from ssvae_pl.errors import CheckpointError, ConfigError
+
+USER_ERRORS = (ConfigError, CheckpointError, DataSourceError)
+
+
+class SSVAECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> None:
+    import ssvae_pl.models  # noqa: F401  (registers the model classes for short names)
+
+    try:
+        SSVAECLI(
+            datamodule_class=SemiSupervisedDataModule,
+            subclass_mode_model=True,
+            seed_everything_default=0,
+            args=args,
+        )
+    except USER_ERRORS as err:
+        print(f"ssvae: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

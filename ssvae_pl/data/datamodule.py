@@ -1,0 +1,239 @@
+"""``SemiSupervisedDataModule``: mixed labelled/unlabelled training batches from images held in memory.
+
+Every training batch is ``{"labelled": (x, y), "unlabelled": x}``. The two parts come from two DataLoaders
+combined by Lightning's ``CombinedLoader`` in ``max_size_cycle`` mode: an epoch is one pass over the
+unlabelled images, and the (smaller) labelled loader is restarted, and so reshuffled, whenever it runs out.
+Validation, test and predict batches are ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import CombinedLoader
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
+
+from ssvae_pl.data.labelled import Split, check_label_budget, make_split
+from ssvae_pl.data.sources import DATASETS, ensure_raw_files, load_split
+from ssvae_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Binarize = Literal["dynamic", "static", "none"]
+LABELLED_INDICES_FILE = "labelled_indices.json"
+
+
+def _batch_as_is(batch):
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
+    return batch
+
+
+class InMemoryImages(Dataset):
+    """uint8 images (and optional labels) in memory; batches are gathered by index in one tensor operation.
+
+    ``binarize="dynamic"`` draws a fresh Bernoulli sample of every image each time it is drawn (the paper's
+    choice); static binarisation is applied once, before the images reach this class.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, dynamic: bool = False) -> None:
+        self.images = images  # (N, C, H, W) uint8
+        self.labels = labels  # (N,) int64 or None
+        self.dynamic = dynamic
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        x = self.images[idx].float().div_(255.0)  # (B, C, H, W) in [0, 1]
+        if self.dynamic:
+            x = torch.bernoulli(x)
+        return x if self.labels is None else (x, self.labels[idx])
+
+    def __getitem__(self, index: int):
+        batch = self.__getitems__([index])
+        return batch[0] if self.labels is None else (batch[0][0], batch[1][0])
+
+
+def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """One fixed Bernoulli sample of uint8 images, as uint8 in {0, 255}."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(images.float() / 255.0, generator=generator).to(torch.uint8) * 255
+
+
+class SemiSupervisedDataModule(pl.LightningDataModule):
+    """A class-balanced labelled subset, chosen by ``seed``, beside the unlabelled training images.
+
+    Args:
+        dataset: ``mnist``, ``fashion_mnist`` or ``kmnist``.
+        data_dir: root of torchvision's layout, ``<data_dir>/<Name>/raw``.
+        num_labelled: labelled training images, the same number of each class (100 means 10 per class).
+        val_size: training images held out for validation (the paper holds out 10,000 of MNIST's 60,000).
+        seed: fixes the validation split and the labelled subset, independently of the global seed.
+        batch_size: unlabelled images per training batch.
+        labelled_batch_size: labelled images per training batch (at most ``num_labelled``).
+        eval_batch_size: images per validation, test and predict batch.
+        binarize: ``dynamic`` (a fresh sample each time an image is drawn), ``static`` (one fixed sample)
+            or ``none`` (grey levels in [0, 1]). Evaluation always uses one fixed sample when binarising.
+        unlabelled: ``all`` training images (the paper's choice, labelled ones included) or the ``rest``.
+        num_workers: DataLoader worker processes.
+        download: whether to try torchvision's download before the offline sources.
+        check_md5: verify the raw files against the official md5 sums.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        data_dir: str = "data",
+        num_labelled: int = 100,
+        val_size: int = 10000,
+        seed: int = 0,
+        batch_size: int = 100,
+        labelled_batch_size: int = 100,
+        eval_batch_size: int = 1000,
+        binarize: Binarize = "dynamic",
+        unlabelled: Literal["all", "rest"] = "all",
+        num_workers: int = 0,
+        download: bool = True,
+        check_md5: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ConfigError(f"data.dataset={dataset!r} is not known; choose one of {sorted(DATASETS)}.")
+        self.info = DATASETS[dataset]
+        check_label_budget(num_labelled, self.info.num_classes)
+        if not 0 <= val_size < self.info.num_train:
+            raise ConfigError(
+                f"data.val_size={val_size} is out of range; it must be between 0 and {self.info.num_train - 1} "
+                f"(the {dataset} training set holds {self.info.num_train} images)."
+            )
+        if num_labelled > self.info.num_train - val_size:
+            raise ConfigError(
+                f"data.num_labelled={num_labelled} exceeds the {self.info.num_train - val_size} training images "
+                f"left after data.val_size={val_size}; lower one of them."
+            )
+        if unlabelled == "rest" and num_labelled == self.info.num_train - val_size:
+            raise ConfigError(
+                f"data.unlabelled='rest' with data.num_labelled={num_labelled} leaves no unlabelled images; "
+                "lower data.num_labelled or use data.unlabelled='all'."
+            )
+        for field, value in [("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size),
+                             ("eval_batch_size", eval_batch_size)]:
+            if value <= 0:
+                raise ConfigError(f"data.{field} must be positive, got {value}.")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        self.save_hyperparameters()
+        self.split: Split | None = None
+        self._train_images = self._train_labels = self._test_images = self._test_labels = None
+
+    # Numbers the models need; LightningCLI links them into the model's arguments.
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.info.image_shape)
+
+    @property
+    def num_train(self) -> int:
+        """Training images after the validation hold-out (labelled ones included)."""
+        return self.info.num_train - self.hparams.val_size
+
+    @property
+    def num_unlabelled(self) -> int:
+        hp = self.hparams
+        return self.num_train - (hp.num_labelled if hp.unlabelled == "rest" else 0)
+
+    def prepare_data(self) -> None:
+        ensure_raw_files(
+            self.hparams.dataset, self.hparams.data_dir, download=self.hparams.download, check_md5=self.hparams.check_md5
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        hp = self.hparams
+        load = dict(download=hp.download, check_md5=hp.check_md5)
+        train_images, self._train_labels = load_split(hp.dataset, hp.data_dir, train=True, **load)
+        test_images, self._test_labels = load_split(hp.dataset, hp.data_dir, train=False, **load)
+        self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed)
+        if hp.binarize == "static":
+            train_images = binarize_once(train_images, hp.seed)
+        if hp.binarize != "none":  # evaluation sees one fixed sample, so its metrics do not jitter
+            self._eval_train_images = binarize_once(train_images, hp.seed + 1)
+            test_images = binarize_once(test_images, hp.seed + 2)
+        else:
+            self._eval_train_images = train_images
+        self._train_images, self._test_images = train_images, test_images
+        self._record_split()
+
+    @rank_zero_only
+    def _record_split(self) -> None:
+        """Write the labelled indices (into the official training set) into the run's log folder."""
+        if self.trainer is None or self.trainer.log_dir is None:
+            return
+        hp, split = self.hparams, self.split
+        path = Path(self.trainer.log_dir) / LABELLED_INDICES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "dataset": hp.dataset,
+            "seed": hp.seed,
+            "num_labelled": hp.num_labelled,
+            "val_size": hp.val_size,
+            "labelled_indices": split.labelled.tolist(),
+            "labelled_labels": self._train_labels[split.labelled].tolist(),
+            "val_indices": split.val.tolist(),
+        }
+        path.write_text(json.dumps(record))
+        log.info("labelled indices written to %s", path)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            collate_fn=_batch_as_is,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def labelled_dataset(self) -> InMemoryImages:
+        idx = self.split.labelled
+        return InMemoryImages(self._train_images[idx], self._train_labels[idx], self.hparams.binarize == "dynamic")
+
+    def unlabelled_dataset(self) -> InMemoryImages:
+        idx = self.split.train
+        if self.hparams.unlabelled == "rest":
+            idx = idx[~torch.isin(idx, self.split.labelled)]
+        return InMemoryImages(self._train_images[idx], None, self.hparams.binarize == "dynamic")
+
+    def train_dataloader(self) -> CombinedLoader:
+        hp = self.hparams
+        labelled = self._loader(
+            self.labelled_dataset(), min(hp.labelled_batch_size, hp.num_labelled), shuffle=True, drop_last=True
+        )
+        unlabelled = self._loader(self.unlabelled_dataset(), hp.batch_size, shuffle=True, drop_last=True)
+        return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.hparams.val_size == 0:
+            return []
+        idx = self.split.val
+        return self._loader(InMemoryImages(self._eval_train_images[idx], self._train_labels[idx]),
+                            self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(InMemoryImages(self._test_images, self._test_labels), self.hparams.eval_batch_size,
+                            shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

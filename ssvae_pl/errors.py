@@ -1,0 +1,9 @@
+"""Errors meant for the user: the ``ssvae`` command prints their message on one line and exits non-zero."""
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, unreadable or of the wrong kind; the message names the file."""

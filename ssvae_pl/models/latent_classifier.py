@@ -1,0 +1,148 @@
+"""M1, stage two: a classifier on the latents of a frozen VAE encoder (SSDGM section 2.1).
+
+The supervised term is cross-entropy on the labelled (z, y) pairs. The unlabelled latents can join in, as the
+method intends (the paper uses a transductive SVM here):
+
+* ``entropy``: minimise the entropy of q(y|z) on unlabelled latents while keeping the classes balanced by
+  maximising the entropy of the batch's mean prediction (the role the TSVM's margin and balance constraint play);
+* ``self_training``: the classifier labels the unlabelled images and trains on its own confident predictions,
+  each pseudo-labelled example weighted by its confidence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssvae_pl import elbo
+from ssvae_pl.errors import CheckpointError, ConfigError
+from ssvae_pl.models.vae import build_encoder, freeze, load_frozen_encoder
+from ssvae_pl.nets import Activation, Classifier
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_k p_k log p_k over the last dimension."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+class LatentClassifier(pl.LightningModule):
+    """A classifier trained on z ~ q(z|x) of a frozen VAE encoder.
+
+    Args:
+        vae_checkpoint: checkpoint of a trained ``VAE``; its encoder is loaded and frozen. Not needed to test or
+            predict from this model's own checkpoint, which carries the encoder.
+        input_shape, num_classes: linked from the data module.
+        hidden_dims: hidden widths of the classifier; ``[]`` is multinomial logistic regression.
+        latent: ``mean`` uses the posterior mean; ``sample`` draws z ~ q(z|x) afresh (augmentation).
+        unlabelled_objective: ``none``, ``entropy`` or ``self_training`` (see the module docstring).
+        unlabelled_weight: weight of the unlabelled term against the labelled cross-entropy.
+        class_balance_weight: weight of the class-balance term of ``entropy``.
+        confidence_threshold: ``self_training`` ignores predictions less confident than this.
+        warmup_epochs: epochs of the supervised term alone before the unlabelled term starts.
+        vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
+            checkpoint so that it stands on its own.
+    """
+
+    def __init__(
+        self,
+        vae_checkpoint: str | None = None,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        hidden_dims: Sequence[int] = (),
+        activation: Activation = "softplus",
+        latent: Literal["mean", "sample"] = "mean",
+        unlabelled_objective: Literal["none", "entropy", "self_training"] = "none",
+        unlabelled_weight: float = 1.0,
+        class_balance_weight: float = 1.0,
+        confidence_threshold: float = 0.0,
+        warmup_epochs: int = 0,
+        vae_hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise ConfigError(f"model.confidence_threshold must be in [0, 1), got {confidence_threshold}.")
+        if vae_hparams is not None:  # restored from this model's own checkpoint: weights come with the state dict
+            self.encoder = freeze(build_encoder(**vae_hparams))
+        elif vae_checkpoint is not None:
+            self.encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
+            self.hparams["vae_hparams"] = vae_hparams
+        else:
+            raise ConfigError(
+                "model.vae_checkpoint is required: pass the VAE's checkpoint, e.g. "
+                "--model.vae_checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt"
+            )
+        if list(vae_hparams["input_shape"]) != list(input_shape):
+            raise CheckpointError(
+                f"model.vae_checkpoint: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
+                f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
+            )
+        self.classifier = Classifier(vae_hparams["latent_dim"], hidden_dims, num_classes, activation)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def train(self, mode: bool = True) -> LatentClassifier:
+        """Lightning switches modules to train mode every epoch; the frozen encoder stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.encoder(x)  # (B, Z), (B, Z)
+        if self.hparams.latent == "sample" and self.training:
+            return elbo.reparameterize(mean, std)
+        return mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for images in [0, 1]."""
+        return self.classifier(self.latents(x))
+
+    def unlabelled_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(dim=-1)  # (B, K)
+        if self.hparams.unlabelled_objective == "entropy":
+            return entropy(probs).mean() - self.hparams.class_balance_weight * entropy(probs.mean(dim=0))
+        confidence, pseudo_label = probs.detach().max(dim=-1)
+        weight = confidence * (confidence >= self.hparams.confidence_threshold)
+        return (weight * F.cross_entropy(logits.float(), pseudo_label, reduction="none")).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, y = batch["labelled"]
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.train_acc(logits, y)
+        self.log("train/classification", loss, on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        hp = self.hparams
+        if hp.unlabelled_objective != "none" and self.current_epoch >= hp.warmup_epochs:
+            unlabelled = self.unlabelled_loss(self(batch["unlabelled"]))
+            self.log("train/unlabelled", unlabelled, on_step=True, on_epoch=True)
+            loss = loss + hp.unlabelled_weight * unlabelled
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, stage: str, batch, metric: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), y), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("val", batch, self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("test", batch, self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self(batch[0]).float().softmax(dim=-1)
+        return {"probs": probs, "pred": probs.argmax(dim=-1), "y": batch[1]}
+
+    def configure_optimizers(self):
+        """Used when the config names no ``optimizer``; the configs do name one."""
+        return torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
