@@ -20,6 +20,17 @@ from ssvae_pl.errors import CheckpointError, ConfigError
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError)
 
 
+def user_error(err: BaseException) -> BaseException | None:
+    """The user error behind ``err``: jsonargparse wraps errors raised while it instantiates a model."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class SSVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
@@ -36,8 +47,11 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             args=args,
         )
-    except USER_ERRORS as err:
-        print(f"ssvae: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"ssvae: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -145,6 +145,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     @property
     def num_train(self) -> int:
         """Training images after the validation hold-out (labelled ones included)."""
+        if self.split is not None:
+            return len(self.split.train)
         return self.info.num_train - self.hparams.val_size
 
     @property
@@ -173,12 +175,17 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         else:
             self._eval_train_images = train_images
         self._train_images, self._test_images = train_images, test_images
+        if self.num_unlabelled < hp.batch_size:
+            raise ConfigError(
+                f"data.batch_size={hp.batch_size} exceeds the {self.num_unlabelled} unlabelled training images, so "
+                "an epoch would hold no batch; lower data.batch_size."
+            )
         self._record_split()
 
     @rank_zero_only
     def _record_split(self) -> None:
         """Write the labelled indices (into the official training set) into the run's log folder."""
-        if self.trainer is None or self.trainer.log_dir is None:
+        if self.trainer is None or self.trainer.logger is None or self.trainer.log_dir is None:
             return
         hp, split = self.hparams, self.split
         path = Path(self.trainer.log_dir) / LABELLED_INDICES_FILE

@@ -116,22 +116,22 @@ class LatentClassifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
         self.train_acc(logits, y)
-        self.log("train/classification", loss, on_step=True, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train/classification", loss, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         hp = self.hparams
         if hp.unlabelled_objective != "none" and self.current_epoch >= hp.warmup_epochs:
             unlabelled = self.unlabelled_loss(self(batch["unlabelled"]))
-            self.log("train/unlabelled", unlabelled, on_step=True, on_epoch=True)
+            self.log("train/unlabelled", unlabelled, on_step=True, on_epoch=True, batch_size=len(batch["unlabelled"]))
             loss = loss + hp.unlabelled_weight * unlabelled
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
     def _evaluate(self, stage: str, batch, metric: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), y), sync_dist=True)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate("val", batch, self.val_acc)

@@ -59,7 +59,7 @@ class VAE(pl.LightningModule):
         on_step = stage == "train"
         for name in names:
             self.log(f"{stage}/{name}", terms[name].mean(), on_step=on_step, on_epoch=True,
-                     prog_bar=name == "elbo", sync_dist=not on_step)
+                     prog_bar=name == "elbo", sync_dist=not on_step, batch_size=len(terms[name]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self(batch["unlabelled"])  # every training image, labelled or not

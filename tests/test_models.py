@@ -1,0 +1,177 @@
+"""The LightningModules (ssvae_pl/models): the VAE's bound, and the latent classifier on its frozen encoder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SYNTHETIC, quiet_trainer
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+from ssvae_pl.errors import CheckpointError, ConfigError
+from ssvae_pl.models import VAE, LatentClassifier
+
+
+def binary_batch(n: int = 32, seed: int = 0) -> torch.Tensor:
+    """Binary images with some structure: each is one of 4 stripe patterns with a few flipped pixels."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.zeros(4, 1, 28, 28)
+    for k in range(4):
+        patterns[k, :, 7 * k : 7 * k + 7, :] = 1.0
+    x = patterns[torch.arange(n) % 4]
+    flip = torch.rand(x.shape, generator=g) < 0.05
+    return torch.where(flip, 1.0 - x, x)
+
+
+def encoder_state_of(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def test_vae_forward_returns_per_example_terms() -> None:
+    """forward gives elbo, recon and kl of shape (B,), with elbo = recon - kl and kl >= 0."""
+    torch.manual_seed(0)
+    vae = VAE(hidden_dims=[64], latent_dim=8)
+    terms = vae(binary_batch(16))
+    assert set(terms) == {"elbo", "recon", "kl"}
+    for value in terms.values():
+        assert value.shape == (16,) and torch.isfinite(value).all()
+    torch.testing.assert_close(terms["elbo"], terms["recon"] - terms["kl"])
+    assert (terms["kl"] >= 0).all() and (terms["recon"] <= 0).all()
+    assert vae.sample(3).shape == (3, 1, 28, 28)
+
+
+def test_a_few_vae_steps_increase_the_elbo() -> None:
+    """Gradient steps on -ELBO raise the ELBO of a fixed batch (averaged over z samples to tame the noise)."""
+    torch.manual_seed(0)
+    vae = VAE(hidden_dims=[64], latent_dim=8)
+    x = binary_batch(32)
+
+    def mean_elbo() -> float:
+        with torch.no_grad():
+            return torch.stack([vae(x)["elbo"].mean() for _ in range(10)]).mean().item()
+
+    before = mean_elbo()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = vae.training_step({"unlabelled": x}, 0)
+        loss.backward()
+        optimizer.step()
+    after = mean_elbo()
+    assert after > before + 50, (before, after)
+
+
+@pytest.fixture
+def classifier_run(tmp_path: Path, shared_mnist_dir: Path, vae_checkpoint: Path):
+    """A LatentClassifier on the session's VAE checkpoint, fitted for 3 steps; returns (model, trainer, start)."""
+    torch.manual_seed(0)
+    dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=100,
+                                  labelled_batch_size=50)
+    model = LatentClassifier(vae_checkpoint=str(vae_checkpoint), unlabelled_objective="entropy", latent="sample")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    return model, trainer, start, dm
+
+
+def test_latent_classifier_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, classifier_run) -> None:
+    """The encoder comes frozen from the VAE checkpoint, stays in eval mode, and training leaves it bit-identical
+    while the classifier's weights move."""
+    fresh = LatentClassifier(vae_checkpoint=str(vae_checkpoint))
+    assert all(not p.requires_grad for p in fresh.encoder.parameters())
+    assert all(p.requires_grad for p in fresh.classifier.parameters())
+    fresh.train()
+    assert fresh.training and fresh.classifier.training and not fresh.encoder.training
+    assert not any(m.training for m in fresh.encoder.modules())
+    assert fresh.hparams.vae_hparams["latent_dim"] == 4 and fresh.hparams.vae_hparams["hidden_dims"] == [32]
+
+    model, trainer, start, _ = classifier_run
+    assert trainer.global_step == 3
+    assert not model.encoder.training and all(not p.requires_grad for p in model.encoder.parameters())
+    expected = encoder_state_of(vae_checkpoint)
+    actual = model.encoder.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+    changed = [k for k, v in model.classifier.state_dict().items() if not torch.equal(v, start[f"classifier.{k}"])]
+    assert changed and len(changed) == len(model.classifier.state_dict())
+
+
+def test_classifier_checkpoint_is_self_contained(tmp_path: Path, vae_checkpoint: Path, classifier_run) -> None:
+    """A LatentClassifier checkpoint carries the encoder: it loads and predicts the same after the VAE's checkpoint
+    file is gone."""
+    model, trainer, _, dm = classifier_run
+    vae_copy = tmp_path / "vae_copy.ckpt"  # the session's VAE checkpoint is shared; delete a copy instead
+    shutil.copy(vae_checkpoint, vae_copy)
+    model.hparams.vae_checkpoint = str(vae_copy)
+    clf_ckpt = tmp_path / "clf.ckpt"
+    trainer.save_checkpoint(clf_ckpt)
+    vae_copy.unlink()
+
+    restored = LatentClassifier.load_from_checkpoint(clf_ckpt, map_location="cpu")
+    assert restored.hparams.vae_checkpoint == str(vae_copy)
+    x, _ = next(iter(dm.test_dataloader()))
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert all(not p.requires_grad for p in restored.encoder.parameters())
+
+
+def test_bad_vae_checkpoints_raise_checkpoint_error(tmp_path: Path, vae_checkpoint: Path, classifier_run) -> None:
+    """Missing, truncated, and not-a-VAE checkpoints each raise CheckpointError naming the file."""
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(CheckpointError) as err:
+        LatentClassifier(vae_checkpoint=str(missing))
+    assert str(missing) in str(err.value) and "model.vae_checkpoint" in str(err.value)
+
+    truncated = tmp_path / "truncated.ckpt"
+    data = vae_checkpoint.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be read") as err:
+        LatentClassifier(vae_checkpoint=str(truncated))
+    assert str(truncated) in str(err.value)
+
+    _, trainer, _, _ = classifier_run
+    clf_ckpt = tmp_path / "classifier.ckpt"
+    trainer.save_checkpoint(clf_ckpt)
+    with pytest.raises(CheckpointError, match="not a VAE") as err:
+        LatentClassifier(vae_checkpoint=str(clf_ckpt))
+    assert str(clf_ckpt) in str(err.value)
+
+    with pytest.raises(ConfigError, match="model.vae_checkpoint is required"):
+        LatentClassifier()
+    with pytest.raises(CheckpointError, match="shape"):
+        LatentClassifier(vae_checkpoint=str(vae_checkpoint), input_shape=(3, 32, 32))
+
+
+@pytest.mark.parametrize("objective", ["entropy", "self_training"])
+def test_unlabelled_objectives_give_finite_losses_and_classifier_gradients(vae_checkpoint: Path,
+                                                                         objective: str) -> None:
+    """Each unlabelled objective adds a finite term whose gradient reaches the classifier (never the encoder)."""
+    torch.manual_seed(0)
+    model = LatentClassifier(vae_checkpoint=str(vae_checkpoint), hidden_dims=[16], unlabelled_objective=objective)
+    model.train()
+    x = binary_batch(24)
+    unlabelled = model.unlabelled_loss(model(x))
+    assert unlabelled.shape == () and torch.isfinite(unlabelled)
+    unlabelled.backward()
+    grads = [p.grad for p in model.classifier.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+    model.zero_grad()
+    batch = {"labelled": (x[:10], torch.arange(10)), "unlabelled": x}
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached: logging is skipped
+        loss = model.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    supervised = torch.nn.functional.cross_entropy(model(x[:10]), torch.arange(10))
+    assert not torch.isclose(loss, supervised)  # the unlabelled term joined in
+    loss.backward()
+    assert all(p.grad is not None for p in model.classifier.parameters())
