@@ -47,3 +47,18 @@ def kl_standard_normal(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 def elbo(log_likelihood: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
     """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) (AEVB eq. 10), one-sample estimate of the expectation."""
     return log_likelihood - kl
+
+
+def labelled_bound(log_likelihood: torch.Tensor, kl_z: torch.Tensor, log_prior_y: torch.Tensor | float) -> torch.Tensor:
+    """L(x, y) = log p(x|y,z) + log p(y) - KL(q(z|x,y) || p(z)) (SSDGM eq. 6, as a bound: the paper's -L(x, y)).
+
+    Elementwise, so ``(B,)`` terms give ``(B,)`` and ``(B, K)`` terms (one column per class) give ``(B, K)``.
+    """
+    return log_likelihood.float() + torch.as_tensor(log_prior_y, dtype=torch.float32) - kl_z.float()
+
+
+def unlabelled_bound(class_probs: torch.Tensor, labelled_bounds: torch.Tensor) -> torch.Tensor:
+    """U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)) (SSDGM eq. 7, as a bound), exact over all K classes: (B, K) -> (B,)."""
+    probs = class_probs.float()
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)  # the clamp keeps the gradient finite at q = 0
+    return (probs * labelled_bounds.float()).sum(dim=1) + entropy

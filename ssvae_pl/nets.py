@@ -80,3 +80,107 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(start_dim=1))
+
+
+class ConditionalGaussianEncoder(nn.Module):
+    """q(z|x,y) = N(mean(x, y), diag(std(x, y)^2)), std = softplus(.) + min_std (SSDGM M2's encoder).
+
+    The first layer is a Linear on [x, onehot(y)]: ``W_x x + W_y onehot(y) + b``. Its x part ``W_x x + b`` is
+    computed once per image and the y part, a per-class bias (the columns ``W_y``), is added per class, so all
+    K classes cost one pass over the pixels (``all_classes``).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden_dims: Sequence[int],
+        latent_dim: int,
+        activation: Activation = "softplus",
+        min_std: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.latent_dim = latent_dim
+        self.min_std = min_std
+        hidden_dims = list(hidden_dims)
+        first = hidden_dims[0] if hidden_dims else 2 * latent_dim
+        self.input_layer = nn.Linear(in_dim, first)  # W_x and b
+        self.class_bias = nn.Parameter(torch.empty(num_classes, first))  # W_y, one row per class
+        bound = (in_dim + num_classes) ** -0.5  # nn.Linear's init for the concatenated input
+        with torch.no_grad():
+            self.input_layer.weight.uniform_(-bound, bound)
+            self.input_layer.bias.uniform_(-bound, bound)
+            self.class_bias.uniform_(-bound, bound)
+        if hidden_dims:
+            layers = mlp(first, hidden_dims[1:], 2 * latent_dim, activation)  # checks the activation's name
+            self.rest = nn.Sequential(_ACTIVATIONS[activation](), *layers)
+        else:  # a single layer: the input layer is the output layer
+            self.rest = nn.Identity()
+
+    def _head(self, pre_activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_std = self.rest(pre_activation).chunk(2, dim=-1)
+        return mean, F.softplus(raw_std) + self.min_std
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (B, Z), for classes ``y``: indices (B,) or class weights such as one-hots (B, K)."""
+        h = self.input_layer(x.flatten(start_dim=1))  # (B, H)
+        y_part = self.class_bias[y] if y.dim() == 1 else y.to(h.dtype) @ self.class_bias  # (B, H)
+        return self._head(h + y_part)
+
+    def all_classes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (B, K, Z): q(z|x,y) for every class y, the x part computed once per image."""
+        h = self.input_layer(x.flatten(start_dim=1))  # (B, H)
+        h = h.unsqueeze(1) + self.class_bias  # (B, K, H): the class dimension folded in beside the batch
+        mean, std = self._head(h.flatten(0, 1))  # (B*K, Z), (B*K, Z)
+        return mean.unflatten(0, h.shape[:2]), std.unflatten(0, h.shape[:2])  # (B, K, Z), (B, K, Z)
+
+
+class ConditionalBernoulliDecoder(BernoulliDecoder):
+    """p(x|y,z) = Bernoulli(sigmoid(logits([z, onehot(y)]))); returns the logits, shaped like the images.
+
+    ``z`` is (..., Z) and ``y`` the class indices (...), so a (B, K, Z) batch of latents with (B, K) classes
+    gives (B, K, C, H, W) logits.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_classes: int,
+        hidden_dims: Sequence[int],
+        output_shape: Sequence[int],
+        activation: Activation = "softplus",
+    ) -> None:
+        super().__init__(latent_dim + num_classes, hidden_dims, output_shape, activation)
+        self.num_classes = num_classes
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return super().forward(_with_onehot(z, y, self.num_classes))  # (..., C, H, W)
+
+
+class ConditionalGaussianDecoder(nn.Module):
+    """p(x|y,z) = N(mean([z, onehot(y)]), diag(std^2)), std = softplus(.) + min_std: for real-valued x such as
+    M1's latents (SSDGM M1+M2). Returns (mean, std), each (..., out_dim)."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_classes: int,
+        hidden_dims: Sequence[int],
+        out_dim: int,
+        activation: Activation = "softplus",
+        min_std: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.min_std = min_std
+        self.net = mlp(latent_dim + num_classes, hidden_dims, 2 * out_dim, activation)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_std = self.net(_with_onehot(z, y, self.num_classes)).chunk(2, dim=-1)  # (..., D), (..., D)
+        return mean, F.softplus(raw_std) + self.min_std
+
+
+def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[z, onehot(y)] for latents (..., Z) and class indices (...)."""
+    return torch.cat([z, F.one_hot(y, num_classes).to(z.dtype)], dim=-1)  # (..., Z + K)

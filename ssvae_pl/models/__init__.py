@@ -1,6 +1,7 @@
-"""LightningModules: M1's VAE and its latent-space classifier."""
+"""LightningModules: M1's VAE and its latent-space classifier; M2 (and M1+M2 on a frozen VAE encoder)."""
 
 from ssvae_pl.models.latent_classifier import LatentClassifier
+from ssvae_pl.models.m2 import M2
 from ssvae_pl.models.vae import VAE
 
-__all__ = ["VAE", "LatentClassifier"]
+__all__ = ["VAE", "LatentClassifier", "M2"]

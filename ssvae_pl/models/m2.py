@@ -1,0 +1,329 @@
+"""M2 and M1+M2 (SSDGM sections 2.2 and 2.3): a generative model of images and their classes, trained on the
+labelled and the unlabelled images at once; its inference network q(y|x) is the classifier.
+
+* M2: classifier q(y|x), encoder q(z|x,y), decoder p(x|y,z) (Bernoulli), p(y) uniform, p(z) = N(0, I).
+  An unlabelled image's bound sums over all K classes exactly (eq. 7); the encoder's first layer sees the
+  image once and the class as a per-class bias, so the K encodings cost one pass over the pixels.
+* M1+M2 (``vae_checkpoint``): the same model of z1 ~ q(z1|x), the latents of M1's frozen encoder, drawn afresh
+  at every training step (the posterior mean at evaluation), with a Gaussian p(z1|y,z2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssvae_pl import elbo
+from ssvae_pl.errors import CheckpointError, ConfigError
+from ssvae_pl.models.vae import build_encoder, freeze, load_frozen_encoder
+from ssvae_pl.nets import (
+    Activation,
+    Classifier,
+    ConditionalBernoulliDecoder,
+    ConditionalGaussianDecoder,
+    ConditionalGaussianEncoder,
+)
+
+ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments"
+NUM_ANALOGY_IMAGES = 8  # validation images whose analogies reach TensorBoard at the end of each validation
+
+
+class M2(pl.LightningModule):
+    """SSDGM's M2 (or M1+M2 with ``vae_checkpoint``), fitted by minimising J^alpha (eq. 9).
+
+    The loss of a training step, one labelled batch and one unlabelled batch, is the unbiased per-datapoint
+    estimate of J^alpha / N, where N is ``num_train`` and N_l, N_u count the labelled and unlabelled training
+    images (the data module's; with ``data.unlabelled: all`` the labelled images are among the unlabelled ones):
+
+        loss = N_l/N * mean_l[-L(x, y)] + N_u/N * mean_u[-U(x)] + alpha/N * mean_l[-log q(y|x)]
+
+    with L and U written as bounds (``elbo.labelled_bound``, ``elbo.unlabelled_bound``; the paper's L and U are
+    their negatives). With the default alpha = 0.1 N the classification weight alpha/N is 0.1, so each labelled
+    example's -log q(y|x) weighs 0.1 N / N_l times its bound, as in the original code.
+
+    Args:
+        input_shape: (C, H, W) of the images; linked from the data module.
+        num_classes: K; linked from the data module.
+        num_train: N, the training images (labelled ones included) that J^alpha sums over. ``None``: the data
+            module's ``num_train``, filled in when fitting starts and then kept in the checkpoint.
+        hidden_dims: hidden widths of q(z|x,y); p(x|y,z) mirrors them. The paper (and Pyro): [500].
+        classifier_hidden_dims: hidden widths of q(y|x). The paper: [500].
+        latent_dim: size of z. The paper: 50.
+        activation: hidden non-linearity. The paper: softplus.
+        min_std: added to softplus(.) so every standard deviation (encoder, Gaussian decoder) is positive.
+        alpha: weight of the labelled examples' classification term in J^alpha, in the paper's units (a sum
+            over the N training images). ``None``: 0.1 * N, the paper's choice.
+        likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``gaussian`` for M1's latents, M1+M2,
+            where it requires ``vae_checkpoint``; ``auto`` picks by whether ``vae_checkpoint`` is given.
+        vae_checkpoint: checkpoint of a trained ``VAE``: its encoder is loaded and frozen, and M2 models its
+            latents (M1+M2). Not needed to test or predict from this model's own checkpoint, which carries it.
+        vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
+            checkpoint so that it stands on its own.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        num_train: int | None = None,
+        hidden_dims: Sequence[int] = (500,),
+        classifier_hidden_dims: Sequence[int] = (500,),
+        latent_dim: int = 50,
+        activation: Activation = "softplus",
+        min_std: float = 1e-4,
+        alpha: float | None = None,
+        likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto",
+        vae_checkpoint: str | None = None,
+        vae_hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if num_train is not None and num_train <= 0:
+            raise ConfigError(f"model.num_train must be positive, got {num_train}.")
+        if alpha is not None and alpha < 0:
+            raise ConfigError(f"model.alpha must be >= 0, got {alpha}.")
+        self.m1_encoder = None
+        if vae_hparams is not None:  # restored from this model's own checkpoint: weights come with the state dict
+            self.m1_encoder = freeze(build_encoder(**vae_hparams))
+        elif vae_checkpoint is not None:
+            self.m1_encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
+            self.hparams["vae_hparams"] = vae_hparams
+        if vae_hparams is not None and list(vae_hparams["input_shape"]) != list(input_shape):
+            raise CheckpointError(
+                f"model.vae_checkpoint: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
+                f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
+            )
+        if likelihood == "auto":
+            likelihood = "bernoulli" if self.m1_encoder is None else "gaussian"
+        elif likelihood == "bernoulli" and self.m1_encoder is not None:
+            raise ConfigError("model.likelihood='bernoulli' cannot model M1's real-valued latents; use 'gaussian' or "
+                              "'auto' with model.vae_checkpoint.")
+        elif likelihood == "gaussian" and self.m1_encoder is None:  # what configs/mnist/m1m2.yaml asks for
+            raise ConfigError(
+                "model.vae_checkpoint is required for M1+M2 (model.likelihood='gaussian' models M1's latents): "
+                "pass the VAE's checkpoint, e.g. "
+                "--model.vae_checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt"
+            )
+        self.likelihood = likelihood
+        # what M2 models: the images, or M1's latents
+        in_dim = math.prod(input_shape) if self.m1_encoder is None else vae_hparams["latent_dim"]
+        decoder_dims = list(reversed(list(hidden_dims)))
+        self.classifier = Classifier(in_dim, classifier_hidden_dims, num_classes, activation)
+        self.encoder = ConditionalGaussianEncoder(in_dim, num_classes, hidden_dims, latent_dim, activation, min_std)
+        if likelihood == "bernoulli":
+            self.decoder = ConditionalBernoulliDecoder(latent_dim, num_classes, decoder_dims, input_shape, activation)
+        else:
+            self.decoder = ConditionalGaussianDecoder(latent_dim, num_classes, decoder_dims, in_dim, activation,
+                                                      min_std)
+        self.log_prior_y = -math.log(num_classes)  # p(y) uniform
+        self.num_labelled: int | None = None  # N_l and N_u of the objective: set_data_sizes(), from the data module
+        self.num_unlabelled: int | None = None
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._analogy_images: torch.Tensor | None = None
+
+    # ---- the numbers of the objective --------------------------------------------------------------------------
+
+    def set_data_sizes(self, num_labelled: int, num_unlabelled: int, num_train: int | None = None) -> None:
+        """N_l and N_u (and N, unless ``num_train`` was given) of J^alpha; ``setup`` takes them from the data
+        module when fitting. The data module owns the split, so these numbers are read from it, not configured."""
+        if self.hparams.num_train is None:
+            self.hparams.num_train = num_train
+        self.num_labelled, self.num_unlabelled = num_labelled, num_unlabelled
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "num_unlabelled"):
+            self.set_data_sizes(datamodule.hparams.num_labelled, datamodule.num_unlabelled, datamodule.num_train)
+        elif stage == "fit" and (self.num_labelled is None or self.hparams.num_train is None):
+            raise ConfigError("M2 needs the numbers of labelled and unlabelled training images: fit it with "
+                              "SemiSupervisedDataModule, or call model.set_data_sizes(...) first.")
+
+    @property
+    def alpha(self) -> float:
+        """alpha of J^alpha, in the paper's units: ``model.alpha``, or 0.1 * N."""
+        if self.hparams.alpha is not None:
+            return float(self.hparams.alpha)
+        return ALPHA_PER_DATAPOINT * self._num_train()
+
+    def _num_train(self) -> int:
+        if self.hparams.num_train is None:
+            raise RuntimeError("M2.num_train is unknown: fit with the data module or call set_data_sizes() first.")
+        return self.hparams.num_train
+
+    def objective_weights(self) -> tuple[float, float, float]:
+        """(N_l/N, N_u/N, alpha/N): the weights of mean_l[-L], mean_u[-U] and mean_l[-log q(y|x)] in the loss."""
+        n = self._num_train()
+        if self.num_labelled is None:
+            raise RuntimeError("M2's N_l and N_u are unknown: fit with the data module or call set_data_sizes().")
+        return self.num_labelled / n, self.num_unlabelled / n, self.alpha / n
+
+    # ---- the model -----------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> M2:
+        """Lightning switches modules to train mode every epoch; M1's frozen encoder stays in eval mode."""
+        super().train(mode)
+        if self.m1_encoder is not None:
+            self.m1_encoder.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What M2 models: the images themselves, or z1 of M1's frozen encoder, drawn from q(z1|x) while training
+        and its mean otherwise."""
+        if self.m1_encoder is None:
+            return x
+        with torch.no_grad():
+            mean, std = self.m1_encoder(x)  # (B, Z1), (B, Z1)
+            return elbo.reparameterize(mean, std) if self.training else mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of q(y|x) for images in [0, 1]."""
+        return self.classifier(self.features(x))
+
+    @staticmethod
+    def _sample_z(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        return elbo.reparameterize(mean, std) if eps is None else mean + std * eps.to(std)
+
+    def _log_likelihood(self, h: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(h|y,z) per example: h (B, ...), y (B,), z (B, Z) -> (B,)."""
+        if self.likelihood == "bernoulli":
+            return elbo.bernoulli_log_likelihood(self.decoder(z, y), h)
+        mean, std = self.decoder(z, y)  # (B, D), (B, D)
+        return elbo.gaussian_log_likelihood(h, mean, std)
+
+    def labelled_bound(self, h: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """L(x, y) of eq. 6 as a bound, one z sample: h (B, ...), y (B,) -> (B,). ``eps`` (B, Z) fixes the noise."""
+        mean, std = self.encoder(h, y)  # (B, Z), (B, Z)
+        z = self._sample_z(mean, std, eps)
+        return elbo.labelled_bound(self._log_likelihood(h, y, z), elbo.kl_standard_normal(mean, std),
+                                   self.log_prior_y)
+
+    def class_bounds(self, h: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """L(x, y) for every class y at once: h (B, ...) -> (B, K). ``eps`` (B, K, Z) fixes the noise."""
+        batch, k = h.shape[0], self.hparams.num_classes
+        mean, std = self.encoder.all_classes(h)  # (B, K, Z), (B, K, Z)
+        z = self._sample_z(mean, std, eps).flatten(0, 1)  # (B*K, Z): the class dimension folded into the batch
+        y = torch.arange(k, device=h.device).repeat(batch)  # (B*K,)
+        h_k = h.unsqueeze(1).expand(batch, k, *h.shape[1:]).flatten(0, 1)  # (B*K, ...)
+        log_likelihood = self._log_likelihood(h_k, y, z).view(batch, k)  # (B, K)
+        kl = elbo.kl_standard_normal(mean.flatten(0, 1), std.flatten(0, 1)).view(batch, k)  # (B, K)
+        return elbo.labelled_bound(log_likelihood, kl, self.log_prior_y)
+
+    def unlabelled_bound(self, h: torch.Tensor, eps: torch.Tensor | None = None,
+                         logits: torch.Tensor | None = None) -> torch.Tensor:
+        """U(x) of eq. 7 as a bound, summed exactly over the classes: h (B, ...) -> (B,). Its gradient reaches the
+        classifier through q(y|x)."""
+        logits = self.classifier(h) if logits is None else logits
+        return elbo.unlabelled_bound(logits.float().softmax(dim=-1), self.class_bounds(h, eps))
+
+    def loss_terms(self, batch: dict[str, Any], eps_labelled: torch.Tensor | None = None,
+                   eps_unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-example terms of a training batch and the loss; ``eps_*`` fix the reparameterisation noise."""
+        x_l, y_l = batch["labelled"]
+        h_l, h_u = self.features(x_l), self.features(batch["unlabelled"])
+        bound_l = self.labelled_bound(h_l, y_l, eps_labelled)  # (B_l,)
+        classification = F.cross_entropy(self.classifier(h_l).float(), y_l, reduction="none")  # (B_l,) -log q(y|x)
+        bound_u = self.unlabelled_bound(h_u, eps_unlabelled)  # (B_u,)
+        w_l, w_u, w_c = self.objective_weights()
+        # J^alpha / N (eq. 9, per datapoint) = [sum_l -L(x,y) + sum_u -U(x) + alpha E_l[-log q(y|x)]] / N,
+        # each sum estimated by its batch mean times the number of images it runs over.
+        loss = w_l * -bound_l.mean() + w_u * -bound_u.mean() + w_c * classification.mean()
+        return {"elbo_labelled": bound_l, "elbo_unlabelled": bound_u, "classification": classification, "loss": loss}
+
+    # ---- Lightning -----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch)
+        for name in ("elbo_labelled", "elbo_unlabelled", "classification"):
+            self.log(f"train/{name}", terms[name].mean(), on_step=True, on_epoch=True, batch_size=len(terms[name]))
+        self.log("train/loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=len(terms["elbo_unlabelled"]))
+        return terms["loss"]
+
+    def _evaluate(self, stage: str, batch, batch_idx: int, metric: MulticlassAccuracy) -> None:
+        x, y = batch
+        h = self.features(x)
+        logits = self.classifier(h)
+        metric(logits, y)
+        # seeded noise, so that a model's val/elbo does not jitter (evaluation is deterministic)
+        generator = torch.Generator().manual_seed(batch_idx)
+        eps = torch.randn(len(x), self.hparams.num_classes, self.hparams.latent_dim, generator=generator)
+        bound = self.unlabelled_bound(h, eps.to(h.device), logits)
+        self.log(f"{stage}/elbo", bound.mean(), sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(y))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._analogy_images = batch[0][:NUM_ANALOGY_IMAGES]
+        self._evaluate("val", batch, batch_idx, self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._analogy_images is not None and not self.trainer.sanity_checking:
+            self.log_analogies(self._analogy_images)
+        self._analogy_images = None
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("test", batch, batch_idx, self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self(batch[0]).float().softmax(dim=-1)
+        return {"probs": probs, "pred": probs.argmax(dim=-1), "y": batch[1]}
+
+    def configure_optimizers(self):
+        """Used when the config names no ``optimizer``; the configs do name one (Pyro's settings, as here)."""
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=4.2e-4, betas=(0.95, 0.999))
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+
+    def _check_generates_images(self) -> None:
+        if self.m1_encoder is not None:
+            raise NotImplementedError(
+                "M1+M2 generates M1 latents, not images: decoding them needs M1's decoder, which this model does "
+                "not keep (only M1's frozen encoder). Use M2 on images to sample or draw analogies."
+            )
+
+    def _decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The Bernoulli means of p(x|y,z): z (..., Z), y (...) -> (..., C, H, W)."""
+        return torch.sigmoid(self.decoder(z, y).float())
+
+    @torch.no_grad()
+    def sample(self, y: torch.Tensor, num_samples_per_class: int = 1) -> torch.Tensor:
+        """Images' Bernoulli means from p(x|y,z), z ~ p(z), ``num_samples_per_class`` for each entry of ``y``
+        (class indices (B,)): (B * num_samples_per_class, C, H, W), those of y[0] first."""
+        self._check_generates_images()
+        y = y.to(self.device).repeat_interleave(num_samples_per_class)  # (B*S,)
+        z = torch.randn(len(y), self.hparams.latent_dim, device=self.device)  # (B*S, Z)
+        return self._decode_mean(z, y)
+
+    @torch.no_grad()
+    def analogies(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Each image's style in every class (SSDGM fig. 1): z, the mean of q(z|x,y) with y given or else
+        predicted by q(y|x), decoded with each class y' -> the means of p(x|y',z), (B, K, C, H, W)."""
+        self._check_generates_images()
+        k = self.hparams.num_classes
+        if y is None:
+            y = self.classifier(x).argmax(dim=-1)  # (B,)
+        z, _ = self.encoder(x, y)  # (B, Z)
+        z = z.unsqueeze(1).expand(-1, k, -1)  # (B, K, Z)
+        classes = torch.arange(k, device=z.device).expand(len(z), k)  # (B, K)
+        return self._decode_mean(z, classes)  # (B, K, C, H, W)
+
+    @rank_zero_only
+    def log_analogies(self, x: torch.Tensor, tag: str = "val/analogies") -> None:
+        """A grid to TensorBoard: each row one of the first 8 images of ``x``, then its analogies in every class.
+        Does nothing without a TensorBoardLogger, or for M1+M2 (which does not generate images)."""
+        if not isinstance(self.logger, TensorBoardLogger) or self.m1_encoder is not None:
+            return
+        from torchvision.utils import make_grid
+
+        x = x[:NUM_ANALOGY_IMAGES]
+        rows = torch.cat([x.float().unsqueeze(1), self.analogies(x)], dim=1)  # (B, 1 + K, C, H, W)
+        grid = make_grid(rows.flatten(0, 1).cpu(), nrow=rows.shape[1], pad_value=0.5)
+        self.logger.experiment.add_image(tag, grid, global_step=self.global_step)

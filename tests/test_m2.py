@@ -1,0 +1,286 @@
+"""M2 and M1+M2 (ssvae_pl/models/m2.py), their nets and bounds: the enumerated U(x), the efficient encoder, the
+objective's terms, the frozen M1 encoder, generation, and both configs through the ``ssvae`` command."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SYNTHETIC, quiet_trainer
+from ssvae_pl import elbo
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+from ssvae_pl.errors import CheckpointError, ConfigError
+from ssvae_pl.models import M2
+from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder
+from test_cli import DEBUG, REPO, assert_one_line_user_error, data_args, ok, ssvae
+
+M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
+M1M2_CONFIG = str(REPO / "configs" / "mnist" / "m1m2.yaml")
+TINY_M2 = ["--model.init_args.hidden_dims", "[32]", "--model.init_args.classifier_hidden_dims", "[16]",
+           "--model.init_args.latent_dim", "4"]
+K = 10
+TOL = dict(rtol=1e-5, atol=1e-4)  # float32 sums of 784 pixels, in a different order
+
+
+def binary_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.bernoulli(torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)))
+
+
+def tiny_m2(**kwargs) -> M2:
+    """A small M2 whose objective knows N = 500 training images, 100 of them labelled, all 500 unlabelled."""
+    torch.manual_seed(0)
+    options = dict(hidden_dims=[32], classifier_hidden_dims=[16], latent_dim=4)
+    options.update(kwargs)
+    model = M2(**options)
+    model.set_data_sizes(num_labelled=100, num_unlabelled=500, num_train=500)
+    return model
+
+
+@pytest.fixture(params=["m2", "m1m2"])
+def model_and_inputs(request, vae_checkpoint: Path):
+    """(model, what it models for 6 images): the images for M2, the frozen encoder's latents for M1+M2."""
+    x = binary_images(6)
+    if request.param == "m2":
+        return tiny_m2(), x
+    model = tiny_m2(vae_checkpoint=str(vae_checkpoint))
+    model.eval()  # features are the posterior means
+    return model, model.features(x)
+
+
+def test_enumerated_unlabelled_bound_equals_a_loop_over_classes(model_and_inputs) -> None:
+    """U(x) summed over the K classes at once equals sum_y q(y|x) L(x, y) + H(q(y|x)) computed one class at a time
+    with the same noise, for M2 (Bernoulli) and M1+M2 (Gaussian)."""
+    model, h = model_and_inputs
+    eps = torch.randn(len(h), K, model.hparams.latent_dim)  # (B, K, Z)
+    with torch.no_grad():
+        enumerated = model.unlabelled_bound(h, eps)
+        all_at_once = model.class_bounds(h, eps)  # (B, K)
+        q = model.classifier(h).softmax(dim=-1)  # (B, K)
+        loop = torch.zeros(len(h))
+        for i in range(len(h)):
+            for y in range(K):
+                bound = model.labelled_bound(h[i : i + 1], torch.tensor([y]), eps[i : i + 1, y])
+                torch.testing.assert_close(bound[0], all_at_once[i, y], **TOL)
+                loop[i] += q[i, y] * bound[0] - q[i, y] * q[i, y].log()
+    assert enumerated.shape == (len(h),) and enumerated.dtype == torch.float32
+    torch.testing.assert_close(enumerated, loop, **TOL)
+    # with a certain class, U(x) is that class's L(x, y)
+    onehot = F.one_hot(torch.tensor([3]), K).float()
+    torch.testing.assert_close(elbo.unlabelled_bound(onehot, all_at_once[:1]), all_at_once[:1, 3])
+
+
+@pytest.mark.parametrize("hidden_dims", [[], [16], [16, 8]])
+def test_efficient_encoder_equals_concat_onehot_encoder(hidden_dims: list[int]) -> None:
+    """The encoder that adds a per-class bias to the image's first layer equals a plain encoder on
+    [x, onehot(y)] with the same weights, for one class per image and for all K at once."""
+    torch.manual_seed(0)
+    efficient = ConditionalGaussianEncoder(784, K, hidden_dims, 5)
+    naive = GaussianEncoder(784 + K, hidden_dims, 5)
+    state = {
+        "net.0.weight": torch.cat([efficient.input_layer.weight, efficient.class_bias.T], dim=1),
+        "net.0.bias": efficient.input_layer.bias,
+    }
+    if hidden_dims:  # efficient.rest = [activation, *mlp(...)] mirrors naive.net[1:]
+        for key, value in efficient.rest.state_dict().items():  # rest.i is net.(i + 1)
+            index, name = key.split(".", 1)
+            state[f"net.{int(index) + 1}.{name}"] = value
+    naive.load_state_dict(state)
+
+    x = binary_images(7)
+    y = torch.tensor([0, 3, 9, 1, 1, 5, 2])
+    with torch.no_grad():
+        mean, std = efficient(x, y)
+        naive_mean, naive_std = naive(torch.cat([x.flatten(1), F.one_hot(y, K).float()], dim=1))
+        torch.testing.assert_close(mean, naive_mean)
+        torch.testing.assert_close(std, naive_std)
+        torch.testing.assert_close(efficient(x, F.one_hot(y, K).float()), (mean, std))  # soft labels path
+        all_mean, all_std = efficient.all_classes(x)
+        assert all_mean.shape == all_std.shape == (7, K, 5)
+        for c in range(K):
+            onehot = F.one_hot(torch.full((7,), c), K).float()
+            torch.testing.assert_close(naive(torch.cat([x.flatten(1), onehot], dim=1)), (all_mean[:, c], all_std[:, c]))
+
+
+def test_classification_term_sees_labelled_examples_only() -> None:
+    """The model's -log q(y|x) is the cross-entropy of the labelled batch alone: other labels change it, other
+    unlabelled images do not (though they change U(x)); the loss is the documented weighted sum."""
+    model = tiny_m2()
+    x_l, y_l, x_u = binary_images(5, 1), torch.tensor([0, 1, 2, 3, 4]), binary_images(8, 2)
+    eps_l, eps_u = torch.randn(5, 4), torch.randn(8, K, 4)
+    with torch.no_grad():
+        terms = model.loss_terms({"labelled": (x_l, y_l), "unlabelled": x_u}, eps_l, eps_u)
+        expected = F.cross_entropy(model.classifier(x_l), y_l, reduction="none")
+        torch.testing.assert_close(terms["classification"], expected)
+
+        relabelled = model.loss_terms({"labelled": (x_l, (y_l + 1) % K), "unlabelled": x_u}, eps_l, eps_u)
+        assert not torch.allclose(relabelled["classification"], terms["classification"])
+        other_u = model.loss_terms({"labelled": (x_l, y_l), "unlabelled": binary_images(8, 3)}, eps_l, eps_u)
+        assert torch.equal(other_u["classification"], terms["classification"])
+        assert torch.equal(other_u["elbo_labelled"], terms["elbo_labelled"])
+        assert not torch.allclose(other_u["elbo_unlabelled"], terms["elbo_unlabelled"])
+
+    # N = 500, N_l = 100, N_u = 500, alpha = 0.1 N: the weights are 0.2, 1 and 0.1
+    assert model.objective_weights() == pytest.approx((0.2, 1.0, 0.1)) and model.alpha == pytest.approx(50.0)
+    loss = -0.2 * terms["elbo_labelled"].mean() - terms["elbo_unlabelled"].mean() + 0.1 * expected.mean()
+    torch.testing.assert_close(terms["loss"], loss)
+    assert tiny_m2(alpha=5.0).objective_weights()[2] == pytest.approx(0.01)
+
+
+def test_unlabelled_bound_alone_trains_the_classifier() -> None:
+    """The gradient of U(x) alone reaches every parameter of q(y|x) (and the encoder and decoder)."""
+    model = tiny_m2()
+    model.unlabelled_bound(binary_images(8)).mean().backward()
+    for name, module in [("classifier", model.classifier), ("encoder", model.encoder), ("decoder", model.decoder)]:
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert all(g.abs().sum() > 0 for g in grads), name
+
+
+def test_sample_and_analogies_shapes() -> None:
+    model = tiny_m2()
+    samples = model.sample(torch.tensor([0, 7]), num_samples_per_class=3)
+    assert samples.shape == (6, 1, 28, 28) and ((samples >= 0) & (samples <= 1)).all()
+    assert model.analogies(binary_images(4)).shape == (4, K, 1, 28, 28)
+    assert model.analogies(binary_images(4), torch.tensor([1, 2, 3, 4])).shape == (4, K, 1, 28, 28)
+
+
+def test_m2_fit_logs_its_metrics_and_analogies(tmp_path: Path, make_dm) -> None:
+    """A short fit takes N, N_l and N_u from the data module and writes the documented scalars and an analogy
+    grid to TensorBoard."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
+    logger = TensorBoardLogger(str(tmp_path), name="m2", version="v")
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+                            logger=logger, log_every_n_steps=1)
+    dm = make_dm(unlabelled="rest")
+    trainer.fit(model, datamodule=dm)
+    assert (model.hparams.num_train, model.num_labelled, model.num_unlabelled) == (500, 100, 400)
+    trainer.test(model, datamodule=dm)
+
+    scalars, images = set(), []
+    for file in (tmp_path / "m2" / "v").glob("events.out.tfevents.*"):  # one for fit, one for test
+        events = EventAccumulator(str(file), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        scalars |= set(events.Tags()["scalars"])
+        images += [(tag, event) for tag in events.Tags()["images"] for event in events.Images(tag)]
+    for tag in ("elbo_labelled", "elbo_unlabelled", "classification", "loss"):
+        assert f"train/{tag}_step" in scalars and f"train/{tag}_epoch" in scalars, tag
+    assert {"val/acc", "val/elbo", "test/acc", "test/elbo"} <= scalars
+    assert len(images) == 1 and images[0][0] == "val/analogies"
+    # 8 rows (images) of 1 + K tiles of 28 pixels, with make_grid's 2-pixel padding
+    assert (images[0][1].height, images[0][1].width) == (2 + 8 * 30, 2 + (1 + K) * 30)
+
+
+@pytest.fixture(scope="module")
+def m1m2_run(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path, vae_checkpoint: Path):
+    """M1+M2 on a copy of the session's VAE checkpoint, fitted for 3 steps: (model, trainer, start, dm, vae copy)."""
+    root = tmp_path_factory.mktemp("m1m2")
+    vae_copy = root / "vae_copy.ckpt"  # the session's VAE checkpoint is shared; a test deletes the copy
+    shutil.copy(vae_checkpoint, vae_copy)
+    torch.manual_seed(0)
+    dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=100,
+                                  labelled_batch_size=50)
+    model = M2(vae_checkpoint=str(vae_copy), hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=str(root))
+    trainer.fit(model, datamodule=dm)
+    return model, trainer, start, dm, vae_copy
+
+
+def test_m1m2_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, m1m2_run) -> None:
+    """M1's encoder comes frozen, stays in eval mode and bit-identical through training, while M2's nets move; M2
+    models M1's 4 latents with a Gaussian likelihood."""
+    model, trainer, start, _, _ = m1m2_run
+    assert trainer.global_step == 3 and model.likelihood == "gaussian"
+    assert model.hparams.vae_hparams["latent_dim"] == 4 and model.encoder.input_layer.in_features == 4
+    assert not model.m1_encoder.training and all(not p.requires_grad for p in model.m1_encoder.parameters())
+    model.train()
+    assert model.classifier.training and not any(m.training for m in model.m1_encoder.modules())
+    ckpt_state = torch.load(vae_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    expected = {k.removeprefix("encoder."): v for k, v in ckpt_state.items() if k.startswith("encoder.")}
+    actual = model.m1_encoder.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+    for prefix in ("classifier.", "encoder.", "decoder."):
+        assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items() if k.startswith(prefix))
+    with pytest.raises(NotImplementedError, match="M1's decoder"):
+        model.sample(torch.tensor([0]))
+
+
+def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
+    """The M1+M2 checkpoint carries M1's encoder: it loads and predicts the same with the VAE file gone."""
+    model, trainer, _, dm, vae_copy = m1m2_run
+    ckpt = tmp_path / "m1m2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    vae_copy.unlink(missing_ok=True)
+
+    restored = M2.load_from_checkpoint(ckpt, map_location="cpu")
+    assert restored.hparams.vae_checkpoint == str(vae_copy) and not vae_copy.exists()
+    x, _ = next(iter(dm.test_dataloader()))
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert all(not p.requires_grad for p in restored.m1_encoder.parameters())
+
+
+def test_bad_vae_checkpoints_raise_checkpoint_error(tmp_path: Path, vae_checkpoint: Path, m1m2_run) -> None:
+    """Missing, truncated and not-a-VAE checkpoints raise CheckpointError naming model.vae_checkpoint and the
+    file; M1+M2 without a checkpoint, or on images of another shape, is refused too."""
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(CheckpointError) as err:
+        M2(vae_checkpoint=str(missing))
+    assert "model.vae_checkpoint" in str(err.value) and str(missing) in str(err.value)
+
+    truncated = tmp_path / "truncated.ckpt"
+    data = vae_checkpoint.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be read") as err:
+        M2(vae_checkpoint=str(truncated))
+    assert "model.vae_checkpoint" in str(err.value) and str(truncated) in str(err.value)
+
+    _, trainer, _, _, _ = m1m2_run
+    not_a_vae = tmp_path / "m1m2.ckpt"
+    trainer.save_checkpoint(not_a_vae)
+    with pytest.raises(CheckpointError) as err:
+        M2(vae_checkpoint=str(not_a_vae))
+    assert "model.vae_checkpoint" in str(err.value) and str(not_a_vae) in str(err.value)
+
+    with pytest.raises(ConfigError, match="model.vae_checkpoint is required"):
+        M2(likelihood="gaussian")
+    with pytest.raises(ConfigError, match="bernoulli"):
+        M2(vae_checkpoint=str(vae_checkpoint), likelihood="bernoulli")
+    with pytest.raises(CheckpointError, match="shape"):
+        M2(vae_checkpoint=str(vae_checkpoint), input_shape=(3, 32, 32))
+
+
+def test_m2_config_debug_run_through_the_command(tmp_path: Path, shared_mnist_dir: Path) -> None:
+    """``ssvae fit -c m2.yaml -c debug.yaml`` with the label budget as one flag runs one batch of each stage and
+    writes nothing."""
+    result = ssvae(tmp_path, "fit", "-c", M2_CONFIG, "-c", DEBUG, *data_args(shared_mnist_dir), *TINY_M2,
+                   "--data.num_labelled", "200")
+    ok(result)
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_m1m2_config_debug_run_through_the_command(tmp_path: Path, shared_mnist_dir: Path,
+                                                   vae_checkpoint: Path) -> None:
+    """m1m2.yaml runs on a VAE checkpoint with the debug preset; without one it stops with one line naming
+    model.vae_checkpoint."""
+    data = data_args(shared_mnist_dir)
+    ok(ssvae(tmp_path, "fit", "-c", M1M2_CONFIG, "-c", DEBUG, *data, *TINY_M2,
+             "--model.vae_checkpoint", str(vae_checkpoint)))
+    assert not any(tmp_path.iterdir())
+    assert_one_line_user_error(ssvae(tmp_path, "fit", "-c", M1M2_CONFIG, "-c", DEBUG, *data, *TINY_M2),
+                               "model.vae_checkpoint")
