@@ -130,6 +130,20 @@ def test_classification_term_sees_labelled_examples_only() -> None:
     assert tiny_m2(alpha=5.0).objective_weights()[2] == pytest.approx(0.01)
 
 
+def test_batch_weighting_counts_every_image_of_the_mixed_batch_once() -> None:
+    """``weighting: batch``: [B_l mean_l(-L + alpha/N_l CE) + B_u mean_u(-U)] / (B_l + B_u)."""
+    model = tiny_m2(weighting="batch")
+    x_l, y_l, x_u = binary_images(5, 1), torch.tensor([0, 1, 2, 3, 4]), binary_images(15, 2)
+    eps_l, eps_u = torch.randn(5, 4), torch.randn(15, K, 4)
+    with torch.no_grad():
+        terms = model.loss_terms({"labelled": (x_l, y_l), "unlabelled": x_u}, eps_l, eps_u)
+    # B_l = 5, B_u = 15, alpha = 0.1 N = 50, N_l = 100: each labelled CE weighs alpha / N_l = 0.5 times its bound
+    assert model.objective_weights(5, 15) == pytest.approx((0.25, 0.75, 0.25 * 0.5))
+    per_labelled = -terms["elbo_labelled"] + 0.5 * terms["classification"]
+    expected = (per_labelled.sum() - terms["elbo_unlabelled"].sum()) / 20
+    torch.testing.assert_close(terms["loss"], expected)
+
+
 def test_unlabelled_bound_alone_trains_the_classifier() -> None:
     """The gradient of U(x) alone reaches every parameter of q(y|x) (and the encoder and decoder)."""
     model = tiny_m2()

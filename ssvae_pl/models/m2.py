@@ -48,6 +48,15 @@ class M2(pl.LightningModule):
     their negatives). With the default alpha = 0.1 N the classification weight alpha/N is 0.1, so each labelled
     example's -log q(y|x) weighs 0.1 N / N_l times its bound, as in the original code.
 
+    That is ``weighting: dataset``, the paper's objective, in which the labelled images count as what they are
+    in the data: with 100 labels, 0.2% of it. ``weighting: batch`` counts every image of the mixed batch once
+    instead (B_l labelled and B_u unlabelled images, the labelled ones oversampled by the data module), keeping
+    each labelled example's classification weight alpha / N_l relative to its bound:
+
+        loss = [B_l * mean_l[-L(x, y) + alpha/N_l * -log q(y|x)] + B_u * mean_u[-U(x)]] / (B_l + B_u)
+
+    The decoder then learns from the labels to use y early, which is what decides M2's early accuracy.
+
     Args:
         input_shape: (C, H, W) of the images; linked from the data module.
         num_classes: K; linked from the data module.
@@ -60,6 +69,8 @@ class M2(pl.LightningModule):
         min_std: added to softplus(.) so every standard deviation (encoder, Gaussian decoder) is positive.
         alpha: weight of the labelled examples' classification term in J^alpha, in the paper's units (a sum
             over the N training images). ``None``: 0.1 * N, the paper's choice.
+        weighting: ``dataset`` (the paper's J^alpha / N) or ``batch`` (every image of the mixed batch once);
+            see above.
         likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``gaussian`` for M1's latents, M1+M2,
             where it requires ``vae_checkpoint``; ``auto`` picks by whether ``vae_checkpoint`` is given.
         vae_checkpoint: checkpoint of a trained ``VAE``: its encoder is loaded and frozen, and M2 models its
@@ -79,6 +90,7 @@ class M2(pl.LightningModule):
         activation: Activation = "softplus",
         min_std: float = 1e-4,
         alpha: float | None = None,
+        weighting: Literal["dataset", "batch"] = "dataset",
         likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto",
         vae_checkpoint: str | None = None,
         vae_hparams: dict[str, Any] | None = None,
@@ -158,12 +170,16 @@ class M2(pl.LightningModule):
             raise RuntimeError("M2.num_train is unknown: fit with the data module or call set_data_sizes() first.")
         return self.hparams.num_train
 
-    def objective_weights(self) -> tuple[float, float, float]:
-        """(N_l/N, N_u/N, alpha/N): the weights of mean_l[-L], mean_u[-U] and mean_l[-log q(y|x)] in the loss."""
+    def objective_weights(self, batch_labelled: int = 1, batch_unlabelled: int = 1) -> tuple[float, float, float]:
+        """The weights of mean_l[-L], mean_u[-U] and mean_l[-log q(y|x)] in the loss: (N_l/N, N_u/N, alpha/N) for
+        ``weighting: dataset``; for ``batch``, by the batch's sizes B_l and B_u (see the class docstring)."""
         n = self._num_train()
         if self.num_labelled is None:
             raise RuntimeError("M2's N_l and N_u are unknown: fit with the data module or call set_data_sizes().")
-        return self.num_labelled / n, self.num_unlabelled / n, self.alpha / n
+        if self.hparams.weighting == "dataset":
+            return self.num_labelled / n, self.num_unlabelled / n, self.alpha / n
+        w_l = batch_labelled / (batch_labelled + batch_unlabelled)
+        return w_l, 1.0 - w_l, w_l * self.alpha / self.num_labelled
 
     # ---- the model -----------------------------------------------------------------------------------------------
 
@@ -231,7 +247,7 @@ class M2(pl.LightningModule):
         bound_l = self.labelled_bound(h_l, y_l, eps_labelled)  # (B_l,)
         classification = F.cross_entropy(self.classifier(h_l).float(), y_l, reduction="none")  # (B_l,) -log q(y|x)
         bound_u = self.unlabelled_bound(h_u, eps_unlabelled)  # (B_u,)
-        w_l, w_u, w_c = self.objective_weights()
+        w_l, w_u, w_c = self.objective_weights(len(y_l), len(bound_u))
         # J^alpha / N (eq. 9, per datapoint) = [sum_l -L(x,y) + sum_u -U(x) + alpha E_l[-log q(y|x)]] / N,
         # each sum estimated by its batch mean times the number of images it runs over.
         loss = w_l * -bound_l.mean() + w_u * -bound_u.mean() + w_c * classification.mean()

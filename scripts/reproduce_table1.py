@@ -1,0 +1,528 @@
+"""Reproduce Table 1 of Kingma et al. 2014 (MNIST test error with 100, 600, 1000 and 3000 labels) through `ssvae`.
+
+Runs the sweep {m1, m2, m1m2} x label counts x seeds, each stage an `ssvae` subprocess, and writes into the output
+folder (default lightning_logs/table1/<profile>):
+
+    table1.md     one row per model, one column per label count: our test error % (mean ± std over seeds) beside
+                  the paper's, and the command that produced it (also printed at the end)
+    table1.png    test error % against the number of labels (log x axis): ours with error bars, the paper's points
+    table1.json   every run's numbers, the summary and the paper's figures
+    results.json  the cache: one record per finished stage (its command, duration and, for tests, test/acc)
+    logs/         each stage's stdout and stderr, <model>-seed<s>-n<N>-<fit|test>.log (the VAE: vae-seed<s>-fit.log)
+    <logger name>/<version>/   the runs themselves (m1_vae/seed0, m1_classifier/seed0-n100, ...-test, m2/..., m1m2/...)
+
+The plan. M1's VAE trains on every training image, whatever the label budget (`data.seed` fixes only the validation
+split and the labelled subset), so ONE VAE is trained per seed and reused by every M1 classifier and every M1+M2 run
+of that seed. Each fit is followed by `ssvae test --ckpt_path <run>/checkpoints/last.ckpt` (the last checkpoint, not
+the best on validation: choosing on 10,000 validation labels would flatter a 100-label method) with its own logger
+version; error = 100 * (1 - test/acc). Every stage gets `--seed_everything <seed> --data.seed <seed>`, the classifier
+stages `--data.num_labelled <N>`.
+
+Resuming. A stage recorded in results.json is skipped, so rerunning the same command resumes an interrupted sweep (the
+unfinished stage restarts from scratch). Adding seeds or label counts to a finished sweep runs only the new stages. A
+recorded stage whose command differs from the planned one (e.g. after changing EPOCHS) stops the script: use a new
+--out folder, or delete results.json.
+
+Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
+
+    quick   m1, m2, m1m2 at 100 labels, seed 0; epochs from EPOCHS["quick"] (VAE 10, M1 classifier 10, M2 25,
+            M1+M2 25), meant to finish within 30 minutes on 2 CPU cores (the epochs are placeholders until
+            measured)
+                python scripts/reproduce_table1.py --profile quick
+    full    m1, m2, m1m2 at 100, 600, 1000 and 3000 labels, seeds 0 1 2; epochs from EPOCHS["full"] (VAE 100, the
+            config's own; M1 classifier 50; M2 300; M1+M2 300): 3 VAEs and 36 classifier runs, meant for a GPU
+                python scripts/reproduce_table1.py --profile full \\
+                    --trainer-args "--trainer.accelerator gpu --trainer.devices 1"
+
+Other examples:
+    python scripts/reproduce_table1.py --profile quick --dry-run             # print every command, run nothing
+    python scripts/reproduce_table1.py --profile full --models m2 --labels 100 600 --seeds 0
+    python scripts/reproduce_table1.py --profile quick --epochs m2=50 --out lightning_logs/table1/m2-50
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ---- what to run -----------------------------------------------------------------------------------------------
+
+# max_epochs of each fit, by profile. The quick figures are placeholders, to tune after measuring them on 2 CPU cores.
+EPOCHS: dict[str, dict[str, int]] = {
+    #          M1's VAE   M1 classifier   M2         M1+M2
+    "quick": {"vae": 10,  "m1": 10,       "m2": 25,  "m1m2": 25},
+    "full":  {"vae": 100, "m1": 50,       "m2": 300, "m1m2": 300},
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named sweep: the models, label counts and seeds, the epochs of each stage, and extra `ssvae` arguments for
+    each stage's fit (keyed like EPOCHS)."""
+
+    models: tuple[str, ...]
+    labels: tuple[int, ...]
+    seeds: tuple[int, ...]
+    epochs: dict[str, int]
+    extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(models=("m1", "m2", "m1m2"), labels=(100,), seeds=(0,), epochs=EPOCHS["quick"]),
+    "full": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
+                    epochs=EPOCHS["full"]),
+}
+
+# the config of each stage: "vae" is M1's stage one; "m1" is M1's stage two, the classifier on the frozen encoder
+CONFIGS: dict[str, str] = {
+    "vae": "configs/mnist/m1_vae.yaml",
+    "m1": "configs/mnist/m1_classifier.yaml",
+    "m2": "configs/mnist/m2.yaml",
+    "m1m2": "configs/mnist/m1m2.yaml",
+}
+MODELS = ("m1", "m2", "m1m2")
+SSVAE = [sys.executable, "-m", "ssvae_pl.cli"]  # how a stage runs `ssvae`, in the repository root
+NEEDS_VAE = ("m1", "m1m2")
+
+# Kingma, Rezende, Mohamed and Welling, "Semi-supervised Learning with Deep Generative Models", NeurIPS 2014,
+# Table 1: MNIST test error (%), mean ± std over runs, by number of labels. Our "m1" row (M1 + our latent
+# classifier) stands beside the paper's M1+TSVM.
+PAPER_TABLE1: dict[str, dict[int, tuple[float, float]]] = {
+    "m1": {100: (11.82, 0.25), 600: (5.72, 0.049), 1000: (4.24, 0.07), 3000: (3.49, 0.04)},  # M1+TSVM
+    "m2": {100: (11.97, 1.71), 600: (4.94, 0.13), 1000: (3.60, 0.56), 3000: (3.92, 0.63)},
+    "m1m2": {100: (3.33, 0.14), 600: (2.59, 0.05), 1000: (2.40, 0.02), 3000: (2.18, 0.04)},
+}
+OUR_NAMES = {"m1": "M1 + classifier", "m2": "M2", "m1m2": "M1+M2"}
+PAPER_NAMES = {"m1": "M1+TSVM", "m2": "M2", "m1m2": "M1+M2"}
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `ssvae` command: a fit or a test, logging to <out>/<logger name>/<version>."""
+
+    key: str  # also the log file's name and the cache's key, e.g. "m1-seed0-n100-fit", "vae-seed0-fit"
+    args: tuple[str, ...]  # the arguments after `ssvae`
+    run_dir: Path  # the run's version folder
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell's sample: a model at a label budget and a seed. Its stages: the shared VAE (M1, M1+M2), fit, test."""
+
+    model: str
+    num_labelled: int
+    seed: int
+    stages: tuple[Stage, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-seed{self.seed}-n{self.num_labelled}"
+
+    @property
+    def fit(self) -> Stage:
+        return self.stages[-2]
+
+    @property
+    def test(self) -> Stage:
+        return self.stages[-1]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the sweep's lists that goes into the commands."""
+
+    out: Path
+    data_dir: Path
+    epochs: dict[str, int]
+    extra_args: dict[str, tuple[str, ...]]  # per stage, for its fit
+    trainer_args: tuple[str, ...]  # for every fit and test
+
+
+def shown(path: Path) -> str:
+    """A path as the commands show it: relative to the repository (their working folder) when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+@functools.cache
+def logger_name(stage: str) -> str:
+    """The TensorBoardLogger name in the stage's config: the folder its runs go to under the output folder."""
+    config = yaml.safe_load((ROOT / CONFIGS[stage]).read_text())
+    return config["trainer"]["logger"]["init_args"]["name"]
+
+
+def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, num_labelled: int | None,
+               settings: Settings, checkpoint_args: tuple[str, ...] = ()) -> Stage:
+    """The `ssvae fit` or `ssvae test` of one stage; a fit trains from scratch, a test reads ``checkpoint_args``."""
+    labels = ("--data.num_labelled", str(num_labelled)) if num_labelled is not None else ()
+    args = [subcommand, "-c", CONFIGS[stage], *checkpoint_args,
+            "--seed_everything", str(seed), "--data.seed", str(seed), *labels,
+            "--data.data_dir", shown(settings.data_dir),
+            "--trainer.logger.init_args.save_dir", shown(settings.out),
+            "--trainer.logger.init_args.version", version,
+            "--trainer.enable_progress_bar", "false"]
+    if subcommand == "fit":
+        args += ["--trainer.max_epochs", str(settings.epochs[stage])]
+    args += settings.trainer_args
+    if subcommand == "fit":
+        args += settings.extra_args.get(stage, ())
+    return Stage(key=key, args=tuple(args), run_dir=settings.out / logger_name(stage) / version)
+
+
+def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: Settings) -> list[Run]:
+    """Every run of the sweep, by seed, then label count, then model; one VAE per seed, shared by its M1 and M1+M2
+    runs (it comes first among the stages of the seed's first run that needs it)."""
+    runs = []
+    for seed in seeds:
+        vae = make_stage("vae", "fit", f"vae-seed{seed}-fit", f"seed{seed}", seed, None, settings)
+        for n in labels:
+            for model in models:
+                version = f"seed{seed}-n{n}"
+                vae_args = ("--model.init_args.vae_checkpoint", shown(vae.checkpoint)) if model in NEEDS_VAE else ()
+                fit = make_stage(model, "fit", f"{model}-{version}-fit", version, seed, n, settings, vae_args)
+                test = make_stage(model, "test", f"{model}-{version}-test", f"{version}-test", seed, n, settings,
+                                  ("--ckpt_path", shown(fit.checkpoint)))
+                stages = (vae, fit, test) if model in NEEDS_VAE else (fit, test)
+                runs.append(Run(model, n, seed, stages))
+    return runs
+
+
+def unique_stages(runs: list[Run]) -> list[Stage]:
+    """The stages to execute, in order, each once (the VAEs are shared)."""
+    stages: dict[str, Stage] = {}
+    for run in runs:
+        for stage in run.stages:
+            stages.setdefault(stage.key, stage)
+    return list(stages.values())
+
+
+# ---- running -------------------------------------------------------------------------------------------------------
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def load_cache(path: Path) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON atomically: an interrupted write never leaves a broken file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def command_line(stage: Stage) -> str:
+    return shlex.join(["ssvae", *stage.args])
+
+
+def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
+    if record["args"] != list(stage.args):
+        raise StageFailed(
+            f"{stage.key} in {cache_file} was run with a different command:\n  recorded: "
+            f"{shlex.join(['ssvae', *record['args']])}\n  planned:  {command_line(stage)}\n"
+            "Use a new --out folder (or delete results.json there) to run the sweep with the new settings."
+        )
+
+
+def run_stage(stage: Stage, log_file: Path) -> float:
+    """Run one `ssvae` command with its output in ``log_file``; return its duration in seconds. A run folder left
+    by an interrupted attempt is removed first (else its last.ckpt would survive and the new one be renamed)."""
+    if stage.run_dir.exists():
+        shutil.rmtree(stage.run_dir)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log_file.open("w") as log:
+        log.write(f"$ {command_line(stage)}\n\n")
+        log.flush()
+        result = subprocess.run([*SSVAE, *stage.args], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+    if result.returncode:
+        tail = "\n".join(log_file.read_text().splitlines()[-15:])
+        raise StageFailed(f"{stage.key} failed (exit {result.returncode}):\n  {command_line(stage)}\n"
+                          f"(run from {ROOT})\nlog: {log_file}\n--- last lines of the log ---\n{tail}")
+    return time.perf_counter() - started
+
+
+def read_test_accuracy(stage: Stage) -> float:
+    from ssvae_pl.results import read_scalars  # tensorboard: imported only when needed
+
+    scalars = read_scalars(stage.run_dir)
+    if "test/acc" not in scalars:
+        raise StageFailed(f"{stage.key}: no test/acc logged in {stage.run_dir}")
+    return scalars["test/acc"]
+
+
+def execute(stages: list[Stage], out: Path) -> dict[str, dict]:
+    """Run every stage not yet in <out>/results.json, recording each as it finishes; return the cache."""
+    cache_file = out / "results.json"
+    cache = load_cache(cache_file)
+    width = max(len(stage.key) for stage in stages)
+    for i, stage in enumerate(stages, 1):
+        prefix = f"[{i:>{len(str(len(stages)))}}/{len(stages)}] {stage.key:<{width}}"
+        if stage.key in cache:
+            check_same_command(stage, cache[stage.key], cache_file)
+            print(f"{prefix}  skip (done in {cache[stage.key]['seconds']:.0f} s, cached in results.json)", flush=True)
+            continue
+        log_file = out / "logs" / f"{stage.key}.log"
+        print(f"{prefix}  ...", end="", flush=True)
+        try:
+            seconds = run_stage(stage, log_file)
+            record: dict = {"args": list(stage.args), "seconds": round(seconds, 1),
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": str(log_file)}
+            if stage.key.endswith("-test"):
+                record["test_acc"] = read_test_accuracy(stage)
+                record["test_error"] = 100 * (1 - record["test_acc"])
+        except StageFailed:
+            print(" FAILED", flush=True)
+            raise
+        cache[stage.key] = record
+        write_json(cache_file, cache)
+        error = f", test error {record['test_error']:.2f} %" if "test_error" in record else ""
+        print(f" {seconds:.0f} s{error}   log: {shown(log_file)}", flush=True)
+    return cache
+
+
+# ---- results -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Our test errors (%) of one model at one label budget, over seeds."""
+
+    errors: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.errors)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.errors)
+
+    @property
+    def std(self) -> float:
+        """The sample standard deviation (n - 1); 0 for a single seed."""
+        return statistics.stdev(self.errors) if self.n > 1 else 0.0
+
+
+def run_records(runs: list[Run], cache: dict[str, dict]) -> list[dict]:
+    """Every planned run's numbers, from the cache."""
+    records = []
+    for run in runs:
+        test = cache[run.test.key]
+        fit = cache[run.fit.key]
+        records.append({"model": run.model, "num_labelled": run.num_labelled, "seed": run.seed,
+                        "test_acc": test["test_acc"], "test_error": test["test_error"],
+                        "fit_seconds": fit["seconds"], "test_seconds": test["seconds"],
+                        "checkpoint": str(run.fit.checkpoint), "test_dir": str(run.test.run_dir)})
+    return records
+
+
+def summarise(records: list[dict]) -> dict[str, dict[int, Cell]]:
+    """Test errors by model and label count: {model: {num_labelled: Cell}}, in the order of ``records``."""
+    errors: dict[str, dict[int, list[float]]] = {}
+    for record in records:
+        errors.setdefault(record["model"], {}).setdefault(record["num_labelled"], []).append(record["test_error"])
+    return {model: {n: Cell(tuple(values)) for n, values in by_n.items()} for model, by_n in errors.items()}
+
+
+def format_cell(cell: Cell | None, paper: tuple[float, float] | None) -> str:
+    ours = "—" if cell is None else f"{cell.mean:.2f} ± {cell.std:.2f} ({cell.n} seed{'s' if cell.n > 1 else ''})"
+    theirs = "—" if paper is None else f"{paper[0]:.2f} ± {paper[1]:.2f}"
+    return f"{ours} \\| {theirs}"  # an escaped "|": one table cell
+
+
+def write_table(summary: dict[str, dict[int, Cell]], labels: list[int], path: Path, command: str) -> str:
+    """Write the Markdown table of ``summary`` beside the paper's figures to ``path``; return its text."""
+    header = ["model"] + [f"{n} labels" for n in labels]
+    lines = [
+        "# MNIST test error (%): ours vs Kingma et al. 2014, Table 1",
+        "",
+        "Each cell: our mean ± std over seeds (sample std, n − 1; 0 for one seed) \\| the paper's mean ± std. "
+        "Ours: test error of the last checkpoint. Our M1 row is M1 + our latent classifier, beside the paper's "
+        "M1+TSVM.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for model in [m for m in MODELS if m in summary]:
+        name = OUR_NAMES[model] if OUR_NAMES[model] == PAPER_NAMES[model] else \
+            f"{OUR_NAMES[model]} (paper: {PAPER_NAMES[model]})"
+        cells = [format_cell(summary[model].get(n), PAPER_TABLE1[model].get(n)) for n in labels]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    lines += ["", f"Command: `{command}`", ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def plot(summary: dict[str, dict[int, Cell]], path: Path) -> None:
+    """Test error (%) against the number of labels (log x): ours as lines with error bars, the paper's as hollow
+    markers (with their error bars) of the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ticks: set[int] = set()
+    for i, model in enumerate([m for m in MODELS if m in summary]):
+        colour = f"C{i}"
+        ns = sorted(summary[model])
+        cells = [summary[model][n] for n in ns]
+        ax.errorbar(ns, [c.mean for c in cells], yerr=[c.std for c in cells], color=colour, marker="o",
+                    capsize=3, label=f"{OUR_NAMES[model]} (ours)")
+        paper = PAPER_TABLE1[model]
+        ax.errorbar(sorted(paper), [paper[n][0] for n in sorted(paper)], yerr=[paper[n][1] for n in sorted(paper)],
+                    color=colour, marker="s", markerfacecolor="none", linestyle="none", capsize=3,
+                    label=f"{PAPER_NAMES[model]} (paper)")
+        ticks.update(ns, paper)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [str(n) for n in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("number of labels")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("MNIST: ours vs Kingma et al. 2014, Table 1")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+
+
+def parse_epochs(values: list[str], epochs: dict[str, int]) -> dict[str, int]:
+    """--epochs N (every stage) or STAGE=N, applied in order over the profile's epochs."""
+    epochs = dict(epochs)
+    for value in values:
+        stage, _, number = value.rpartition("=")
+        if stage and stage not in CONFIGS:
+            raise SystemExit(f"--epochs {value}: unknown stage {stage!r}; choose from {', '.join(CONFIGS)}")
+        if not number.isdigit() or int(number) < 1:
+            raise SystemExit(f"--epochs {value}: the number of epochs must be a positive integer")
+        for name in [stage] if stage else list(CONFIGS):
+            epochs[name] = int(number)
+    return epochs
+
+
+def parse_stage_args(values: list[str], extra: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """--stage-args STAGE=ARGS, appended to the profile's extra arguments of that stage's fit."""
+    extra = dict(extra)
+    for value in values:
+        stage, sep, args = value.partition("=")
+        if not sep or stage not in CONFIGS:
+            raise SystemExit(f"--stage-args {value!r}: expected STAGE=ARGS with STAGE one of {', '.join(CONFIGS)}")
+        extra[stage] = (*extra.get(stage, ()), *shlex.split(args))
+    return extra
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Reproduce Kingma et al. 2014, Table 1 (MNIST test error vs number of labels) through `ssvae`.",
+        epilog="Profiles: " + "; ".join(
+            f"{name}: models {' '.join(p.models)}, labels {' '.join(map(str, p.labels))}, seeds "
+            f"{' '.join(map(str, p.seeds))}, epochs {', '.join(f'{k} {v}' for k, v in p.epochs.items())}"
+            for name, p in PROFILES.items()) + ". See the docstring of scripts/reproduce_table1.py.",
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                        help="the named sweep to run (default: quick)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="models to run (overrides the profile's)")
+    parser.add_argument("--labels", nargs="+", type=int, metavar="N",
+                        help="label counts, data.num_labelled (overrides the profile's)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="S",
+                        help="seeds: data.seed and seed_everything of every stage (overrides the profile's)")
+    parser.add_argument("--epochs", action="append", default=[], metavar="[STAGE=]N",
+                        help="max_epochs of every fit (N) or of one stage (STAGE=N, STAGE one of "
+                             f"{', '.join(CONFIGS)}; vae is M1's VAE, m1 its classifier); repeatable")
+    parser.add_argument("--out", type=Path,
+                        help="output folder for runs, logs, tables and the cache (default lightning_logs/table1/"
+                             "<profile> in the repository)")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data",
+                        help="data.data_dir of every stage (default: data/ in the repository)")
+    parser.add_argument("--trainer-args", default="",
+                        help='extra `ssvae` arguments for every fit and test, e.g. "--trainer.accelerator gpu '
+                             '--trainer.devices 1" (a single flag without a space: --trainer-args=--flag)')
+    parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE=ARGS",
+                        help='extra `ssvae` arguments for one stage\'s fit, e.g. "m2=--model.init_args.alpha 5000"; '
+                             "repeatable")
+    parser.add_argument("--dry-run", action="store_true", help="print every command without running anything")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    models = [m for m in MODELS if m in (args.models or profile.models)]
+    labels = sorted(set(args.labels or profile.labels))
+    seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else profile.seeds))
+    out = (args.out or ROOT / "lightning_logs" / "table1" / args.profile).resolve()
+    settings = Settings(out=out, data_dir=args.data_dir.resolve(), epochs=parse_epochs(args.epochs, profile.epochs),
+                        extra_args=parse_stage_args(args.stage_args, profile.extra_args),
+                        trainer_args=tuple(shlex.split(args.trainer_args)))
+    runs = plan_runs(models, labels, seeds, settings)
+    stages = unique_stages(runs)
+    command = shlex.join(["python", "scripts/reproduce_table1.py", *argv])
+
+    print(f"Table 1 sweep ({args.profile}): models {' '.join(models)}, labels {' '.join(map(str, labels))}, "
+          f"seeds {' '.join(map(str, seeds))}; epochs {', '.join(f'{k} {v}' for k, v in settings.epochs.items())}")
+    print(f"{len(runs)} runs, {len(stages)} stages, under {shown(out)} (commands run from {ROOT})", flush=True)
+    if args.dry_run:
+        cache = load_cache(out / "results.json")
+        for i, stage in enumerate(stages, 1):
+            done = "  (done: would skip)" if stage.key in cache else ""
+            print(f"# [{i}/{len(stages)}] {stage.key}{done}\n{command_line(stage)}")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        cache = execute(stages, out)
+    except StageFailed as err:
+        print(f"\nreproduce_table1: {err}", file=sys.stderr)
+        return 1
+    records = run_records(runs, cache)
+    summary = summarise(records)
+    table = write_table(summary, labels, out / "table1.md", command)
+    plot(summary, out / "table1.png")
+    write_json(out / "table1.json", {
+        "command": command, "profile": args.profile, "models": models, "labels": labels, "seeds": seeds,
+        "epochs": settings.epochs, "runs": records,
+        "summary": {m: {str(n): {"mean": c.mean, "std": c.std, "n": c.n, "errors": list(c.errors)}
+                        for n, c in by_n.items()} for m, by_n in summary.items()},
+        "paper": {m: {str(n): {"mean": v[0], "std": v[1]} for n, v in by_n.items()}
+                  for m, by_n in PAPER_TABLE1.items()},
+    })
+    print(f"\n{table}")
+    print(f"Wrote {shown(out / 'table1.md')}, {shown(out / 'table1.png')}, {shown(out / 'table1.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
