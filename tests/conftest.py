@@ -137,3 +137,13 @@ def vae_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: P
     path = root / "vae.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+def assert_restored_equals(restored, model, x) -> None:
+    """A model restored from its checkpoint predicts exactly as the trained one, and holds the same tensors."""
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key

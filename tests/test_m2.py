@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SYNTHETIC, quiet_trainer
+from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
 from ssvae_pl import elbo
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.errors import CheckpointError, ConfigError
@@ -239,12 +239,7 @@ def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
     restored = M2.load_from_checkpoint(ckpt, map_location="cpu")
     assert restored.hparams.vae_checkpoint == str(vae_copy) and not vae_copy.exists()
     x, _ = next(iter(dm.test_dataloader()))
-    model.eval()
-    restored.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
-    for key, value in model.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
+    assert_restored_equals(restored, model, x)
     assert all(not p.requires_grad for p in restored.m1_encoder.parameters())
 
 

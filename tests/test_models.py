@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SYNTHETIC, quiet_trainer
+from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import VAE, LatentClassifier
@@ -114,12 +114,7 @@ def test_classifier_checkpoint_is_self_contained(tmp_path: Path, vae_checkpoint:
     restored = LatentClassifier.load_from_checkpoint(clf_ckpt, map_location="cpu")
     assert restored.hparams.vae_checkpoint == str(vae_copy)
     x, _ = next(iter(dm.test_dataloader()))
-    model.eval()
-    restored.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
-    for key, value in model.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
+    assert_restored_equals(restored, model, x)
     assert all(not p.requires_grad for p in restored.encoder.parameters())
 
 

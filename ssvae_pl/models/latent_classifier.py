@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
-from ssvae_pl.errors import CheckpointError, ConfigError
-from ssvae_pl.models.vae import build_encoder, freeze, load_frozen_encoder
+from ssvae_pl.errors import ConfigError
+from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier
 
 
@@ -66,21 +66,13 @@ class LatentClassifier(pl.LightningModule):
         self.save_hyperparameters()
         if not 0.0 <= confidence_threshold < 1.0:
             raise ConfigError(f"model.confidence_threshold must be in [0, 1), got {confidence_threshold}.")
-        if vae_hparams is not None:  # restored from this model's own checkpoint: weights come with the state dict
-            self.encoder = freeze(build_encoder(**vae_hparams))
-        elif vae_checkpoint is not None:
-            self.encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
-            self.hparams["vae_hparams"] = vae_hparams
-        else:
+        if vae_checkpoint is None and vae_hparams is None:
             raise ConfigError(
                 "model.vae_checkpoint is required: pass the VAE's checkpoint, e.g. "
                 "--model.vae_checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt"
             )
-        if list(vae_hparams["input_shape"]) != list(input_shape):
-            raise CheckpointError(
-                f"model.vae_checkpoint: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
-                f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
-            )
+        self.encoder, vae_hparams = frozen_encoder(vae_checkpoint, vae_hparams, input_shape)
+        self.hparams["vae_hparams"] = vae_hparams  # this checkpoint then stands on its own
         self.classifier = Classifier(vae_hparams["latent_dim"], hidden_dims, num_classes, activation)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -21,8 +21,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
-from ssvae_pl.errors import CheckpointError, ConfigError
-from ssvae_pl.models.vae import build_encoder, freeze, load_frozen_encoder
+from ssvae_pl.errors import ConfigError
+from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import (
     Activation,
     Classifier,
@@ -102,16 +102,9 @@ class M2(pl.LightningModule):
         if alpha is not None and alpha < 0:
             raise ConfigError(f"model.alpha must be >= 0, got {alpha}.")
         self.m1_encoder = None
-        if vae_hparams is not None:  # restored from this model's own checkpoint: weights come with the state dict
-            self.m1_encoder = freeze(build_encoder(**vae_hparams))
-        elif vae_checkpoint is not None:
-            self.m1_encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
-            self.hparams["vae_hparams"] = vae_hparams
-        if vae_hparams is not None and list(vae_hparams["input_shape"]) != list(input_shape):
-            raise CheckpointError(
-                f"model.vae_checkpoint: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
-                f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
-            )
+        if vae_checkpoint is not None or vae_hparams is not None:  # M1+M2
+            self.m1_encoder, vae_hparams = frozen_encoder(vae_checkpoint, vae_hparams, input_shape)
+            self.hparams["vae_hparams"] = vae_hparams  # this checkpoint then stands on its own
         if likelihood == "auto":
             likelihood = "bernoulli" if self.m1_encoder is None else "gaussian"
         elif likelihood == "bernoulli" and self.m1_encoder is not None:

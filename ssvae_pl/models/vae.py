@@ -128,6 +128,29 @@ def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple
     return freeze(encoder), encoder_hparams
 
 
+def frozen_encoder(
+    vae_checkpoint: str | None, vae_hparams: dict[str, Any] | None, input_shape: Sequence[int]
+) -> tuple[GaussianEncoder, dict[str, Any]]:
+    """M1's frozen encoder for a model built on it (the latent classifier, M1+M2).
+
+    Rebuilt from ``vae_hparams`` when that model is restored from its own checkpoint (the weights come with its
+    state dict, so the VAE file is not needed), else loaded from ``vae_checkpoint``. The VAE must have seen images
+    of ``input_shape``.
+    """
+    from ssvae_pl.errors import CheckpointError
+
+    if vae_hparams is not None:
+        encoder = freeze(build_encoder(**vae_hparams))
+    else:
+        encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
+    if list(vae_hparams["input_shape"]) != list(input_shape):
+        raise CheckpointError(
+            f"model.vae_checkpoint: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
+            f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
+        )
+    return encoder, vae_hparams
+
+
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """No gradients and eval mode: the module is a fixed feature map (and DDP never registers it)."""
     return module.requires_grad_(False).eval()
