@@ -57,8 +57,13 @@ def labelled_bound(log_likelihood: torch.Tensor, kl_z: torch.Tensor, log_prior_y
     return log_likelihood.float() + torch.as_tensor(log_prior_y, dtype=torch.float32) - kl_z.float()
 
 
+def categorical_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_k p_k log p_k over the last dimension; the clamp keeps the gradient finite at p_k = 0."""
+    probs = probs.float()
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+
+
 def unlabelled_bound(class_probs: torch.Tensor, labelled_bounds: torch.Tensor) -> torch.Tensor:
     """U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)) (SSDGM eq. 7, as a bound), exact over all K classes: (B, K) -> (B,)."""
     probs = class_probs.float()
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)  # the clamp keeps the gradient finite at q = 0
-    return (probs * labelled_bounds.float()).sum(dim=1) + entropy
+    return (probs * labelled_bounds.float()).sum(dim=1) + categorical_entropy(probs)

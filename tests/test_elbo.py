@@ -38,3 +38,14 @@ def test_bernoulli_log_likelihood_is_finite_for_extreme_logits_and_bf16():
 def test_gaussian_log_likelihood_matches_torch_distributions():
     x, mean, std = torch.randn(5, 7), torch.randn(5, 7), torch.rand(5, 7) + 0.1
     torch.testing.assert_close(elbo.gaussian_log_likelihood(x, mean, std), Normal(mean, std).log_prob(x).sum(-1))
+
+
+def test_categorical_entropy_matches_torch_distributions_and_is_finite_at_zero():
+    from torch.distributions import Categorical
+
+    probs = torch.softmax(torch.randn(6, 10) * 3, dim=-1)
+    torch.testing.assert_close(elbo.categorical_entropy(probs), Categorical(probs=probs).entropy())
+    one_hot = torch.eye(4, requires_grad=True)
+    h = elbo.categorical_entropy(one_hot)
+    h.sum().backward()
+    assert torch.equal(h.detach(), torch.zeros(4)) and torch.isfinite(one_hot.grad).all()

@@ -24,11 +24,6 @@ from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier
 
 
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_k p_k log p_k over the last dimension."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-
-
 class LatentClassifier(pl.LightningModule):
     """A classifier trained on z ~ q(z|x) of a frozen VAE encoder.
 
@@ -98,6 +93,7 @@ class LatentClassifier(pl.LightningModule):
     def unlabelled_loss(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.float().softmax(dim=-1)  # (B, K)
         if self.hparams.unlabelled_objective == "entropy":
+            entropy = elbo.categorical_entropy
             return entropy(probs).mean() - self.hparams.class_balance_weight * entropy(probs.mean(dim=0))
         confidence, pseudo_label = probs.detach().max(dim=-1)
         weight = confidence * (confidence >= self.hparams.confidence_threshold)
