@@ -30,6 +30,12 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: Activ
     return nn.Sequential(*layers)
 
 
+def gaussian_parameters(output: torch.Tensor, min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) from a network's output of 2 * D units: std = softplus(.) + min_std, so it is always positive."""
+    mean, raw_std = output.chunk(2, dim=-1)  # (..., D), (..., D)
+    return mean, F.softplus(raw_std) + min_std
+
+
 class GaussianEncoder(nn.Module):
     """q(z|x) = N(mean(x), diag(std(x)^2)), std = softplus(.) + min_std so it is always positive."""
 
@@ -47,8 +53,7 @@ class GaussianEncoder(nn.Module):
         self.net = mlp(in_dim, hidden_dims, 2 * latent_dim, activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_std = self.net(x.flatten(start_dim=1)).chunk(2, dim=-1)  # (B, Z), (B, Z)
-        return mean, F.softplus(raw_std) + self.min_std
+        return gaussian_parameters(self.net(x.flatten(start_dim=1)), self.min_std)  # (B, Z), (B, Z)
 
 
 class BernoulliDecoder(nn.Module):
@@ -119,8 +124,7 @@ class ConditionalGaussianEncoder(nn.Module):
             self.rest = nn.Identity()
 
     def _head(self, pre_activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_std = self.rest(pre_activation).chunk(2, dim=-1)
-        return mean, F.softplus(raw_std) + self.min_std
+        return gaussian_parameters(self.rest(pre_activation), self.min_std)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), each (B, Z), for classes ``y``: indices (B,) or class weights such as one-hots (B, K)."""
@@ -177,8 +181,7 @@ class ConditionalGaussianDecoder(nn.Module):
         self.net = mlp(latent_dim + num_classes, hidden_dims, 2 * out_dim, activation)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_std = self.net(_with_onehot(z, y, self.num_classes)).chunk(2, dim=-1)  # (..., D), (..., D)
-        return mean, F.softplus(raw_std) + self.min_std
+        return gaussian_parameters(self.net(_with_onehot(z, y, self.num_classes)), self.min_std)  # (..., D) x 2
 
 
 def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
