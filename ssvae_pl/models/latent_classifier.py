@@ -73,12 +73,6 @@ class LatentClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def train(self, mode: bool = True) -> LatentClassifier:
-        """Lightning switches modules to train mode every epoch; the frozen encoder stays in eval mode."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.encoder(x)  # (B, Z), (B, Z)
@@ -93,8 +87,8 @@ class LatentClassifier(pl.LightningModule):
     def unlabelled_loss(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.float().softmax(dim=-1)  # (B, K)
         if self.hparams.unlabelled_objective == "entropy":
-            entropy = elbo.categorical_entropy
-            return entropy(probs).mean() - self.hparams.class_balance_weight * entropy(probs.mean(dim=0))
+            balance = elbo.categorical_entropy(probs.mean(dim=0))  # of the batch's mean prediction
+            return elbo.categorical_entropy(probs).mean() - self.hparams.class_balance_weight * balance
         confidence, pseudo_label = probs.detach().max(dim=-1)
         weight = confidence * (confidence >= self.hparams.confidence_threshold)
         return (weight * F.cross_entropy(logits.float(), pseudo_label, reduction="none")).mean()

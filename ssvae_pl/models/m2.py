@@ -176,13 +176,6 @@ class M2(pl.LightningModule):
 
     # ---- the model -----------------------------------------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> M2:
-        """Lightning switches modules to train mode every epoch; M1's frozen encoder stays in eval mode."""
-        super().train(mode)
-        if self.m1_encoder is not None:
-            self.m1_encoder.eval()
-        return self
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """What M2 models: the images themselves, or z1 of M1's frozen encoder, drawn from q(z1|x) while training
         and its mean otherwise."""

@@ -16,9 +16,23 @@ from ssvae_pl.nets import Activation, BernoulliDecoder, GaussianEncoder
 ENCODER_HPARAMS = ("input_shape", "hidden_dims", "latent_dim", "activation", "min_std")
 
 
+class FrozenEncoder(GaussianEncoder):
+    """M1's encoder as a fixed feature map inside another model: no gradients (so DDP never registers it), and eval
+    mode whatever its parent asks (Lightning switches the whole model to train mode every epoch)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)
+
+
 def build_encoder(input_shape: Sequence[int], hidden_dims: Sequence[int], latent_dim: int, activation: Activation,
-                  min_std: float) -> GaussianEncoder:
-    return GaussianEncoder(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std)
+                  min_std: float, frozen: bool = False) -> GaussianEncoder:
+    encoder_class = FrozenEncoder if frozen else GaussianEncoder
+    return encoder_class(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std)
 
 
 class VAE(pl.LightningModule):
@@ -87,8 +101,8 @@ class VAE(pl.LightningModule):
         return torch.sigmoid(self.decoder(z))
 
 
-def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple[GaussianEncoder, dict[str, Any]]:
-    """The encoder of a VAE checkpoint, frozen (``requires_grad_(False)``, eval mode), and the hparams that shape it.
+def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple[FrozenEncoder, dict[str, Any]]:
+    """The encoder of a VAE checkpoint, frozen (``FrozenEncoder``), and the hparams that shape it.
 
     Raises ``CheckpointError`` naming ``field`` and the file when it is missing, unreadable or not a VAE.
     """
@@ -120,17 +134,17 @@ def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple
     encoder_hparams = {k: hparams[k] for k in ENCODER_HPARAMS}
     encoder_hparams["input_shape"] = list(encoder_hparams["input_shape"])
     encoder_hparams["hidden_dims"] = list(encoder_hparams["hidden_dims"])
-    encoder = build_encoder(**encoder_hparams)
+    encoder = build_encoder(**encoder_hparams, frozen=True)
     try:
         encoder.load_state_dict(encoder_state)
     except RuntimeError as err:
         raise CheckpointError(f"{field}: {path} does not match its own hyperparameters: {str(err)[:200]}") from None
-    return freeze(encoder), encoder_hparams
+    return encoder, encoder_hparams
 
 
 def frozen_encoder(
     vae_checkpoint: str | None, vae_hparams: dict[str, Any] | None, input_shape: Sequence[int]
-) -> tuple[GaussianEncoder, dict[str, Any]]:
+) -> tuple[FrozenEncoder, dict[str, Any]]:
     """M1's frozen encoder for a model built on it (the latent classifier, M1+M2).
 
     Rebuilt from ``vae_hparams`` when that model is restored from its own checkpoint (the weights come with its
@@ -140,7 +154,7 @@ def frozen_encoder(
     from ssvae_pl.errors import CheckpointError
 
     if vae_hparams is not None:
-        encoder = freeze(build_encoder(**vae_hparams))
+        encoder = build_encoder(**vae_hparams, frozen=True)
     else:
         encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
     if list(vae_hparams["input_shape"]) != list(input_shape):
@@ -150,7 +164,3 @@ def frozen_encoder(
         )
     return encoder, vae_hparams
 
-
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    """No gradients and eval mode: the module is a fixed feature map (and DDP never registers it)."""
-    return module.requires_grad_(False).eval()
