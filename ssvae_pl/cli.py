@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
@@ -31,6 +32,15 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+class SaveConfigToRunFolder(SaveConfigCallback):
+    """The run's ``config.yaml`` beside its logs; a run without a logger (``--trainer.logger false``) has no folder
+    of its own, so it writes nothing rather than a config.yaml in the working directory."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
 class SSVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
@@ -44,6 +54,7 @@ def main(args: list[str] | None = None) -> None:
         SSVAECLI(
             datamodule_class=SemiSupervisedDataModule,
             subclass_mode_model=True,
+            save_config_callback=SaveConfigToRunFolder,
             seed_everything_default=0,
             args=args,
         )

@@ -13,19 +13,20 @@ from pytorch_lightning.utilities import CombinedLoader
 
 from conftest import N_TRAIN, SYNTHETIC, VAL_SIZE, quiet_trainer
 from ssvae_pl.data import sources
-from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule
+from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import ConfigError
 
 
 def epoch_batches(dm: SemiSupervisedDataModule) -> list[dict]:
-    """One epoch of training batches, as Lightning's fit loop sees them."""
+    """One epoch of training batches, as Lightning's fit loop sees them (after ``on_after_batch_transfer``)."""
     loader = dm.train_dataloader()
-    assert isinstance(loader, CombinedLoader) and loader._mode == "max_size_cycle"
+    assert isinstance(loader, CombinedLoader) and loader._mode == "min_size"
     batches = []
-    for item in loader:  # max_size_cycle yields (batch, batch_idx, dataloader_idx)
+    for item in loader:  # min_size yields (batch, batch_idx, dataloader_idx)
         batch, batch_idx, dataloader_idx = item
         assert (batch_idx, dataloader_idx) == (len(batches), 0)
-        batches.append(batch)
+        assert batch["unlabelled"].dtype == batch["labelled"][0].dtype == torch.uint8  # floats only on the device
+        batches.append(dm.on_after_batch_transfer(batch, 0))
     return batches
 
 
@@ -74,40 +75,40 @@ def test_labelled_stream_is_reshuffled_on_every_pass(make_dm) -> None:
 
 
 def test_dynamic_static_and_no_binarisation(make_dm, synthetic_mnist) -> None:
-    """dynamic: a fresh Bernoulli sample each time an image is drawn; static: the same sample every time;
-    none: the grey levels uint8 / 255."""
+    """The datasets give uint8 images; on the device, training batches become a fresh Bernoulli sample each time
+    (dynamic), the same sample every time (static) or the grey levels uint8 / 255 (none)."""
     torch.manual_seed(0)
     raw_images = torch.from_numpy(synthetic_mnist[1][sources.TRAIN_IMAGES]).float().div(255).unsqueeze(1)
 
+    def training_batch(dm, indices):
+        return dm.on_after_batch_transfer({"unlabelled": dm.unlabelled_dataset().__getitems__(indices)}, 0)
+
     dynamic = make_dm(binarize="dynamic")
     dynamic.setup("fit")
-    ds = dynamic.labelled_dataset()
-    first, second = ds[0][0], ds[0][0]
-    assert first.shape == (1, 28, 28)
+    first, second = training_batch(dynamic, [3, 4])["unlabelled"], training_batch(dynamic, [3, 4])["unlabelled"]
+    assert first.shape == (2, 1, 28, 28) and first.dtype == torch.float32
     assert ((first == 0) | (first == 1)).all() and ((second == 0) | (second == 1)).all()
     assert not torch.equal(first, second)
-    u = dynamic.unlabelled_dataset()
-    assert not torch.equal(u.__getitems__([3, 4]), u.__getitems__([3, 4]))
     # a fresh sample has the grey image as its mean: average many draws
-    mean = torch.stack([ds[0][0] for _ in range(400)]).mean(0)
+    u8 = dynamic.labelled_dataset().__getitems__([0])[0]
+    mean = torch.stack([to_model_input(u8, dynamic=True) for _ in range(400)]).mean(0)[0]
     grey = raw_images[dynamic.split.labelled[0]]
     assert (mean - grey).abs().mean() < 0.03
+    # evaluation batches (tuples) are never binarised on the fly
+    assert torch.equal(dynamic.on_after_batch_transfer((u8, None), 0)[0], u8.float() / 255)
 
     static = make_dm(binarize="static")
     static.setup("fit")
-    ds = static.labelled_dataset()
-    first = ds[0][0]
-    assert ((first == 0) | (first == 1)).all() and not torch.equal(first, grey.round())
-    assert torch.equal(first, ds[0][0]) and torch.equal(first, static.labelled_dataset()[0][0])
-    u = static.unlabelled_dataset()
-    assert torch.equal(u.__getitems__([3, 4]), u.__getitems__([3, 4]))
+    first = training_batch(static, [0])["unlabelled"][0]
+    assert ((first == 0) | (first == 1)).all() and not torch.equal(first, raw_images[static.split.train[0]].round())
+    assert torch.equal(first, training_batch(static, [0])["unlabelled"][0])
 
     none = make_dm(binarize="none")
     none.setup("fit")
-    x, y = none.labelled_dataset().__getitems__(list(range(100)))
+    x, y = to_model_input(none.labelled_dataset().__getitems__(list(range(100))))
     assert torch.equal(x, raw_images[none.split.labelled])
     assert torch.equal(y, torch.from_numpy(synthetic_mnist[1][sources.TRAIN_LABELS]).long()[none.split.labelled])
-    assert torch.equal(none.unlabelled_dataset().__getitems__([0, 1]), raw_images[none.split.train[:2]])
+    assert torch.equal(training_batch(none, [0, 1])["unlabelled"], raw_images[none.split.train[:2]])
 
 
 def test_evaluation_batches_are_deterministic(make_dm) -> None:
@@ -119,7 +120,7 @@ def test_evaluation_batches_are_deterministic(make_dm) -> None:
         assert len(first) == -(-n // 64) and sum(len(b[1]) for b in first) == n
         for (x1, y1), (x2, y2) in zip(first, second):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
-            assert ((x1 == 0) | (x1 == 1)).all() and y1.dtype == torch.int64
+            assert ((x1 == 0) | (x1 == 255)).all() and x1.dtype == torch.uint8 and y1.dtype == torch.int64
     predict = [b[0] for b in dm.predict_dataloader()]
     assert all(torch.equal(a[0], b) for a, b in zip(list(dm.test_dataloader()), predict))
 

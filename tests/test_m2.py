@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
 from ssvae_pl import elbo
-from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import M2
 from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder
@@ -238,7 +238,7 @@ def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
 
     restored = M2.load_from_checkpoint(ckpt, map_location="cpu")
     assert restored.hparams.vae_checkpoint == str(vae_copy) and not vae_copy.exists()
-    x, _ = next(iter(dm.test_dataloader()))
+    x, _ = to_model_input(next(iter(dm.test_dataloader())))
     assert_restored_equals(restored, model, x)
     assert all(not p.requires_grad for p in restored.m1_encoder.parameters())
 

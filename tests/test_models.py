@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
-from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import VAE, LatentClassifier
 
@@ -113,7 +113,7 @@ def test_classifier_checkpoint_is_self_contained(tmp_path: Path, vae_checkpoint:
 
     restored = LatentClassifier.load_from_checkpoint(clf_ckpt, map_location="cpu")
     assert restored.hparams.vae_checkpoint == str(vae_copy)
-    x, _ = next(iter(dm.test_dataloader()))
+    x, _ = to_model_input(next(iter(dm.test_dataloader())))
     assert_restored_equals(restored, model, x)
     assert all(not p.requires_grad for p in restored.encoder.parameters())
 

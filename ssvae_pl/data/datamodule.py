@@ -1,9 +1,14 @@
 """``SemiSupervisedDataModule``: mixed labelled/unlabelled training batches from images held in memory.
 
-Every training batch is ``{"labelled": (x, y), "unlabelled": x}``. The two parts come from two DataLoaders
-combined by Lightning's ``CombinedLoader`` in ``max_size_cycle`` mode: an epoch is one pass over the
-unlabelled images, and the (smaller) labelled loader is restarted, and so reshuffled, whenever it runs out.
+Every training batch is ``{"labelled": (x, y), "unlabelled": x}``: an epoch is one pass over the unlabelled images
+(a ``DataLoader``, sharded across ranks by Lightning under DDP), each step paired with the next batch of an endless
+labelled stream (``LabelledStream``: consecutive reshuffles of the whole labelled subset, never sharded, so every
+rank trains on the same labels). Lightning's ``CombinedLoader`` in ``min_size`` mode zips the two.
 Validation, test and predict batches are ``(x, y)``.
+
+The fast path: the images stay uint8 tensors, in host memory or (``device: auto`` on a GPU) on the accelerator;
+a batch is gathered by index in one tensor operation; conversion to floats in [0, 1] and dynamic binarisation
+happen on the training device, in ``on_after_batch_transfer``. Outside a Trainer, ``to_model_input`` does the same.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ssvae_pl.data.labelled import Split, check_label_budget, make_split
 from ssvae_pl.data.sources import DATASETS, ensure_raw_files, load_split
@@ -30,35 +36,67 @@ LABELLED_INDICES_FILE = "labelled_indices.json"
 
 
 def _batch_as_is(batch):
-    """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
+    """``collate_fn`` for datasets whose ``__getitems__`` (or iterator) already returns a whole batch."""
     return batch
 
 
+def to_model_input(batch: Any, dynamic: bool = False) -> Any:
+    """uint8 images anywhere in ``batch`` -> float32 in [0, 1], on the device they are on; with ``dynamic`` each is
+    replaced by a fresh Bernoulli sample of itself (the paper's dynamic binarisation). Labels pass through."""
+
+    def convert(images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        return torch.bernoulli(x) if dynamic else x
+
+    return apply_to_collection(batch, torch.Tensor, lambda t: convert(t) if t.dtype == torch.uint8 else t)
+
+
 class InMemoryImages(Dataset):
-    """uint8 images (and optional labels) in memory; batches are gathered by index in one tensor operation.
+    """uint8 images (N, C, H, W) and optional labels (N,), on the CPU or an accelerator. A batch is gathered by
+    index in one tensor operation and stays uint8 (a quarter of float32's bytes to move); see ``to_model_input``."""
 
-    ``binarize="dynamic"`` draws a fresh Bernoulli sample of every image each time it is drawn (the paper's
-    choice); static binarisation is applied once, before the images reach this class.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, dynamic: bool = False) -> None:
-        self.images = images  # (N, C, H, W) uint8
-        self.labels = labels  # (N,) int64 or None
-        self.dynamic = dynamic
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        self.images = images
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitems__(self, indices: list[int]):
-        idx = torch.as_tensor(indices)
-        x = self.images[idx].float().div_(255.0)  # (B, C, H, W) in [0, 1]
-        if self.dynamic:
-            x = torch.bernoulli(x)
-        return x if self.labels is None else (x, self.labels[idx])
+        idx = torch.as_tensor(indices, device=self.images.device)
+        return self.images[idx] if self.labels is None else (self.images[idx], self.labels[idx])
 
     def __getitem__(self, index: int):
         batch = self.__getitems__([index])
         return batch[0] if self.labels is None else (batch[0][0], batch[1][0])
+
+
+class LabelledStream(IterableDataset):
+    """Endless labelled batches ``(x uint8, y)``: consecutive random permutations of all the labelled images, cut
+    into batches of ``batch_size``. A batch may span two permutations, so every batch is full and every image is
+    drawn equally often. The stream goes on across epochs (each epoch's iterator continues it); its own generator,
+    seeded by the data seed and the rank, orders it. Never sharded: under DDP every rank draws from the whole
+    labelled subset. Iterate it in the main process only (``num_workers=0``): workers would copy the stream."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._pending = torch.empty(0, dtype=torch.int64)  # the rest of the current permutation
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            while len(self._pending) < self.batch_size:
+                self._pending = torch.cat([self._pending, torch.randperm(len(self.images), generator=self.generator)])
+            idx, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
+            idx = idx.to(self.images.device)
+            yield self.images[idx], self.labels[idx]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "pending": self._pending.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self._pending = state["pending"].clone()
 
 
 def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -82,7 +120,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         binarize: ``dynamic`` (a fresh sample each time an image is drawn), ``static`` (one fixed sample)
             or ``none`` (grey levels in [0, 1]). Evaluation always uses one fixed sample when binarising.
         unlabelled: ``all`` training images (the paper's choice, labelled ones included) or the ``rest``.
-        num_workers: DataLoader worker processes.
+        num_workers: worker processes of the unlabelled DataLoader (0: the main process, the fast path).
+        device: where the images are held: ``auto`` on the training accelerator when it is a GPU and
+            ``num_workers`` is 0 (no copies from the host at all), else in host memory; ``cpu`` always in host memory.
         download: whether to try torchvision's download before the offline sources.
         check_md5: verify the raw files against the official md5 sums.
     """
@@ -100,6 +140,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         binarize: Binarize = "dynamic",
         unlabelled: Literal["all", "rest"] = "all",
         num_workers: int = 0,
+        device: Literal["auto", "cpu"] = "auto",
         download: bool = True,
         check_md5: bool = True,
     ) -> None:
@@ -161,6 +202,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
+            self._hold_on(self._holding_device())
             return
         hp = self.hparams
         load = dict(download=hp.download, check_md5=hp.check_md5)
@@ -181,14 +223,38 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 "an epoch would hold no batch; lower data.batch_size."
             )
         self._record_split()
+        self._hold_on(self._holding_device())
+
+    def _holding_device(self) -> torch.device:
+        cpu = torch.device("cpu")
+        if self.hparams.device == "cpu" or self.hparams.num_workers > 0 or self.trainer is None:
+            return cpu
+        root = self.trainer.strategy.root_device
+        return root if root.type == "cuda" else cpu
+
+    def _hold_on(self, device: torch.device) -> None:
+        """Move the uint8 images and the labels to ``device`` (a no-op where they are); the split stays on the CPU."""
+        for name in ("_train_images", "_train_labels", "_eval_train_images", "_test_images", "_test_labels"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the training device: uint8 -> floats in [0, 1]; training batches (dicts) binarised afresh when
+        ``binarize`` is ``dynamic``."""
+        return to_model_input(batch, dynamic=self.hparams.binarize == "dynamic" and isinstance(batch, dict))
+
+    def _record_split(self) -> None:
+        """Write the labelled indices (into the official training set) into the run's log folder, from rank 0.
+        ``trainer.log_dir`` is a collective under DDP (it broadcasts rank 0's folder), so every rank asks for it."""
+        if self.trainer is None or self.trainer.logger is None:
+            return
+        log_dir = self.trainer.log_dir
+        if log_dir is not None:
+            self._write_split(Path(log_dir))
 
     @rank_zero_only
-    def _record_split(self) -> None:
-        """Write the labelled indices (into the official training set) into the run's log folder."""
-        if self.trainer is None or self.trainer.logger is None or self.trainer.log_dir is None:
-            return
+    def _write_split(self, log_dir: Path) -> None:
         hp, split = self.hparams, self.split
-        path = Path(self.trainer.log_dir) / LABELLED_INDICES_FILE
+        path = log_dir / LABELLED_INDICES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "dataset": hp.dataset,
@@ -203,33 +269,31 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         log.info("labelled indices written to %s", path)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=_batch_as_is,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          collate_fn=_batch_as_is, num_workers=workers, persistent_workers=workers > 0)
 
     def labelled_dataset(self) -> InMemoryImages:
         idx = self.split.labelled
-        return InMemoryImages(self._train_images[idx], self._train_labels[idx], self.hparams.binarize == "dynamic")
+        return InMemoryImages(self._train_images[idx], self._train_labels[idx])
 
     def unlabelled_dataset(self) -> InMemoryImages:
         idx = self.split.train
         if self.hparams.unlabelled == "rest":
             idx = idx[~torch.isin(idx, self.split.labelled)]
-        return InMemoryImages(self._train_images[idx], None, self.hparams.binarize == "dynamic")
+        return InMemoryImages(self._train_images[idx])
+
+    def labelled_stream(self, rank: int = 0) -> LabelledStream:
+        """The labelled half of the training batches, for the process of global rank ``rank``."""
+        hp, labelled = self.hparams, self.labelled_dataset()
+        seed = 1_000_003 * (hp.seed + 1) + rank  # the data seed and the rank; independent of the global seed
+        return LabelledStream(labelled.images, labelled.labels, min(hp.labelled_batch_size, hp.num_labelled), seed)
 
     def train_dataloader(self) -> CombinedLoader:
-        hp = self.hparams
-        labelled = self._loader(
-            self.labelled_dataset(), min(hp.labelled_batch_size, hp.num_labelled), shuffle=True, drop_last=True
-        )
-        unlabelled = self._loader(self.unlabelled_dataset(), hp.batch_size, shuffle=True, drop_last=True)
-        return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="max_size_cycle")
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        labelled = DataLoader(self.labelled_stream(rank), batch_size=None, collate_fn=_batch_as_is)
+        unlabelled = self._loader(self.unlabelled_dataset(), self.hparams.batch_size, shuffle=True, drop_last=True)
+        return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="min_size")
 
     def val_dataloader(self) -> DataLoader | list:
         if self.hparams.val_size == 0:
