@@ -10,6 +10,9 @@ The numbers the data determine (classes, image shape) reach the model through ``
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+import yaml
 
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -19,6 +22,7 @@ from ssvae_pl.data.sources import DataSourceError
 from ssvae_pl.errors import CheckpointError, ConfigError
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError)
+RUN_DEFINING_KEYS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler")
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -33,12 +37,41 @@ def user_error(err: BaseException) -> BaseException | None:
 
 
 class SaveConfigToRunFolder(SaveConfigCallback):
-    """The run's ``config.yaml`` beside its logs; a run without a logger (``--trainer.logger false``) has no folder
-    of its own, so it writes nothing rather than a config.yaml in the working directory."""
+    """The run's ``config.yaml`` beside its logs.
+
+    A run folder that already holds a config is the same run resumed (``--ckpt_path last``, a requeued SLURM job)
+    when the configs agree on what defines the run (``RUN_DEFINING_KEYS``: not the trainer's settings, so a resumed
+    run may train for more epochs): nothing is written. Otherwise it is another run, and the two are
+    never mixed: one clear error. A run without a logger (``--trainer.logger false``) has no folder of its own, so
+    it writes nothing rather than a config.yaml in the working directory."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.logger is not None:
-            super().setup(trainer, pl_module, stage)
+        if trainer.logger is None or self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        existing = Path(log_dir) / self.config_filename if log_dir else None
+        if existing is not None and existing.is_file():
+            same = trainer.strategy.broadcast(self._same_run(existing) if trainer.is_global_zero else None)
+            if not same:
+                raise ConfigError(
+                    f"the run folder {Path(log_dir).resolve()} already holds a run with another config "
+                    f"({existing.name} differs in model, data, optimizer or seed); pick a new "
+                    "folder with --trainer.logger.init_args.version <name>, or resume that run with its own config "
+                    "and --ckpt_path last."
+                )
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+    def _same_run(self, existing: Path) -> bool:
+        def comparable(config: dict) -> dict:  # what the run is; the trainer's settings may change on resuming
+            return {k: v for k, v in (config or {}).items() if k in RUN_DEFINING_KEYS}
+
+        try:
+            saved = yaml.safe_load(existing.read_text())
+        except (OSError, yaml.YAMLError):
+            return False
+        return comparable(saved) == comparable(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
 class SSVAECLI(LightningCLI):

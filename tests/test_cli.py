@@ -143,3 +143,23 @@ def test_missing_vae_checkpoint_is_one_line_error(tmp_path: Path, cli_data: Path
                    "--model.vae_checkpoint", "/nonexistent.ckpt")
     assert_one_line_user_error(result, "model.vae_checkpoint")
     assert "/nonexistent.ckpt" in result.stderr
+
+
+def test_a_run_folder_is_resumed_by_its_own_config_and_never_mixed_with_another(tmp_path: Path, cli_data) -> None:
+    """The same config (plus ``--ckpt_path last``) resumes in its folder; another config or another labelled subset
+    aimed at that folder stops with one line naming it, and the first run's files stay as they were."""
+    data = data_args(cli_data)
+    run = ["fit", "-c", VAE_CONFIG, *data, *TINY_VAE, *SHORT_FIT, "--trainer.logger.init_args.version", "mine"]
+    ok(ssvae(tmp_path, *run))
+    folder = tmp_path / "lightning_logs" / "m1_vae" / "mine"
+    kept = {name: (folder / name).read_bytes() for name in ("config.yaml", LABELLED_INDICES_FILE)}
+
+    resumed = ssvae(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    for other, what in ((["--optimizer.init_args.lr", "0.5"], "another config"),
+                        (["--data.seed", "7"], "another labelled subset")):
+        clash = ssvae(tmp_path, *run, *other)
+        assert clash.returncode == 2 and "Traceback" not in clash.stderr
+        assert f"already holds a run with {what}" in clash.stderr and str(folder) in clash.stderr
+        assert {name: (folder / name).read_bytes() for name in kept} == kept
+    ok(resumed)
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1

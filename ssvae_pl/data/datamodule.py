@@ -51,6 +51,13 @@ def to_model_input(batch: Any, dynamic: bool = False) -> Any:
     return apply_to_collection(batch, torch.Tensor, lambda t: convert(t) if t.dtype == torch.uint8 else t)
 
 
+def _indices_on(device: torch.device, indices) -> torch.Tensor:
+    """Batch indices as an int64 tensor on ``device``. To a GPU they travel from pinned memory without blocking, so
+    the host never waits for the device between training steps."""
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    return idx if device.type == "cpu" else idx.pin_memory().to(device, non_blocking=True)
+
+
 class InMemoryImages(Dataset):
     """uint8 images (N, C, H, W) and optional labels (N,), on the CPU or an accelerator. A batch is gathered by
     index in one tensor operation and stays uint8 (a quarter of float32's bytes to move); see ``to_model_input``."""
@@ -63,7 +70,7 @@ class InMemoryImages(Dataset):
         return len(self.images)
 
     def __getitems__(self, indices: list[int]):
-        idx = torch.as_tensor(indices, device=self.images.device)
+        idx = _indices_on(self.images.device, indices)
         return self.images[idx] if self.labels is None else (self.images[idx], self.labels[idx])
 
     def __getitem__(self, index: int):
@@ -88,7 +95,7 @@ class LabelledStream(IterableDataset):
             while len(self._pending) < self.batch_size:
                 self._pending = torch.cat([self._pending, torch.randperm(len(self.images), generator=self.generator)])
             idx, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
-            idx = idx.to(self.images.device)
+            idx = _indices_on(self.images.device, idx)
             yield self.images[idx], self.labels[idx]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -265,7 +272,16 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             "labelled_labels": self._train_labels[split.labelled].tolist(),
             "val_indices": split.val.tolist(),
         }
-        path.write_text(json.dumps(record))
+        text = json.dumps(record)
+        if path.is_file():  # a resumed run finds its own record; another run's is never overwritten
+            if path.read_text() == text:
+                return
+            raise ConfigError(
+                f"the run folder {log_dir.resolve()} already holds a run with another labelled subset ({path.name} "
+                "differs); pick a new "
+                "folder with --trainer.logger.init_args.version <name>."
+            )
+        path.write_text(text)
         log.info("labelled indices written to %s", path)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
 from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import (
     Activation,
@@ -77,6 +78,8 @@ class M2(pl.LightningModule):
             latents (M1+M2). Not needed to test or predict from this model's own checkpoint, which carries it.
         vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
             checkpoint so that it stands on its own.
+        compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
+            checkpoint does not depend on it.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class M2(pl.LightningModule):
         likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto",
         vae_checkpoint: str | None = None,
         vae_hparams: dict[str, Any] | None = None,
+        compile: CompileSetting = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -133,6 +137,8 @@ class M2(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._analogy_images: torch.Tensor | None = None
+        check_compile(compile)
+        self._training_loss = compiled(self.loss_terms, compile)
 
     # ---- the numbers of the objective --------------------------------------------------------------------------
 
@@ -242,7 +248,7 @@ class M2(pl.LightningModule):
     # ---- Lightning -----------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch)
+        terms = self._training_loss(batch)
         for name in ("elbo_labelled", "elbo_unlabelled", "classification"):
             self.log(f"train/{name}", terms[name].mean(), on_step=True, on_epoch=True, batch_size=len(terms[name]))
         self.log("train/loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=True,

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssvae_pl import elbo
+from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
 from ssvae_pl.nets import Activation, BernoulliDecoder, GaussianEncoder
 
 # The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt.
@@ -45,6 +46,8 @@ class VAE(pl.LightningModule):
         latent_dim: size of z. The paper: 50.
         activation: hidden non-linearity. The paper: softplus.
         min_std: added to softplus(.) so the encoder's standard deviation is never zero.
+        compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
+            checkpoint does not depend on it.
     """
 
     def __init__(
@@ -55,11 +58,14 @@ class VAE(pl.LightningModule):
         latent_dim: int = 50,
         activation: Activation = "softplus",
         min_std: float = 1e-4,
+        compile: CompileSetting = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.encoder = build_encoder(input_shape, hidden_dims, latent_dim, activation, min_std)
         self.decoder = BernoulliDecoder(latent_dim, list(reversed(hidden_dims)), input_shape, activation)
+        check_compile(compile)
+        self._training_terms = compiled(self.forward, compile)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-example terms of the bound for a batch of images in [0, 1]: each value has shape (B,)."""
@@ -76,7 +82,7 @@ class VAE(pl.LightningModule):
                      prog_bar=name == "elbo", sync_dist=not on_step, batch_size=len(terms[name]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        terms = self(batch["unlabelled"])  # every training image, labelled or not
+        terms = self._training_terms(batch["unlabelled"])  # every training image, labelled or not
         self._log_terms("train", terms, ("elbo", "recon", "kl"))
         return -terms["elbo"].mean()
 

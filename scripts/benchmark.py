@@ -1,0 +1,275 @@
+"""Training throughput of the VAE (M1) and M2 at the paper's sizes, through Lightning and beside the plain PyTorch
+loop a user would otherwise write, measured in the same run.
+
+For each model it times, after warm-up steps, the same model, batch and optimiser three ways:
+
+    lightning   Trainer.fit on SemiSupervisedDataModule: the product's path (index-gathered uint8 batches, floats and
+                binarisation on the device, the images held on the GPU there, metrics logged every step)
+    reference   a hand-written loop: the same module's loss on batches indexed from in-memory tensors, Adam
+    naive       (M2 only) the reference loop with the sum over classes done the naive way: the whole bound evaluated
+                once per class (the encoder's first layer re-reads the pixels K times)
+
+and prints images per second (labelled and unlabelled), milliseconds per step, the seconds one epoch over the 50,000
+unlabelled images would take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
+the measured peak of a large matrix product on the same device and precision. The table is also written as JSON.
+
+    python scripts/benchmark.py                                  # CPU, fp32, both models
+    python scripts/benchmark.py --precision bf16-mixed           # autocast to bfloat16
+    python scripts/benchmark.py --device cuda --steps 200        # a GPU
+    python scripts/benchmark.py --models m2 --batch-size 500 --json lightning_logs/benchmark/m2-b500.json
+
+Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
+speed. On a machine shared with other work the numbers move: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
+from ssvae_pl.models import M2, VAE  # noqa: E402
+
+NUM_UNLABELLED = 50_000  # MNIST's training images after the 10,000 held out: one epoch
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def matmul_peak(device: torch.device, precision: str, n: int) -> float:
+    """GFLOP/s of an n x n x n matrix product in the precision's compute type (fp32, or bf16/fp16 under autocast)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    with autocast(device, precision):
+        for _ in range(2):
+            a @ b
+        sync(device)
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0 or reps < 3:
+            a @ b
+            reps += 1
+        sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+# ---- the models, their batches and their losses ------------------------------------------------------------------
+
+def make_model(name: str, num_train: int) -> pl.LightningModule:
+    if name == "vae":
+        return VAE()  # the paper's M1: 784-600-600-50
+    model = M2(alpha=float(num_train), weighting="batch")  # configs/mnist/m2.yaml: 500 hidden units, z of 50
+    return model
+
+
+def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False) -> torch.Tensor:
+    if isinstance(model, VAE):
+        return -model(batch["unlabelled"])["elbo"].mean()
+    if not naive:
+        return model.loss_terms(batch)["loss"]
+    # the naive enumeration: L(x, y) evaluated once per class, each a full pass of the encoder and the decoder
+    x_l, y_l = batch["labelled"]
+    x_u = batch["unlabelled"]
+    k = model.hparams.num_classes
+    bounds = torch.stack([model.labelled_bound(x_u, torch.full((len(x_u),), c, device=x_u.device))
+                          for c in range(k)], dim=1)  # (B, K)
+    logits = model.classifier(x_u)
+    from ssvae_pl import elbo
+
+    bound_u = elbo.unlabelled_bound(logits.float().softmax(-1), bounds)
+    bound_l = model.labelled_bound(x_l, y_l)
+    classification = torch.nn.functional.cross_entropy(model.classifier(x_l).float(), y_l)
+    w_l, w_u, w_c = model.objective_weights(len(y_l), len(x_u))
+    return w_l * -bound_l.mean() + w_u * -bound_u.mean() + w_c * classification
+
+
+class Batches:
+    """Random training batches indexed from the data module's uint8 tensors, made ready on ``device``."""
+
+    def __init__(self, dm: SemiSupervisedDataModule, device: torch.device, labelled_batch: int, batch: int) -> None:
+        unlabelled, labelled = dm.unlabelled_dataset(), dm.labelled_dataset()
+        self.u = unlabelled.images.to(device)
+        self.l_images, self.l_labels = labelled.images.to(device), labelled.labels.to(device)
+        self.batch, self.labelled_batch, self.device = batch, labelled_batch, device
+
+    def __call__(self) -> dict:
+        iu = torch.randint(len(self.u), (self.batch,), device=self.device)
+        il = torch.randint(len(self.l_images), (self.labelled_batch,), device=self.device)
+        raw = {"labelled": (self.l_images[il], self.l_labels[il]), "unlabelled": self.u[iu]}
+        return to_model_input(raw, dynamic=True)
+
+
+def step_flops(model: pl.LightningModule, batch: dict, naive: bool = False) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        training_loss(model, batch, naive).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool) -> float:
+    """Seconds per step of the hand-written loop."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        batch = batches()
+        with autocast(device, precision):
+            loss = training_loss(model, batch, naive)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+class _StepClock(pl.Callback):
+    """Time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            sync(pl_module.device)
+            self.end, self.steps = time.perf_counter(), self.steps + 1
+
+
+def time_lightning(model, dm, device, precision, warmup: int, steps: int) -> float:
+    """Seconds per step of Trainer.fit, as ``ssvae fit`` runs it (logging every step, no checkpoints)."""
+    model.configure_optimizers = lambda: torch.optim.Adam(  # the reference's optimiser, not the config's
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    clock = _StepClock(warmup)
+    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, max_epochs=1,
+                         limit_train_batches=warmup + steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[clock])
+    trainer.fit(model, datamodule=dm)
+    return (clock.end - clock.start) / clock.steps
+
+
+def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.device, peak: float) -> list[dict]:
+    torch.manual_seed(0)
+    labelled_batch = 0 if name == "vae" else args.labelled_batch_size
+    batch = args.batch_size or (100 if name == "vae" else 200)
+    dm.hparams.batch_size, dm.hparams.labelled_batch_size = batch, max(labelled_batch, 1)
+    batches = Batches(dm, device, max(labelled_batch, 1), batch)
+    images = batch + labelled_batch
+    rows = []
+    ways = ["reference", "lightning"] + (["naive"] if name == "m2" else [])
+    for way in ways:
+        model = make_model(name, dm.num_train)
+        if name == "m2":
+            model.set_data_sizes(dm.hparams.num_labelled, dm.num_unlabelled, dm.num_train)
+        model.to(device)
+        flops = step_flops(model, batches(), naive=way == "naive")
+        if way == "lightning":
+            seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps)
+        else:
+            seconds = time_reference(model, batches, device, args.precision, args.warmup, args.steps,
+                                     naive=way == "naive")
+        rows.append({
+            "model": name, "way": way, "device": str(device), "precision": args.precision,
+            "batch": f"{batch}+{labelled_batch}" if labelled_batch else str(batch),
+            "images_per_s": images / seconds, "ms_per_step": 1e3 * seconds,
+            "epoch_s": NUM_UNLABELLED / batch * seconds, "gflop_per_step": flops / 1e9,
+            "gflop_per_s": flops / seconds / 1e9, "peak_gflop_per_s": peak,
+        })
+    reference = rows[0]["images_per_s"]
+    for row in rows:
+        row["vs_reference"] = row["images_per_s"] / reference
+    if name == "m2":
+        naive = rows[-1]["images_per_s"]
+        for row in rows:
+            row["vs_naive"] = row["images_per_s"] / naive
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'model':5} {'way':10} {'batch':8} {'images/s':>9} {'ms/step':>8} {'epoch s':>8} "
+              f"{'GFLOP/s':>8} {'peak':>7} {'x ref':>6} {'x naive':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        naive = f"{r['vs_naive']:7.2f}" if "vs_naive" in r else " " * 7
+        print(f"{r['model']:5} {r['way']:10} {r['batch']:8} {r['images_per_s']:9.0f} {r['ms_per_step']:8.1f} "
+              f"{r['epoch_s']:8.1f} {r['gflop_per_s']:8.1f} {r['peak_gflop_per_s']:7.1f} {r['vs_reference']:6.2f} "
+              f"{naive}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["vae", "m2"], default=["vae", "m2"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32-true")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="unlabelled images per step (default: 100 for the VAE, 200 for M2, as the configs)")
+    parser.add_argument("--labelled-batch-size", type=int, default=100, help="M2's labelled images per step")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per way (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--peak-size", type=int, default=None, help="n of the n^3 peak product (default: 2048 "
+                        "on a CPU, 8192 on a GPU)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible here; use --device cpu")
+    if args.precision == "16-mixed" and device.type != "cuda":
+        parser.error("--precision 16-mixed needs a GPU; on a CPU use bf16-mixed or 32-true")
+    if min(args.steps, args.labelled_batch_size) <= 0 or args.warmup < 0:
+        parser.error("--steps and --labelled-batch-size must be positive, --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    dm = SemiSupervisedDataModule(dataset="mnist", data_dir=args.data_dir, num_labelled=100, device="cpu")
+    dm.prepare_data()
+    dm.setup("fit")
+    peak = matmul_peak(device, args.precision, args.peak_size or (8192 if device.type == "cuda" else 2048))
+    cpu = platform.processor() or platform.machine()
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}, "
+          f"{torch.get_num_threads()} threads), precision {args.precision}, torch {torch.__version__}, "
+          f"pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s\n")
+    rows = [row for name in args.models for row in benchmark(name, args, dm, device, peak)]
+    print_table(rows)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
+    tmp.replace(out)
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()
