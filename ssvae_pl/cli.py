@@ -3,6 +3,9 @@
     ssvae fit -c configs/mnist/m1_vae.yaml [-c configs/presets/quick.yaml] [--data.num_labelled 600]
     ssvae fit -c configs/mnist/m1_classifier.yaml --model.vae_checkpoint <vae>/checkpoints/last.ckpt
     ssvae test -c configs/mnist/m1_classifier.yaml --ckpt_path <classifier>/checkpoints/last.ckpt
+    ssvae predict -c configs/mnist/m1_classifier.yaml --ckpt_path <ckpt> [--data.predict_dir my_images/] \
+        [--predictions.output predictions.csv]
+    ssvae export --ckpt_path <ckpt> [--output_dir DIR] [--overwrite]     (ssvae_pl/export.py, its own parser)
 
 The numbers the data determine (classes, image shape) reach the model through ``link_arguments``.
 """
@@ -19,9 +22,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
-from ssvae_pl.errors import CheckpointError, ConfigError
+from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError
+from ssvae_pl.prediction import PredictionCSVWriter
 
-USER_ERRORS = (ConfigError, CheckpointError, DataSourceError)
+USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError)
 RUN_DEFINING_KEYS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler")
 
 
@@ -76,11 +80,18 @@ class SaveConfigToRunFolder(SaveConfigCallback):
 
 class SSVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # `ssvae predict` writes its CSV through this callback: --predictions.output (idle in the other subcommands)
+        parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
 def main(args: list[str] | None = None) -> None:
+    command_line = sys.argv[1:] if args is None else list(args)
+    if command_line[:1] == ["export"]:  # not a Trainer method: its own small parser
+        from ssvae_pl.export import main as export_main
+
+        return export_main(command_line[1:])
     import ssvae_pl.models  # noqa: F401  (registers the model classes for short names)
 
     try:

@@ -7,3 +7,11 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, unreadable or of the wrong kind; the message names the file."""
+
+
+class ImageReadError(ValueError):
+    """An input image that cannot be read (corrupt, truncated, not an image); the message names the file."""
+
+
+class ExportError(RuntimeError):
+    """An exported model whose outputs differ from its checkpoint's; nothing is left at the export paths."""

@@ -187,3 +187,17 @@ class ConditionalGaussianDecoder(nn.Module):
 def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[z, onehot(y)] for latents (..., Z) and class indices (...)."""
     return torch.cat([z, F.one_hot(y, num_classes).to(z.dtype)], dim=-1)  # (..., Z + K)
+
+
+class ImageClassifier(nn.Module):
+    """Class logits of images (B, C, H, W) -> (B, K), from a trained model's networks, free of Lightning (to
+    export): ``head`` on the images, or on the posterior means of a frozen ``encoder`` (M1's) when one is given."""
+
+    def __init__(self, head: Classifier, encoder: GaussianEncoder | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x if self.encoder is None else self.encoder(x)[0]  # (B, C, H, W) or the means (B, Z)
+        return self.head(features)  # (B, K)

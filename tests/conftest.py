@@ -147,3 +147,23 @@ def assert_restored_equals(restored, model, x) -> None:
         torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+@pytest.fixture(scope="session")
+def classifier_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path,
+                          vae_checkpoint: Path) -> Path:
+    """``last.ckpt`` of a LatentClassifier (hidden [8]) on the small VAE, fitted for 2 steps through the ``ssvae``
+    command's code in this process (so the checkpoint is exactly what ``ssvae fit`` writes)."""
+    from ssvae_pl.cli import main
+
+    root = tmp_path_factory.mktemp("classifier")
+    config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "m1_classifier.yaml"
+    with warnings.catch_warnings():  # LightningCLI warns that pytest's own arguments are in sys.argv
+        warnings.simplefilter("ignore")
+        main(["fit", "-c", str(config), "--model.vae_checkpoint", str(vae_checkpoint),
+              "--model.init_args.hidden_dims", "[8]", "--data.data_dir", str(shared_mnist_dir), "--data.download",
+              "false", "--data.check_md5", "false", "--data.val_size", str(VAL_SIZE), "--data.batch_size", "100",
+              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.logger.init_args.save_dir", str(root / "lightning_logs")])
+    return root / "lightning_logs" / "m1_classifier" / "version_0" / "checkpoints" / "last.ckpt"

@@ -163,33 +163,36 @@ def test_sample_and_analogies_shapes() -> None:
 
 
 def test_m2_fit_logs_its_metrics_and_analogies(tmp_path: Path, make_dm) -> None:
-    """A short fit takes N, N_l and N_u from the data module and writes the documented scalars and an analogy
-    grid to TensorBoard."""
+    """A short fit takes N, N_l and N_u from the data module and writes the documented scalars, and, with the
+    ``GenerativeImages`` callback, an analogy grid to TensorBoard."""
     from pytorch_lightning.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ssvae_pl.callbacks import GenerativeImages
 
     torch.manual_seed(0)
     model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
     logger = TensorBoardLogger(str(tmp_path), name="m2", version="v")
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
-                            logger=logger, log_every_n_steps=1)
+                            logger=logger, log_every_n_steps=1, callbacks=[GenerativeImages()])
     dm = make_dm(unlabelled="rest")
     trainer.fit(model, datamodule=dm)
     assert (model.hparams.num_train, model.num_labelled, model.num_unlabelled) == (500, 100, 400)
     trainer.test(model, datamodule=dm)
 
-    scalars, images = set(), []
+    scalars, images = set(), {}
     for file in (tmp_path / "m2" / "v").glob("events.out.tfevents.*"):  # one for fit, one for test
         events = EventAccumulator(str(file), size_guidance={"images": 0, "scalars": 0})
         events.Reload()
         scalars |= set(events.Tags()["scalars"])
-        images += [(tag, event) for tag in events.Tags()["images"] for event in events.Images(tag)]
+        images |= {tag: events.Images(tag) for tag in events.Tags()["images"]}
     for tag in ("elbo_labelled", "elbo_unlabelled", "classification", "loss"):
         assert f"train/{tag}_step" in scalars and f"train/{tag}_epoch" in scalars, tag
     assert {"val/acc", "val/elbo", "test/acc", "test/elbo"} <= scalars
-    assert len(images) == 1 and images[0][0] == "val/analogies"
+    assert set(images) == {"images/reconstructions", "images/class_samples", "images/analogies"}
+    (analogies,) = images["images/analogies"]
     # 8 rows (images) of 1 + K tiles of 28 pixels, with make_grid's 2-pixel padding
-    assert (images[0][1].height, images[0][1].width) == (2 + 8 * 30, 2 + (1 + K) * 30)
+    assert (analogies.height, analogies.width) == (2 + 8 * 30, 2 + (1 + K) * 30)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ Every training batch is ``{"labelled": (x, y), "unlabelled": x}``: an epoch is o
 (a ``DataLoader``, sharded across ranks by Lightning under DDP), each step paired with the next batch of an endless
 labelled stream (``LabelledStream``: consecutive reshuffles of the whole labelled subset, never sharded, so every
 rank trains on the same labels). Lightning's ``CombinedLoader`` in ``min_size`` mode zips the two.
-Validation, test and predict batches are ``(x, y)``.
+Validation and test batches are ``(x, y)``; predict batches are the test set's ``(x, y)``, or the images ``x``
+alone of a folder of the user's own (``predict_dir``, read by ``image_folder.py``), whose files are named in
+``predict_files`` in the batches' order.
 
 The fast path: the images stay uint8 tensors, in host memory or (``device: auto`` on a GPU) on the accelerator;
 a batch is gathered by index in one tensor operation; conversion to floats in [0, 1] and dynamic binarisation
@@ -25,6 +27,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ssvae_pl.data.image_folder import Invert, OnError, load_image_folder
 from ssvae_pl.data.labelled import Split, check_label_budget, make_split
 from ssvae_pl.data.sources import DATASETS, ensure_raw_files, load_split
 from ssvae_pl.errors import ConfigError
@@ -132,6 +135,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             ``num_workers`` is 0 (no copies from the host at all), else in host memory; ``cpu`` always in host memory.
         download: whether to try torchvision's download before the offline sources.
         check_md5: verify the raw files against the official md5 sums.
+        predict_dir: a folder of images to predict (recursively; png, jpg, bmp, ...; any size or colour) instead
+            of the test set. Each becomes a test image's like: grey, in MNIST's polarity (see ``invert``), padded
+            to a square and resized to ``input_shape``, then binarised once with a fixed seed unless ``binarize``
+            is ``none``.
+        invert: polarity of the ``predict_dir`` images: ``auto`` inverts an image whose border is brighter than
+            mid-grey (a dark digit on light paper) into MNIST's light digit on black; ``true`` inverts them all,
+            ``false`` none.
+        on_error: a ``predict_dir`` image that cannot be read: ``fail`` stops with an error naming it, before
+            anything is predicted; ``skip`` leaves it out with a warning naming it and predicts the others.
     """
 
     def __init__(
@@ -150,6 +162,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         device: Literal["auto", "cpu"] = "auto",
         download: bool = True,
         check_md5: bool = True,
+        predict_dir: str | None = None,
+        invert: Invert = "auto",
+        on_error: OnError = "fail",
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -177,9 +192,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 raise ConfigError(f"data.{field} must be positive, got {value}.")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        if invert not in (True, False, "auto"):
+            raise ConfigError(f"data.invert must be auto, true or false, got {invert!r}.")
+        if on_error not in ("skip", "fail"):
+            raise ConfigError(f"data.on_error must be skip or fail, got {on_error!r}.")
         self.save_hyperparameters()
         self.split: Split | None = None
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
+        self._predict_images = self._predict_labels = None
+        self.predict_files: list[str] | None = None  # predict_dir's images, relative to it; None: the test set
 
     # Numbers the models need; LightningCLI links them into the model's arguments.
     @property
@@ -203,11 +224,19 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         return self.num_train - (hp.num_labelled if hp.unlabelled == "rest" else 0)
 
     def prepare_data(self) -> None:
+        if self._predicting_folder():  # the dataset's files are not needed to predict a folder of images
+            return
         ensure_raw_files(
             self.hparams.dataset, self.hparams.data_dir, download=self.hparams.download, check_md5=self.hparams.check_md5
         )
 
+    def _predicting_folder(self) -> bool:
+        return self.hparams.predict_dir is not None and self.trainer is not None and self.trainer.predicting
+
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._setup_predict()
+            return
         if self.split is not None:
             self._hold_on(self._holding_device())
             return
@@ -218,12 +247,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed)
         if hp.binarize == "static":
             train_images = binarize_once(train_images, hp.seed)
-        if hp.binarize != "none":  # evaluation sees one fixed sample, so its metrics do not jitter
-            self._eval_train_images = binarize_once(train_images, hp.seed + 1)
-            test_images = binarize_once(test_images, hp.seed + 2)
-        else:
-            self._eval_train_images = train_images
-        self._train_images, self._test_images = train_images, test_images
+        self._eval_train_images = self._fixed_sample(train_images, seed_offset=1)
+        self._train_images, self._test_images = train_images, self._fixed_sample(test_images, seed_offset=2)
         if self.num_unlabelled < hp.batch_size:
             raise ConfigError(
                 f"data.batch_size={hp.batch_size} exceeds the {self.num_unlabelled} unlabelled training images, so "
@@ -231,6 +256,32 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             )
         self._record_split()
         self._hold_on(self._holding_device())
+
+    def _fixed_sample(self, images: torch.Tensor, seed_offset: int) -> torch.Tensor:
+        """Evaluation's images: one fixed Bernoulli sample when binarising, so its metrics do not jitter."""
+        if self.hparams.binarize == "none":
+            return images
+        return binarize_once(images, self.hparams.seed + seed_offset)
+
+    def _setup_predict(self) -> None:
+        """The images to predict, read once: ``predict_dir``'s, or the test set (as ``setup("test")`` has it),
+        without the training images, which predicting does not need."""
+        hp = self.hparams
+        if self._predict_images is None:
+            if hp.predict_dir is not None:
+                images, self.predict_files = load_image_folder(hp.predict_dir, self.input_shape, hp.invert,
+                                                               hp.on_error)
+                self._predict_images = self._fixed_sample(images, seed_offset=2)  # as the test set
+            elif self._test_images is not None:  # already set up to fit or test
+                self._predict_images, self._predict_labels = self._test_images, self._test_labels
+            else:
+                images, self._predict_labels = load_split(hp.dataset, hp.data_dir, train=False,
+                                                          download=hp.download, check_md5=hp.check_md5)
+                self._predict_images = self._fixed_sample(images, seed_offset=2)
+        device = self._holding_device()
+        self._predict_images = self._predict_images.to(device)
+        if self._predict_labels is not None:
+            self._predict_labels = self._predict_labels.to(device)
 
     def _holding_device(self) -> torch.device:
         cpu = torch.device("cpu")
@@ -323,4 +374,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                             shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        if self._predict_images is None:  # set up for another stage only
+            self._setup_predict()
+        return self._loader(InMemoryImages(self._predict_images, self._predict_labels), self.hparams.eval_batch_size,
+                            shuffle=False)

@@ -21,7 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.vae import frozen_encoder
-from ssvae_pl.nets import Activation, Classifier
+from ssvae_pl.nets import Activation, Classifier, ImageClassifier
+from ssvae_pl.prediction import class_predictions
 
 
 class LatentClassifier(pl.LightningModule):
@@ -80,6 +81,11 @@ class LatentClassifier(pl.LightningModule):
             return elbo.reparameterize(mean, std)
         return mean
 
+    @torch.no_grad()
+    def latent_means(self, x: torch.Tensor) -> torch.Tensor:
+        """The means of M1's q(z|x), what the classifier sees at evaluation: (B, Z)."""
+        return self.encoder(x)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits for images in [0, 1]."""
         return self.classifier(self.latents(x))
@@ -122,8 +128,12 @@ class LatentClassifier(pl.LightningModule):
         self._evaluate("test", batch, self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch[0]).float().softmax(dim=-1)
-        return {"probs": probs, "pred": probs.argmax(dim=-1), "y": batch[1]}
+        return class_predictions(self, batch)
+
+    def image_classifier(self) -> ImageClassifier:
+        """The classifier as a plain module, images -> logits, sharing this model's weights: the frozen encoder's
+        posterior mean, then the classifier head (what ``forward`` computes in eval mode)."""
+        return ImageClassifier(self.classifier, self.encoder)
 
     def configure_optimizers(self):
         """Used when the config names no ``optimizer``; the configs do name one."""

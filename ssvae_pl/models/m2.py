@@ -16,8 +16,6 @@ from typing import Any, Literal, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
@@ -30,10 +28,11 @@ from ssvae_pl.nets import (
     ConditionalBernoulliDecoder,
     ConditionalGaussianDecoder,
     ConditionalGaussianEncoder,
+    ImageClassifier,
 )
+from ssvae_pl.prediction import class_predictions
 
 ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments"
-NUM_ANALOGY_IMAGES = 8  # validation images whose analogies reach TensorBoard at the end of each validation
 
 
 class M2(pl.LightningModule):
@@ -136,7 +135,6 @@ class M2(pl.LightningModule):
         self.num_unlabelled: int | None = None
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._analogy_images: torch.Tensor | None = None
         check_compile(compile)
         self._training_loss = compiled(self.loss_terms, compile)
 
@@ -268,21 +266,18 @@ class M2(pl.LightningModule):
         self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        if batch_idx == 0:
-            self._analogy_images = batch[0][:NUM_ANALOGY_IMAGES]
         self._evaluate("val", batch, batch_idx, self.val_acc)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._analogy_images is not None and not self.trainer.sanity_checking:
-            self.log_analogies(self._analogy_images)
-        self._analogy_images = None
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate("test", batch, batch_idx, self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch[0]).float().softmax(dim=-1)
-        return {"probs": probs, "pred": probs.argmax(dim=-1), "y": batch[1]}
+        return class_predictions(self, batch)
+
+    def image_classifier(self) -> ImageClassifier:
+        """q(y|x) as a plain module, images -> logits, sharing this model's weights; for M1+M2 on the posterior
+        mean of M1's frozen encoder (what ``forward`` computes in eval mode)."""
+        return ImageClassifier(self.classifier, self.m1_encoder)
 
     def configure_optimizers(self):
         """Used when the config names no ``optimizer``; the configs do name one (Pyro's settings, as here)."""
@@ -290,8 +285,13 @@ class M2(pl.LightningModule):
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
+    @property
+    def generates_images(self) -> bool:
+        """M2 on images decodes images; M1+M2 decodes M1's latents (it keeps no M1 decoder)."""
+        return self.m1_encoder is None
+
     def _check_generates_images(self) -> None:
-        if self.m1_encoder is not None:
+        if not self.generates_images:
             raise NotImplementedError(
                 "M1+M2 generates M1 latents, not images: decoding them needs M1's decoder, which this model does "
                 "not keep (only M1's frozen encoder). Use M2 on images to sample or draw analogies."
@@ -311,27 +311,27 @@ class M2(pl.LightningModule):
         return self._decode_mean(z, y)
 
     @torch.no_grad()
+    def latent_means(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The means of q(z|x,y), y given or else predicted by q(y|x): (B, Z). In M2, z holds what y does not
+        (the style), so the classes should mix in it."""
+        h = self.features(x)
+        if y is None:
+            y = self.classifier(h).argmax(dim=-1)  # (B,)
+        return self.encoder(h, y)[0]
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image decoded from the mean of q(z|x,y) with y predicted by q(y|x): Bernoulli means (B, C, H, W)."""
+        self._check_generates_images()
+        y = self.classifier(x).argmax(dim=-1)  # (B,)
+        return self._decode_mean(self.encoder(x, y)[0], y)
+
+    @torch.no_grad()
     def analogies(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Each image's style in every class (SSDGM fig. 1): z, the mean of q(z|x,y) with y given or else
         predicted by q(y|x), decoded with each class y' -> the means of p(x|y',z), (B, K, C, H, W)."""
         self._check_generates_images()
         k = self.hparams.num_classes
-        if y is None:
-            y = self.classifier(x).argmax(dim=-1)  # (B,)
-        z, _ = self.encoder(x, y)  # (B, Z)
-        z = z.unsqueeze(1).expand(-1, k, -1)  # (B, K, Z)
+        z = self.latent_means(x, y).unsqueeze(1).expand(-1, k, -1)  # (B, K, Z)
         classes = torch.arange(k, device=z.device).expand(len(z), k)  # (B, K)
         return self._decode_mean(z, classes)  # (B, K, C, H, W)
-
-    @rank_zero_only
-    def log_analogies(self, x: torch.Tensor, tag: str = "val/analogies") -> None:
-        """A grid to TensorBoard: each row one of the first 8 images of ``x``, then its analogies in every class.
-        Does nothing without a TensorBoardLogger, or for M1+M2 (which does not generate images)."""
-        if not isinstance(self.logger, TensorBoardLogger) or self.m1_encoder is not None:
-            return
-        from torchvision.utils import make_grid
-
-        x = x[:NUM_ANALOGY_IMAGES]
-        rows = torch.cat([x.float().unsqueeze(1), self.analogies(x)], dim=1)  # (B, 1 + K, C, H, W)
-        grid = make_grid(rows.flatten(0, 1).cpu(), nrow=rows.shape[1], pad_value=0.5)
-        self.logger.experiment.add_image(tag, grid, global_step=self.global_step)

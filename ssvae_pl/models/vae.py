@@ -102,9 +102,19 @@ class VAE(pl.LightningModule):
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
-        """Images' Bernoulli means decoded from z ~ p(z)."""
+        """Images' Bernoulli means decoded from z ~ p(z): (num_samples, C, H, W)."""
         z = torch.randn(num_samples, self.hparams.latent_dim, device=self.device)
-        return torch.sigmoid(self.decoder(z))
+        return torch.sigmoid(self.decoder(z).float())
+
+    @torch.no_grad()
+    def latent_means(self, x: torch.Tensor) -> torch.Tensor:
+        """The means of q(z|x): (B, Z)."""
+        return self.encoder(x)[0]
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Images decoded from the means of q(z|x): Bernoulli means (B, C, H, W)."""
+        return torch.sigmoid(self.decoder(self.latent_means(x)).float())
 
 
 def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple[FrozenEncoder, dict[str, Any]]:

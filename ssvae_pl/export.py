@@ -1,0 +1,203 @@
+"""``ssvae export``: a trained classifier as TorchScript and ONNX, for use without this package or Lightning.
+
+    ssvae export --ckpt_path lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt [--output_dir exported]
+
+What is exported is the model's classifier, as ``ssvae predict`` uses it: for a LatentClassifier, M1's frozen
+encoder (its posterior mean) and the classifier head; for M2, q(y|x); for M1+M2, M1's frozen encoder and q(y|x).
+Both files take float32 images (B, C, H, W) in [0, 1] (MNIST: (B, 1, 28, 28), a light digit on black, binarised
+or grey as in training) under the name ``images``, and return class probabilities (B, K), softmax applied, under
+``probabilities``; B is free. The files are ``<stem>.torchscript.pt`` and ``<stem>.onnx``, <stem> the checkpoint's
+name, in ``--output_dir`` (default: the checkpoint's folder).
+
+Before they are put in place, each file is loaded back (``torch.jit.load``; ONNX Runtime) and must give the
+checkpoint's probabilities within ``--atol`` on seeded batches of 1 and 64 images (another size than the one
+traced, so the free batch size is checked too); otherwise nothing is written. Existing files are never replaced
+without ``--overwrite``, and are replaced in one step (``os.replace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ssvae_pl.errors import CheckpointError, ConfigError, ExportError
+from ssvae_pl.files import atomic_output
+
+TOLERANCE = 1e-4  # largest absolute difference of a probability, exported model against the checkpoint
+CHECK_BATCH_SIZES = (1, 64)
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+
+
+class ClassProbabilities(nn.Module):
+    """Images (B, C, H, W) in [0, 1] -> class probabilities (B, K): a model's ``image_classifier()`` and softmax."""
+
+    def __init__(self, logits: nn.Module) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(images).softmax(dim=-1)
+
+
+def load_classifier(ckpt_path: str) -> pl.LightningModule:
+    """The LatentClassifier or M2 (M1+M2) of a checkpoint, in eval mode. Raises ``CheckpointError`` naming the
+    file when it is missing, unreadable, or of a model that does not classify (a VAE)."""
+    from ssvae_pl.models import M2, LatentClassifier
+
+    classifiers = {"LatentClassifier": LatentClassifier, "M2": M2}
+    file = Path(ckpt_path)
+    if not file.is_file():
+        raise CheckpointError(f"--ckpt_path: {ckpt_path} does not exist; pass a LatentClassifier or M2 checkpoint, "
+                              "e.g. lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt.")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        hparams, state = dict(ckpt["hyper_parameters"]), ckpt["state_dict"]
+    except Exception as err:  # truncated zip, not a torch file, not a Lightning checkpoint, ...
+        raise CheckpointError(f"--ckpt_path: {ckpt_path} cannot be read as a Lightning checkpoint "
+                              f"({type(err).__name__}: {str(err)[:120]}); it may be truncated or corrupt.") from None
+    name = hparams.get("_class_path", "").rsplit(".", 1)[-1]
+    if not name and any(k.startswith("classifier.") for k in state):  # saved by a plain Trainer: by its weights
+        name = "M2" if any(k.startswith("decoder.") for k in state) else "LatentClassifier"
+    if name not in classifiers:
+        raise CheckpointError(f"--ckpt_path: {ckpt_path} holds a {name or 'model that is not a classifier'}, which "
+                              f"does not classify; export needs a {' or '.join(classifiers)} checkpoint.")
+    model_class = classifiers[name]
+    accepted = inspect.signature(model_class).parameters
+    try:
+        model = model_class(**{k: v for k, v in hparams.items() if k in accepted})
+        model.load_state_dict(state)
+    except (ConfigError, CheckpointError, TypeError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"--ckpt_path: {ckpt_path} does not rebuild into a {name} "
+                              f"({type(err).__name__}: {str(err)[:200]}).") from None
+    return model.eval()
+
+
+def check_batches(input_shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    """Seeded images (B, C, H, W) in [0, 1], one batch of each of ``CHECK_BATCH_SIZES``: half binary, half grey."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for size in CHECK_BATCH_SIZES:
+        grey = torch.rand(size, *input_shape, generator=generator)
+        binary = torch.bernoulli(grey, generator=generator)
+        batches.append(torch.where(torch.arange(size).view(-1, *[1] * len(input_shape)) % 2 == 0, binary, grey))
+    return batches
+
+
+def largest_difference(run_exported, reference: pl.LightningModule, batches: list[torch.Tensor], what: str,
+                       atol: float) -> float:
+    """The largest |exported - checkpoint| probability over ``batches``; ``ExportError`` when above ``atol``."""
+    worst = 0.0
+    for x in batches:
+        with torch.no_grad():
+            expected = reference(x).float().softmax(dim=-1)  # (B, K), as `ssvae predict` computes it
+        got = torch.as_tensor(run_exported(x))
+        if got.shape != expected.shape:
+            raise ExportError(f"the exported {what} model gives shape {tuple(got.shape)} for a batch of {len(x)}, "
+                              f"the checkpoint {tuple(expected.shape)}; nothing was written.")
+        worst = max(worst, (got - expected).abs().max().item())
+    if not worst <= atol:
+        raise ExportError(f"the exported {what} model differs from the checkpoint by up to {worst:.3g} in a "
+                          f"probability (tolerance {atol:g}); nothing was written.")
+    return worst
+
+
+def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, yet still what jit.load reads
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """ONNX through torch.export (``dynamo=True``, which needs onnxscript), the batch dimension left free, the
+    weights inside the one file."""
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False,
+                          verbose=False)
+
+
+def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: bool = False,
+                      atol: float = TOLERANCE) -> dict[str, tuple[Path, float]]:
+    """Write the checkpoint's classifier as TorchScript and ONNX, each checked against the checkpoint first.
+    Returns, for ``torchscript`` and ``onnx``, the file written and its largest difference in a probability."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("ssvae export needs onnx, onnxscript and onnxruntime: pip install -e '.[export]'") from None
+    model = load_classifier(ckpt_path)
+    folder = Path(output_dir) if output_dir is not None else Path(ckpt_path).parent
+    stem = Path(ckpt_path).stem
+    targets = {"torchscript": folder / f"{stem}.torchscript.pt", "onnx": folder / f"{stem}.onnx"}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
+                          "--overwrite to replace them, or --output_dir another folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    exported = ClassProbabilities(model.image_classifier()).eval()
+    input_shape = tuple(model.hparams.input_shape)
+    example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(1))  # traced; B stays free
+    batches = check_batches(input_shape)
+    results = {}
+    with ExitStack() as stack:  # the files replace their targets only when both are written and checked
+        temporary = {kind: stack.enter_context(atomic_output(path)) for kind, path in targets.items()}
+        write_torchscript(exported, example, temporary["torchscript"])
+        scripted = load_torchscript(temporary["torchscript"])
+        results["torchscript"] = largest_difference(scripted, model, batches, "TorchScript", atol)
+
+        write_onnx(exported, example, temporary["onnx"])
+        session = onnxruntime.InferenceSession(str(temporary["onnx"]), providers=["CPUExecutionProvider"])
+        results["onnx"] = largest_difference(lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], model,
+                                             batches, "ONNX", atol)
+    return {kind: (targets[kind], difference) for kind, difference in results.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssvae export",
+        description="Write a trained classifier (LatentClassifier, M2 or M1+M2 checkpoint) as TorchScript and ONNX: "
+                    "float32 images (B, C, H, W) in [0, 1] -> class probabilities (B, K), any batch size B. Each "
+                    "file is checked against the checkpoint before it is put in place.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="the classifier's checkpoint, e.g. .../last.ckpt")
+    parser.add_argument("--output_dir", default=None,
+                        help="where to write <stem>.torchscript.pt and <stem>.onnx (default: the checkpoint's folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace export files that already exist")
+    parser.add_argument("--atol", type=float, default=TOLERANCE,
+                        help=f"largest difference allowed in a probability (default {TOLERANCE:g})")
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    options = build_parser().parse_args(args)
+    try:
+        written = export_classifier(options.ckpt_path, options.output_dir, options.overwrite, options.atol)
+    except (ConfigError, CheckpointError) as err:
+        print(f"ssvae: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ExportError as err:
+        print(f"ssvae: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    sizes = ", ".join(str(b) for b in CHECK_BATCH_SIZES)
+    for kind, (path, difference) in written.items():
+        print(f"wrote {path} ({kind}): matches the checkpoint on batches of {sizes} images, largest difference "
+              f"in a probability {difference:.2g} (tolerance {options.atol:g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``ssvae predict``'s output: the classifiers' class probabilities, one CSV row per image.
+
+``class_predictions`` is the classifiers' ``predict_step``; ``PredictionCSVWriter`` is a Lightning prediction
+writer that the ``ssvae`` command adds to every run (its one setting: ``--predictions.output``).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from ssvae_pl.errors import ConfigError
+from ssvae_pl.files import atomic_output
+
+
+def class_predictions(logits_of: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+    """A classifier's predictions for a batch: ``probs`` (B, K) and ``pred`` (B,), and ``y`` (B,) when the batch
+    carries labels (the test set's ``(x, y)``; a folder's batches are the images alone)."""
+    x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    probs = logits_of(x).float().softmax(dim=-1)  # (B, K)
+    predictions = {"probs": probs, "pred": probs.argmax(dim=-1)}
+    if y is not None:
+        predictions["y"] = y
+    return predictions
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Writes the class probabilities of ``ssvae predict`` to a CSV, in one step once all images are predicted
+    (a temporary file beside it, then ``os.replace``), so a run that fails leaves an earlier file as it was.
+
+    Columns: ``file`` (the image's path relative to ``data.predict_dir``, or the test set's index), ``label``
+    (the test set's true class; not for a folder), ``predicted`` (the most probable class), then ``prob_0`` ...
+    ``prob_<K-1>``, which sum to 1.
+
+    Args:
+        output: the CSV's path; its folder is created if need be.
+    """
+
+    def __init__(self, output: str = "predictions.csv") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "predict":
+            return
+        if not callable(getattr(pl_module, "image_classifier", None)):
+            raise ConfigError(f"ssvae predict writes class probabilities, and a {type(pl_module).__name__} does not "
+                              "classify; use a LatentClassifier, M2 or M1+M2 config and checkpoint.")
+        if trainer.world_size > 1:
+            raise ConfigError("ssvae predict writes its CSV from one process; pass --trainer.devices 1.")
+        if Path(self.output).is_dir():
+            raise ConfigError(f"predictions.output: {self.output} is a folder; name the CSV file to write.")
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any],
+                           batch_indices: Sequence[Any]) -> None:
+        if not predictions:
+            return
+        probs = torch.cat([p["probs"] for p in predictions]).cpu()  # (N, K)
+        predicted = torch.cat([p["pred"] for p in predictions]).tolist()  # (N,)
+        labels = torch.cat([p["y"] for p in predictions]).tolist() if "y" in predictions[0] else None
+        files = getattr(trainer.datamodule, "predict_files", None) or range(len(probs))  # else the test index
+        if len(files) != len(probs):
+            raise RuntimeError(f"{len(probs)} predictions for {len(files)} images")
+        header = ["file", *(["label"] if labels is not None else []), "predicted",
+                  *(f"prob_{k}" for k in range(probs.shape[1]))]
+        path = Path(self.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as temporary, open(temporary, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(header)
+            for i, (file, row) in enumerate(zip(files, probs.tolist())):
+                label = [labels[i]] if labels is not None else []
+                writer.writerow([file, *label, predicted[i], *(f"{p:.6g}" for p in row)])
+        rank_zero_info(f"ssvae predict: {len(probs)} predictions written to {path}")

@@ -1,0 +1,123 @@
+"""What a run shows in TensorBoard (ssvae_pl/callbacks.py): the configs' callbacks write the documented scalar,
+image and HParams tags and the projector's files; read back with tensorboard's own event reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import quiet_trainer
+from ssvae_pl.callbacks import ConfusionMatrix, GenerativeImages, LatentSpace
+from ssvae_pl.models import M2, VAE
+from ssvae_pl.results import read_scalars, read_tags
+from test_cli import CLASSIFIER_CONFIG, REPO, SHORT_FIT, TINY_VAE, cli_data, data_args, ok, ssvae  # noqa: F401
+
+M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
+TINY_M2 = ["--model.init_args.hidden_dims", "[16]", "--model.init_args.classifier_hidden_dims", "[16]",
+           "--model.init_args.latent_dim", "3"]
+HPARAMS = {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+
+
+def projector_files(run: Path) -> set[str]:
+    return {p.name for p in run.rglob("*") if p.is_file() and p.name in {"tensors.tsv", "metadata.tsv",
+                                                                        "sprite.png", "projector_config.pbtxt"}}
+
+
+def test_m2_run_writes_its_pictures_embedding_and_hparams(tmp_path: Path, cli_data: Path) -> None:
+    """``ssvae fit`` then ``ssvae test`` of the M2 config: scalars, the four M2 image grids, the latent PCA, the
+    confusion matrix, the projector's files, and the HParams summary with the final val and test metrics."""
+    data = data_args(cli_data)
+    ok(ssvae(tmp_path, "fit", "-c", M2_CONFIG, *data, *TINY_M2, *SHORT_FIT))
+    run = tmp_path / "lightning_logs" / "m2" / "version_0"
+    tags = read_tags(run)
+    for name in ("elbo_labelled", "elbo_unlabelled", "classification", "loss"):
+        assert f"train/{name}_epoch" in tags["scalars"]
+    assert {"val/acc", "val/elbo", "time/epoch_seconds", "hparams/val_acc", "hparams/val_elbo"} <= tags["scalars"]
+    assert tags["images"] >= {"images/reconstructions", "images/class_samples", "images/analogies", "latent/pca",
+                              "val/confusion_matrix"}
+    assert "images/prior_samples" not in tags["images"]
+    assert HPARAMS <= tags["hparams"]
+    assert projector_files(run) == {"tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt"}
+    assert read_scalars(run)["hparams/val_acc"] == pytest.approx(read_scalars(run)["val/acc"])
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ok(ssvae(tmp_path, "test", "-c", M2_CONFIG, *data, "--ckpt_path", str(ckpt),
+             "--trainer.logger.init_args.version", "test"))
+    tested = read_tags(tmp_path / "lightning_logs" / "m2" / "test")
+    assert {"test/acc", "test/elbo", "hparams/test_acc"} <= tested["scalars"] and HPARAMS <= tested["hparams"]
+
+
+def test_m1_runs_write_their_pictures(tmp_path: Path, cli_data: Path) -> None:
+    """The VAE: reconstructions, prior samples and the latent space; the latent classifier: the latent space and
+    the confusion matrix, no generated images."""
+    data = data_args(cli_data)
+    ok(ssvae(tmp_path, "fit", "-c", str(REPO / "configs" / "mnist" / "m1_vae.yaml"), *data, *TINY_VAE, *SHORT_FIT))
+    vae_run = tmp_path / "lightning_logs" / "m1_vae" / "version_0"
+    vae_tags = read_tags(vae_run)
+    assert vae_tags["images"] == {"images/reconstructions", "images/prior_samples", "latent/pca"}
+    assert {"hparams/val_elbo", "val/elbo"} <= vae_tags["scalars"] and HPARAMS <= vae_tags["hparams"]
+
+    ok(ssvae(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data, *SHORT_FIT,
+             "--model.vae_checkpoint", str(vae_run / "checkpoints" / "last.ckpt")))
+    classifier_tags = read_tags(tmp_path / "lightning_logs" / "m1_classifier" / "version_0")
+    assert classifier_tags["images"] == {"latent/pca", "val/confusion_matrix"}
+    assert {"val/acc", "hparams/val_acc"} <= classifier_tags["scalars"]
+
+
+def fit_with(callbacks, model, make_dm, tmp_path: Path, epochs: int) -> Path:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version="v", default_hp_metric=False)
+    trainer = quiet_trainer(max_epochs=epochs, limit_train_batches=1, limit_val_batches=2, logger=logger,
+                            callbacks=callbacks)
+    trainer.fit(model, datamodule=make_dm())
+    return tmp_path / "run" / "v"
+
+
+def image_steps(run: Path, tag: str) -> list[tuple[int, int, int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = []
+    for file in run.glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(file), size_guidance={"images": 0})
+        events.Reload()
+        if tag in events.Tags()["images"]:
+            out += [(e.step, e.height, e.width) for e in events.Images(tag)]
+    return sorted(out)
+
+
+def test_interval_and_bounded_image_counts(tmp_path: Path, make_dm) -> None:
+    """``every_n_epochs: 2`` over 3 epochs draws after epochs 2 and 3 (the last); the grids hold ``num_images``
+    validation images and ``num_samples`` samples of each class; the latent space takes at most ``num_images``."""
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
+    images = GenerativeImages(every_n_epochs=2, num_images=5, num_samples=4)
+    latent = LatentSpace(every_n_epochs=2, num_images=70, embedding=True)
+    run = fit_with([images, latent, ConfusionMatrix(every_n_epochs=2)], model, make_dm, tmp_path, epochs=3)
+    tile = 30  # 28 pixels + make_grid's 2-pixel padding
+    analogies = image_steps(run, "images/analogies")
+    assert [step for step, _, _ in analogies] == [2, 3]  # one training batch per epoch
+    assert analogies[0][1:] == (2 + 5 * tile, 2 + 11 * tile)  # 5 images, each with its K = 10 analogies
+    assert image_steps(run, "images/class_samples")[0][1:] == (2 + 10 * tile, 2 + 4 * tile)  # K rows of 4
+    assert image_steps(run, "images/reconstructions")[0][1:] == (2 + 2 * tile, 2 + 5 * tile)
+    assert [step for step, _, _ in image_steps(run, "val/confusion_matrix")] == [2, 3]
+    rows = (run / "00002" / "latent" / "tensors.tsv").read_text().strip().splitlines()
+    assert len(rows) == 64 + 6 and len(rows[0].split("\t")) == 3  # two validation batches of 64, cut to 70
+
+
+def test_vae_prior_samples_grid(tmp_path: Path, make_dm) -> None:
+    """The VAE's prior samples: a num_samples x num_samples grid."""
+    torch.manual_seed(0)
+    run = fit_with([GenerativeImages(num_samples=3)], VAE(hidden_dims=[16], latent_dim=2), make_dm, tmp_path, 1)
+    assert image_steps(run, "images/prior_samples") == [(1, 2 + 3 * 30, 2 + 3 * 30)]
+
+
+def test_bad_callback_settings_are_config_errors() -> None:
+    from ssvae_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="every_n_epochs"):
+        GenerativeImages(every_n_epochs=0)
+    with pytest.raises(ConfigError, match="num_images"):
+        LatentSpace(num_images=-1)
