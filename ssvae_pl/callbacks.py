@@ -280,3 +280,230 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, int | float | str | bo
         else:
             flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+# ---- Trust: numerical faults, interruptions, reproducible epochs ---------------------------------------------------
+
+
+def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
+    """Where the first ``ModelCheckpoint(save_last=True)`` keeps ``last.ckpt`` (its folder is known after setup)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
+            return str(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+    return None
+
+
+class NonFiniteGuard(pl.Callback):
+    """Stops (or skips) a training step whose loss or gradients are NaN or infinite, before the optimiser uses them.
+
+    After each backward pass and before the optimiser's step (``on_before_optimizer_step``), the step's loss and the
+    norm of every gradient are checked for NaN/Inf on the device (one host synchronisation per step).
+
+    Args:
+        action: ``stop`` raises ``NumericalError`` naming the global step, the epoch and the metric (the loss, or the
+            gradient of the first parameter that is not finite); the optimiser never takes that step and no checkpoint
+            is written, so ``last.ckpt`` keeps the last good state (``ssvae`` prints one ``ssvae: error:`` line).
+            ``skip`` drops the step instead (every gradient set to ``None``, so the optimiser leaves the weights and
+            its own state untouched), counts it in ``train/skipped_steps``, and stops as above after ``max_skips``
+            non-finite steps in a row.
+        check_gradients: also check the gradients (with ``16-mixed`` precision the gradient scaler already skips
+            steps with infinite gradients, so only the loss is checked there).
+        max_skips: with ``skip``, the most non-finite steps skipped in a row before the run stops anyway.
+
+    A checkpoint is never written with non-finite weights: ``on_save_checkpoint`` refuses it with the same error.
+    """
+
+    def __init__(self, action: str = "stop", check_gradients: bool = True, max_skips: int = 10) -> None:
+        if action not in ("stop", "skip"):
+            raise ConfigError(f"NonFiniteGuard.action must be stop or skip, got {action!r}.")
+        if max_skips < 0:
+            raise ConfigError(f"NonFiniteGuard.max_skips must be >= 0, got {max_skips}.")
+        self.action, self.check_gradients, self.max_skips = action, check_gradients, max_skips
+        self.skipped = 0  # steps skipped in this run (kept in the checkpoint)
+        self.consecutive = 0
+        self._losses: list[torch.Tensor] = []
+        self._batch_idx = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach().float().reshape(-1))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        losses, self._losses = self._losses, []
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        checked = list(losses)
+        if self.check_gradients and scaler is None and params:
+            norms = torch._foreach_norm([p.grad for p in params])
+            checked.append(torch.stack([n.float() for n in norms]))
+        if not checked:
+            return
+        bad = not bool(torch.isfinite(torch.cat([c.to(checked[0].device) for c in checked])).all())
+        if trainer.world_size > 1:  # gradients are reduced already; the loss is per rank: decide together
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self.consecutive = 0
+            return
+        what = self._describe(pl_module, losses, params)
+        self.consecutive += 1
+        if self.action == "stop" or self.consecutive > self.max_skips:
+            self._stop(trainer, what)
+        self.skipped += 1
+        from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(f"NonFiniteGuard: skipped global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                       f"batch {self._batch_idx}): non-finite {what}; {self.skipped} skipped so far.")
+        if scaler is None:  # with a gradient scaler, its own inf check skips the step
+            for p in params:
+                p.grad = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.action == "skip":
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        weights = [p.detach() for p in pl_module.parameters()]
+        if weights and not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):
+            name = next(n for n, p in pl_module.named_parameters() if not torch.isfinite(p.detach()).all())
+            self._stop(trainer, f"weights ({name})", saving=True)
+
+    @staticmethod
+    def _describe(pl_module: pl.LightningModule, losses: list[torch.Tensor], params: list[torch.Tensor]) -> str:
+        for loss in losses:
+            if not torch.isfinite(loss).all():
+                return f"training loss ({loss.flatten()[0].item()})"
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        for p in params:
+            if not torch.isfinite(p.grad).all():
+                kind = "nan" if torch.isnan(p.grad).any() else "inf"
+                return f"gradient of {names.get(id(p), 'a parameter')} ({kind})"
+        return "loss or gradient on another rank"
+
+    def _stop(self, trainer: pl.Trainer, what: str, saving: bool = False) -> None:
+        from ssvae_pl.errors import NumericalError
+
+        last = _last_checkpoint_path(trainer)
+        kept = f"{last} keeps the last good state" if last else "no checkpoint was written"
+        if saving:
+            happened = f"refusing to write a checkpoint with non-finite {what} at global step {trainer.global_step}"
+        else:
+            skips = f" after {self.consecutive - 1} skipped in a row" if self.action == "skip" else ""
+            happened = (f"non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                        f"batch {self._batch_idx}){skips}; the step was not taken")
+        raise NumericalError(
+            f"{happened}; {kept}. Resume from it with --ckpt_path last after lowering the learning rate or clipping "
+            "gradients (--trainer.gradient_clip_val 1.0), or let NonFiniteGuard skip such steps (action: skip)."
+        )
+
+
+class SaveOnInterrupt(pl.Callback):
+    """SIGTERM (a scheduler's preemption, ``kill``) or a first Ctrl-C stops training at the end of the current batch
+    and writes that state to ``last.ckpt`` (through the trainer's checkpoint plugin: atomically with
+    ``AtomicCheckpointIO``), so that the same command with ``--ckpt_path last`` resumes it. A second Ctrl-C
+    interrupts at once and writes nothing. Lightning's own SIGTERM handler sets the flag its loops check; this
+    callback routes the first SIGINT to the same flag. A run stopped by a numerical fault or any other error writes
+    nothing here: ``last.ckpt`` keeps the last good state."""
+
+    def __init__(self) -> None:
+        self._previous_sigint = None
+        self._signal_name = "SIGTERM"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        connector = trainer._signal_connector
+
+        def first_sigint(signum, frame) -> None:
+            self._signal_name = "SIGINT"
+            connector.received_sigterm = True  # the loops stop at the end of this batch
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+
+        self._previous_sigint = signal.signal(signal.SIGINT, first_sigint)
+
+    def _restore_sigint(self) -> None:
+        import signal
+        import threading
+
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+        from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+        self._restore_sigint()
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        path = _last_checkpoint_path(trainer)
+        if path is None:
+            return
+        trainer.save_checkpoint(path)
+        exception.signal_name, exception.checkpoint = self._signal_name, path  # for the `ssvae` command's message
+        exception.global_step, exception.epoch = trainer.global_step, trainer.current_epoch
+        rank_zero_info(f"{self._signal_name}: saved global step {trainer.global_step} (epoch "
+                       f"{trainer.current_epoch}) to {path}")
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (a hash, so that nearby inputs give unrelated seeds)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(tuple(int(n) for n in numbers)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class SeedEachEpoch(pl.Callback):
+    """Reseeds torch's global generator (CPU and every GPU), numpy's and Python's at the start of every training
+    epoch, from the run's seed (``seed_everything``), the epoch and the global rank. Dynamic binarisation, the
+    reparameterisation noise and anything else drawn from the global generators during an epoch then depend on
+    nothing but (seed, epoch, rank): a run resumed from an epoch-end checkpoint draws exactly what the uninterrupted
+    run drew, whatever validation or the sanity check consumed in between. The base seed is kept in the checkpoint
+    (a run without ``seed_everything`` picks one at random)."""
+
+    def __init__(self) -> None:
+        self.base_seed: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"base_seed": self.base_seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("base_seed") is not None:
+            self.base_seed = int(state_dict["base_seed"])
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import os
+
+        if self.base_seed is None:
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            self.base_seed = int(seed) if seed is not None else int(torch.randint(2**62, ()).item())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed mid-epoch (a SIGTERM checkpoint) re-enters that epoch without on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import random
+
+        import numpy as np
+
+        seed = _mix(self.base_seed, trainer.current_epoch, trainer.global_rank)
+        torch.manual_seed(seed)  # every CUDA device too
+        np.random.seed(seed % 2**32)
+        random.seed(seed)

@@ -19,13 +19,14 @@ import yaml
 
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
-from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError
+from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError
 from ssvae_pl.prediction import PredictionCSVWriter
 
-USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError)
+USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError)
 RUN_DEFINING_KEYS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler")
 
 
@@ -93,8 +94,10 @@ def main(args: list[str] | None = None) -> None:
 
         return export_main(command_line[1:])
     import ssvae_pl.models  # noqa: F401  (registers the model classes for short names)
+    from ssvae_pl import faults
 
     try:
+        faults.check_ckpt_path(command_line)
         SSVAECLI(
             datamodule_class=SemiSupervisedDataModule,
             subclass_mode_model=True,
@@ -102,8 +105,14 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             args=args,
         )
+    except SIGTERMException as stop:  # SIGTERM or a first Ctrl-C, at the end of a batch (callbacks.SaveOnInterrupt)
+        saved = getattr(stop, "checkpoint", None)
+        where = (f"global step {stop.global_step} (epoch {stop.epoch}) saved to {saved}; resume with the same command "
+                 "and --ckpt_path last" if saved else "nothing saved")
+        print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}.", file=sys.stderr)
+        sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
     except Exception as err:
-        cause = user_error(err)
+        cause = user_error(err) or faults.describe(err)
         if cause is None:
             raise
         print(f"ssvae: error: {cause}", file=sys.stderr)

@@ -15,3 +15,7 @@ class ImageReadError(ValueError):
 
 class ExportError(RuntimeError):
     """An exported model whose outputs differ from its checkpoint's; nothing is left at the export paths."""
+
+
+class NumericalError(RuntimeError):
+    """A training loss, gradient or weight that is NaN or infinite; the message names the step, epoch and metric."""

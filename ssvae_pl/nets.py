@@ -22,6 +22,11 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: Activ
     """Linear layers of widths ``hidden_dims`` with ``activation`` between them; the output layer is linear."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {sorted(_ACTIVATIONS)}")
+    if min(in_dim, out_dim, *hidden_dims) <= 0:
+        from ssvae_pl.errors import ConfigError
+
+        raise ConfigError(f"layer widths must be positive: {in_dim} in, hidden {list(hidden_dims)}, {out_dim} out; "
+                          "check model.init_args.hidden_dims, classifier_hidden_dims and latent_dim.")
     layers: list[nn.Module] = []
     for width in hidden_dims:
         layers += [nn.Linear(in_dim, width), _ACTIVATIONS[activation]()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -25,7 +26,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from ssvae_pl.data.image_folder import Invert, OnError, load_image_folder
 from ssvae_pl.data.labelled import Split, check_label_budget, make_split
@@ -107,6 +108,23 @@ class LabelledStream(IterableDataset):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self._pending = state["pending"].clone()
+
+
+class EpochShuffle(RandomSampler):
+    """A shuffle that depends on (seed, epoch) alone (Lightning calls ``set_epoch`` before each epoch), so that a run
+    resumed at an epoch boundary sees the order the uninterrupted run saw. Under DDP Lightning replaces it by a
+    ``DistributedSampler``, seeded the same way (``seed_everything`` + epoch)."""
+
+    def __init__(self, data_source, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return super().__iter__()
 
 
 def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -201,6 +219,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
         self._predict_images = self._predict_labels = None
         self.predict_files: list[str] | None = None  # predict_dir's images, relative to it; None: the test set
+        # training order, kept in checkpoints (state_dict) so that a resumed run continues it exactly
+        self._labelled_stream: LabelledStream | None = None
+        self._shuffle_seed: int | None = None
+        self._state_to_load: dict | None = None
 
     # Numbers the models need; LightningCLI links them into the model's arguments.
     @property
@@ -358,9 +380,37 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        labelled = DataLoader(self.labelled_stream(rank), batch_size=None, collate_fn=_batch_as_is)
-        unlabelled = self._loader(self.unlabelled_dataset(), self.hparams.batch_size, shuffle=True, drop_last=True)
+        self._labelled_stream = self.labelled_stream(rank)
+        if self._shuffle_seed is None:  # the run's seed (seed_everything); without one, a random one
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            self._shuffle_seed = int(seed) if seed is not None else int(torch.randint(2**62, ()).item())
+        state, self._state_to_load = self._state_to_load, None
+        if state is not None:
+            self._shuffle_seed = int(state.get("shuffle_seed", self._shuffle_seed))
+            if "labelled_stream" in state and rank == state.get("rank", 0):  # rank 0's saved stream is its own
+                self._labelled_stream.load_state_dict(state["labelled_stream"])
+        # own generators: a DataLoader's iterator otherwise draws its base seed from torch's global generator
+        labelled = DataLoader(self._labelled_stream, batch_size=None, collate_fn=_batch_as_is,
+                              generator=torch.Generator().manual_seed(self._shuffle_seed))
+        workers = self.hparams.num_workers
+        dataset = self.unlabelled_dataset()
+        unlabelled = DataLoader(dataset, batch_size=self.hparams.batch_size, drop_last=True,
+                                sampler=EpochShuffle(dataset, self._shuffle_seed),
+                                generator=torch.Generator().manual_seed(self._shuffle_seed + 1),
+                                collate_fn=_batch_as_is, num_workers=workers, persistent_workers=workers > 0)
         return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="min_size")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the labelled stream stands and the shuffle's seed."""
+        if self._labelled_stream is None:
+            return {}
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return {"labelled_stream": self._labelled_stream.state_dict(), "shuffle_seed": self._shuffle_seed,
+                "rank": rank}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the training loader exists: applied when ``train_dataloader`` builds it."""
+        self._state_to_load = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.hparams.val_size == 0:

@@ -1,0 +1,43 @@
+"""Models that misbehave on purpose, for tests/test_trust.py: importable by ``ssvae`` subprocesses (the tests put
+this folder on PYTHONPATH), e.g. ``--model.class_path faulty_models.NaNVAE``."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from ssvae_pl.models import M2, VAE
+
+
+class NaNVAE(VAE):
+    """A VAE whose loss (``nan_in: loss``) or first gradient (``nan_in: grad``) turns NaN/Inf at the global steps
+    ``nan_steps``."""
+
+    def __init__(self, nan_steps: Sequence[int] = (), nan_in: str = "loss", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nan_steps, self.nan_in = set(nan_steps), nan_in
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.nan_in == "loss" and self.global_step in self.nan_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.nan_in == "grad" and self.global_step in self.nan_steps:
+            self.decoder.net[0].weight.grad[0, 0] = float("inf")
+
+
+class SlowM2(M2):
+    """M2 whose training steps take at least ``step_seconds``: time for a test to kill it mid-epoch."""
+
+    def __init__(self, step_seconds: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.step_seconds = step_seconds
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        return super().training_step(batch, batch_idx)
