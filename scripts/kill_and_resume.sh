@@ -4,18 +4,21 @@
 set -u  # usage: bash scripts/kill_and_resume.sh (needs `make venv` and MNIST under data/)
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
+STAMP=$(date +%Y%m%d-%H%M%S)  # fresh run folders each time: lightning_logs/m2/demo-{straight,killed}-$STAMP
+export STAMP
 RUN="fit -c configs/mnist/m2.yaml --trainer.max_epochs 3 --trainer.limit_train_batches 40 --trainer.limit_val_batches 3 --trainer.enable_progress_bar false"
-.venv/bin/ssvae $RUN --trainer.logger.init_args.version demo-straight > /tmp/demo_straight.log 2>&1
-.venv/bin/ssvae $RUN --trainer.logger.init_args.version demo-killed > /tmp/demo_killed.log 2>&1 &
+.venv/bin/ssvae $RUN --trainer.logger.init_args.version demo-straight-$STAMP > /tmp/demo_straight.log 2>&1
+.venv/bin/ssvae $RUN --trainer.logger.init_args.version demo-killed-$STAMP > /tmp/demo_killed.log 2>&1 &
 pid=$!
-ck=lightning_logs/m2/demo-killed/checkpoints/last.ckpt
+ck=lightning_logs/m2/demo-killed-$STAMP/checkpoints/last.ckpt
 until [ -f $ck ]; do sleep 0.2; done
 sleep 4
 kill -9 $pid; wait $pid; echo "killed with SIGKILL: exit $?"
 .venv/bin/python -c "import torch; print('last.ckpt after the kill: epoch', torch.load('$ck', weights_only=False)['epoch'], 'global step', torch.load('$ck', weights_only=False)['global_step'])"
-.venv/bin/ssvae $RUN --trainer.logger.init_args.version demo-killed --ckpt_path last > /tmp/demo_resumed.log 2>&1; echo "resumed: exit $?"
+.venv/bin/ssvae $RUN --trainer.logger.init_args.version demo-killed-$STAMP --ckpt_path last > /tmp/demo_resumed.log 2>&1; echo "resumed: exit $?"
 .venv/bin/python - <<'PY'
-import glob, torch
+import glob, os, torch
+stamp = os.environ["STAMP"]
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 def series(run, tag):
     out = {}
@@ -25,9 +28,9 @@ def series(run, tag):
             out.update({e.step: e.value for e in ea.Scalars(tag)})
     return out
 for tag in ("val/acc", "val/elbo", "train/loss_epoch"):
-    a, b = series("demo-straight", tag), series("demo-killed", tag)
+    a, b = series(f"demo-straight-{stamp}", tag), series(f"demo-killed-{stamp}", tag)
     print(f"{tag:18s} uninterrupted {[round(v, 6) for _, v in sorted(a.items())]}  killed+resumed {[round(v, 6) for _, v in sorted(b.items())]}")
-sa = torch.load("lightning_logs/m2/demo-straight/checkpoints/last.ckpt", weights_only=False)["state_dict"]
-sb = torch.load("lightning_logs/m2/demo-killed/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+sa = torch.load(f"lightning_logs/m2/demo-straight-{stamp}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+sb = torch.load(f"lightning_logs/m2/demo-killed-{stamp}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
 print("final weights identical:", all(torch.equal(sa[k], sb[k]) for k in sa), f"({len(sa)} tensors)")
 PY
