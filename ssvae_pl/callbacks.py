@@ -67,6 +67,12 @@ def tensorboard_writer(trainer: pl.Trainer):
     return None
 
 
+def _validation_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
+    """Whether this validation draws: every ``every_n_epochs``-th epoch and the last one, never the sanity check."""
+    last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+    return not trainer.sanity_checking and ((trainer.current_epoch + 1) % every_n_epochs == 0 or last)
+
+
 class _EveryNValidations(pl.Callback):
     """Keeps the first validation images and labels of an epoch (at most ``num_images``) and calls ``draw`` at the
     end of every ``every_n_epochs``-th validation (and the last epoch's), on global rank zero."""
@@ -80,8 +86,7 @@ class _EveryNValidations(pl.Callback):
         self._y: list[torch.Tensor] = []
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
-        return not trainer.sanity_checking and ((trainer.current_epoch + 1) % self.every_n_epochs == 0 or last)
+        return _validation_due(trainer, self.every_n_epochs)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._x, self._y = [], []
@@ -210,9 +215,7 @@ class ConfusionMatrix(pl.Callback):
         self.matrix = MulticlassConfusionMatrix(pl_module.hparams.num_classes).to(pl_module.device)
 
     def _due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
-        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last
-        return not trainer.sanity_checking and due and hasattr(pl_module, "classifier")  # not the VAE
+        return _validation_due(trainer, self.every_n_epochs) and hasattr(pl_module, "classifier")  # not the VAE
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
         if self._due(trainer, pl_module):
