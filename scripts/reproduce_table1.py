@@ -1,15 +1,27 @@
-"""Reproduce Table 1 of Kingma et al. 2014 (MNIST test error with 100, 600, 1000 and 3000 labels) through `ssvae`.
+"""Reproduce Table 1 of Kingma et al. 2014 (MNIST test error with 100, 600, 1000 and 3000 labels) through `ssvae`,
+and run the same sweep on SVHN and CIFAR-10.
 
 Runs the sweep {m1, m2, m1m2} x label counts x seeds, each stage an `ssvae` subprocess, and writes into the output
-folder (default lightning_logs/table1/<profile>):
+folder (default lightning_logs/table1/<profile> for MNIST, lightning_logs/table1/<dataset>-<profile> for the others):
 
     table1.md     one row per model, one column per label count: our test error % (mean ± std over seeds) beside
-                  the paper's, and the command that produced it (also printed at the end)
+                  the paper's ("—" where the paper has no figure), and the command that produced it (also printed at
+                  the end)
     table1.png    test error % against the number of labels (log x axis): ours with error bars, the paper's points
-    table1.json   every run's numbers, the summary and the paper's figures
+    table1.json   the dataset, every run's numbers, the summary and the paper's figures
     results.json  the cache: one record per finished stage (its command, duration and, for tests, test/acc)
     logs/         each stage's stdout and stderr, <model>-seed<s>-n<N>-<fit|test>.log (the VAE: vae-seed<s>-fit.log)
-    <logger name>/<version>/   the runs themselves (m1_vae/seed0, m1_classifier/seed0-n100, ...-test, m2/..., m1m2/...)
+    <logger name>/<version>/   the runs themselves (m1_vae/seed0, m1_classifier/seed0-n100, ...-test, m2/..., m1m2/...;
+                  the colour datasets' logger names carry the dataset: svhn_m1_vae/seed0, cifar10_m2/...)
+
+Datasets (--dataset, default mnist). Every stage runs configs/<dataset>/{m1_vae,m1_classifier,m2,m1m2}.yaml and gets
+--data.data_dir (--data-dir, default data/ in the repository):
+
+    mnist     the paper's Table 1: 100, 600, 1000, 3000 labels (full), 100 (quick); the paper's figures for every
+              model and label count (our M1 row beside the paper's M1+TSVM)
+    svhn      SVHN (<data_dir>/SVHN/{train,test}_32x32.mat), 1000 labels by default; the paper's SVHN table gives
+              M1+M2 at 1000 labels, 36.02 % (std 0.10), the only paper figure shown
+    cifar10   CIFAR-10 (<data_dir>/cifar-10-batches-py/), 4000 labels by default; not in the paper: no paper figures
 
 The plan. M1's VAE trains on every training image, whatever the label budget (`data.seed` fixes only the validation
 split and the labelled subset), so ONE VAE is trained per seed and reused by every M1 classifier and every M1+M2 run
@@ -25,19 +37,32 @@ recorded stage whose command differs from the planned one (e.g. after changing E
 
 Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
 
-    quick   m1, m2, m1m2 at 100 labels, seed 0; epochs from EPOCHS["quick"] (VAE 10, M1 classifier 10, M2 25,
-            M1+M2 25): 24 min 40 s measured on 2 CPU cores with the configs' current M2 recipe (VAE 169 s,
-            M2 793 s, M1+M2 446 s); test error M1 15.90%, M2 10.88%, M1+M2 13.03%
+    quick   m1, m2, m1m2, seed 0.
+            mnist: 100 labels; epochs from EPOCHS["quick"] (VAE 10, M1 classifier 10, M2 25, M1+M2 25): 24 min 40 s
+            measured on 2 CPU cores with the configs' current M2 recipe (VAE 169 s, M2 793 s, M1+M2 446 s); test
+            error M1 15.90%, M2 10.88%, M1+M2 13.03%
                 python scripts/reproduce_table1.py --profile quick
-    full    m1, m2, m1m2 at 100, 600, 1000 and 3000 labels, seeds 0 1 2; epochs from EPOCHS["full"] (VAE 100, the
-            config's own; M1 classifier 50; M2 300; M1+M2 300): 3 VAEs and 36 classifier runs, meant for a GPU
+            svhn (1000 labels), cifar10 (4000 labels): a short CPU run, not a reproduction: every fit stacks
+            -c configs/presets/quick_colour.yaml on its config (at most 100 training and 20 validation batches an
+            epoch) with epochs from EPOCHS["quick_colour"] (VAE 5, M1 classifier 10, M2 5, M1+M2 10)
+                python scripts/reproduce_table1.py --dataset svhn --profile quick
+                python scripts/reproduce_table1.py --dataset cifar10 --profile quick
+    full    m1, m2, m1m2, seeds 0 1 2; epochs from EPOCHS["full"] (VAE 100, the config's own; M1 classifier 50;
+            M2 300; M1+M2 300), meant for a GPU.
+            mnist: 100, 600, 1000 and 3000 labels: 3 VAEs and 36 classifier runs
                 python scripts/reproduce_table1.py --profile full \\
+                    --trainer-args "--trainer.accelerator gpu --trainer.devices 1"
+            svhn: 1000 labels; cifar10: 4000 labels (3 VAEs and 9 classifier runs each)
+                python scripts/reproduce_table1.py --dataset svhn --profile full \\
+                    --trainer-args "--trainer.accelerator gpu --trainer.devices 1"
+                python scripts/reproduce_table1.py --dataset cifar10 --profile full \\
                     --trainer-args "--trainer.accelerator gpu --trainer.devices 1"
 
 Other examples:
     python scripts/reproduce_table1.py --profile quick --dry-run             # print every command, run nothing
     python scripts/reproduce_table1.py --profile full --models m2 --labels 100 600 --seeds 0
     python scripts/reproduce_table1.py --profile quick --epochs m2=50 --out lightning_logs/table1/m2-50
+    python scripts/reproduce_table1.py --dataset svhn --profile quick --data-dir /data --dry-run
 """
 
 from __future__ import annotations
@@ -67,7 +92,12 @@ EPOCHS: dict[str, dict[str, int]] = {
     #          M1's VAE   M1 classifier   M2         M1+M2
     "quick": {"vae": 10,  "m1": 10,       "m2": 25,  "m1m2": 25},
     "full":  {"vae": 100, "m1": 50,       "m2": 300, "m1m2": 300},
+    # the quick profile of the colour datasets (svhn, cifar10), each epoch cut short by QUICK_COLOUR
+    "quick_colour": {"vae": 5, "m1": 10,  "m2": 5,   "m1m2": 10},
 }
+# stacked right after the stage's own config on every fit of the colour datasets' quick profile: at most 100 training
+# and 20 validation batches an epoch (its max_epochs gives way to the script's --trainer.max_epochs)
+QUICK_COLOUR = "configs/presets/quick_colour.yaml"
 
 
 @dataclass(frozen=True)
@@ -80,21 +110,42 @@ class Profile:
     seeds: tuple[int, ...]
     epochs: dict[str, int]
     extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fit_configs: tuple[str, ...] = ()  # more `-c` files for every fit, right after the stage's own config
 
 
-PROFILES: dict[str, Profile] = {
-    "quick": Profile(models=("m1", "m2", "m1m2"), labels=(100,), seeds=(0,), epochs=EPOCHS["quick"]),
-    "full": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
-                    epochs=EPOCHS["full"]),
+# the datasets, each with the configs configs/<dataset>/<CONFIGS[stage]>
+DATASETS = ("mnist", "svhn", "cifar10")
+DATASET_NAMES = {"mnist": "MNIST", "svhn": "SVHN", "cifar10": "CIFAR-10"}  # as titles show them
+
+# the sweeps, by dataset and profile name: the same models and seeds, each dataset its own label counts; the colour
+# datasets' quick profile is a short CPU run (QUICK_COLOUR), their full profile MNIST's apart from the labels
+PROFILES: dict[str, dict[str, Profile]] = {
+    "mnist": {
+        "quick": Profile(models=("m1", "m2", "m1m2"), labels=(100,), seeds=(0,), epochs=EPOCHS["quick"]),
+        "full": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
+                        epochs=EPOCHS["full"]),
+    },
+    **{dataset: {
+        "quick": Profile(models=("m1", "m2", "m1m2"), labels=(labels,), seeds=(0,), epochs=EPOCHS["quick_colour"],
+                         fit_configs=(QUICK_COLOUR,)),
+        "full": Profile(models=("m1", "m2", "m1m2"), labels=(labels,), seeds=(0, 1, 2), epochs=EPOCHS["full"]),
+    } for dataset, labels in (("svhn", 1000), ("cifar10", 4000))},
 }
 
-# the config of each stage: "vae" is M1's stage one; "m1" is M1's stage two, the classifier on the frozen encoder
+# the config file of each stage, in configs/<dataset>/: "vae" is M1's stage one; "m1" is M1's stage two, the
+# classifier on the frozen encoder
 CONFIGS: dict[str, str] = {
-    "vae": "configs/mnist/m1_vae.yaml",
-    "m1": "configs/mnist/m1_classifier.yaml",
-    "m2": "configs/mnist/m2.yaml",
-    "m1m2": "configs/mnist/m1m2.yaml",
+    "vae": "m1_vae.yaml",
+    "m1": "m1_classifier.yaml",
+    "m2": "m2.yaml",
+    "m1m2": "m1m2.yaml",
 }
+
+
+def config_path(dataset: str, stage: str) -> str:
+    """The config of a stage of a dataset, relative to the repository, e.g. configs/mnist/m1_vae.yaml."""
+    return f"configs/{dataset}/{CONFIGS[stage]}"
+
 MODELS = ("m1", "m2", "m1m2")
 SSVAE = [sys.executable, "-m", "ssvae_pl.cli"]  # how a stage runs `ssvae`, in the repository root
 NEEDS_VAE = ("m1", "m1m2")
@@ -107,6 +158,16 @@ PAPER_TABLE1: dict[str, dict[int, tuple[float, float]]] = {
     "m2": {100: (11.97, 1.71), 600: (4.94, 0.13), 1000: (3.60, 0.56), 3000: (3.92, 0.63)},
     "m1m2": {100: (3.33, 0.14), 600: (2.59, 0.05), 1000: (2.40, 0.02), 3000: (2.18, 0.04)},
 }
+# The paper's figures by dataset: {dataset: {model: {num_labelled: (mean, std)}}}, "—" in the table and no point in
+# the plot where missing. SVHN: the paper's SVHN table, of which we quote only M1+M2 at 1000 labels (its other rows
+# are not checked here); CIFAR-10 is not in the paper.
+PAPER: dict[str, dict[str, dict[int, tuple[float, float]]]] = {
+    "mnist": PAPER_TABLE1,
+    "svhn": {"m1m2": {1000: (36.02, 0.10)}},
+    "cifar10": {},
+}
+# where the figures come from, in titles; None: the paper has none for the dataset
+PAPER_SOURCES: dict[str, str | None] = {"mnist": "Table 1", "svhn": "their SVHN table", "cifar10": None}
 OUR_NAMES = {"m1": "M1 + classifier", "m2": "M2", "m1m2": "M1+M2"}
 PAPER_NAMES = {"m1": "M1+TSVM", "m2": "M2", "m1m2": "M1+M2"}
 
@@ -158,6 +219,8 @@ class Settings:
     epochs: dict[str, int]
     extra_args: dict[str, tuple[str, ...]]  # per stage, for its fit
     trainer_args: tuple[str, ...]  # for every fit and test
+    dataset: str = "mnist"  # the configs are configs/<dataset>/...
+    fit_configs: tuple[str, ...] = ()  # more `-c` files for every fit, right after the stage's own config
 
 
 def shown(path: Path) -> str:
@@ -167,9 +230,10 @@ def shown(path: Path) -> str:
 
 
 @functools.cache
-def logger_name(stage: str) -> str:
-    """The TensorBoardLogger name in the stage's config: the folder its runs go to under the output folder."""
-    config = yaml.safe_load((ROOT / CONFIGS[stage]).read_text())
+def logger_name(stage: str, dataset: str = "mnist") -> str:
+    """The TensorBoardLogger name in the dataset's config of the stage: the folder its runs go to under the output
+    folder."""
+    config = yaml.safe_load((ROOT / config_path(dataset, stage)).read_text())
     return config["trainer"]["logger"]["init_args"]["name"]
 
 
@@ -177,7 +241,9 @@ def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, n
                settings: Settings, checkpoint_args: tuple[str, ...] = ()) -> Stage:
     """The `ssvae fit` or `ssvae test` of one stage; a fit trains from scratch, a test reads ``checkpoint_args``."""
     labels = ("--data.num_labelled", str(num_labelled)) if num_labelled is not None else ()
-    args = [subcommand, "-c", CONFIGS[stage], *checkpoint_args,
+    configs = settings.fit_configs if subcommand == "fit" else ()
+    args = [subcommand, "-c", config_path(settings.dataset, stage), *[a for c in configs for a in ("-c", c)],
+            *checkpoint_args,
             "--seed_everything", str(seed), "--data.seed", str(seed), *labels,
             "--data.data_dir", shown(settings.data_dir),
             "--trainer.logger.init_args.save_dir", shown(settings.out),
@@ -188,7 +254,7 @@ def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, n
     args += settings.trainer_args
     if subcommand == "fit":
         args += settings.extra_args.get(stage, ())
-    return Stage(key=key, args=tuple(args), run_dir=settings.out / logger_name(stage) / version)
+    return Stage(key=key, args=tuple(args), run_dir=settings.out / logger_name(stage, settings.dataset) / version)
 
 
 def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: Settings) -> list[Run]:
@@ -357,23 +423,43 @@ def format_cell(cell: Cell | None, paper: tuple[float, float] | None) -> str:
     return f"{ours} \\| {theirs}"  # an escaped "|": one table cell
 
 
-def write_table(summary: dict[str, dict[int, Cell]], labels: list[int], path: Path, command: str) -> str:
-    """Write the Markdown table of ``summary`` beside the paper's figures to ``path``; return its text."""
+def titles(dataset: str) -> tuple[str, str]:
+    """The Markdown table's title and the plot's, naming the dataset and where the paper's figures come from."""
+    name, source = DATASET_NAMES[dataset], PAPER_SOURCES[dataset]
+    versus = "ours (not in Kingma et al. 2014)" if source is None else f"ours vs Kingma et al. 2014, {source}"
+    return f"{name} test error (%): {versus}", f"{name}: {versus}"
+
+
+def table_note(dataset: str) -> str:
+    """The sentence under the table's title: what a cell holds."""
+    ours = "Each cell: our mean ± std over seeds (sample std, n − 1; 0 for one seed) \\| "
+    if dataset == "mnist":
+        return (ours + "the paper's mean ± std. Ours: test error of the last checkpoint. Our M1 row is M1 + our "
+                "latent classifier, beside the paper's M1+TSVM.")
+    if not PAPER[dataset]:
+        return ours + f"— ({DATASET_NAMES[dataset]} is not in the paper). Ours: test error of the last checkpoint."
+    return (ours + f"the paper's mean ± std ({PAPER_SOURCES[dataset]}: only the figures quoted here; — elsewhere). "
+            "Ours: test error of the last checkpoint.")
+
+
+def write_table(summary: dict[str, dict[int, Cell]], labels: list[int], path: Path, command: str,
+                dataset: str = "mnist") -> str:
+    """Write the Markdown table of ``summary`` beside the paper's figures for ``dataset`` ("—" where it has none) to
+    ``path``; return its text."""
     header = ["model"] + [f"{n} labels" for n in labels]
+    paper = PAPER[dataset]
     lines = [
-        "# MNIST test error (%): ours vs Kingma et al. 2014, Table 1",
+        f"# {titles(dataset)[0]}",
         "",
-        "Each cell: our mean ± std over seeds (sample std, n − 1; 0 for one seed) \\| the paper's mean ± std. "
-        "Ours: test error of the last checkpoint. Our M1 row is M1 + our latent classifier, beside the paper's "
-        "M1+TSVM.",
+        table_note(dataset),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for model in [m for m in MODELS if m in summary]:
-        name = OUR_NAMES[model] if OUR_NAMES[model] == PAPER_NAMES[model] else \
+        name = OUR_NAMES[model] if OUR_NAMES[model] == PAPER_NAMES[model] or model not in paper else \
             f"{OUR_NAMES[model]} (paper: {PAPER_NAMES[model]})"
-        cells = [format_cell(summary[model].get(n), PAPER_TABLE1[model].get(n)) for n in labels]
+        cells = [format_cell(summary[model].get(n), paper.get(model, {}).get(n)) for n in labels]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     lines += ["", f"Command: `{command}`", ""]
     text = "\n".join(lines)
@@ -381,9 +467,9 @@ def write_table(summary: dict[str, dict[int, Cell]], labels: list[int], path: Pa
     return text
 
 
-def plot(summary: dict[str, dict[int, Cell]], path: Path) -> None:
-    """Test error (%) against the number of labels (log x): ours as lines with error bars, the paper's as hollow
-    markers (with their error bars) of the same colour."""
+def plot(summary: dict[str, dict[int, Cell]], path: Path, dataset: str = "mnist") -> None:
+    """Test error (%) against the number of labels (log x): ours as lines with error bars, the paper's figures for
+    ``dataset`` (where it has any) as hollow markers (with their error bars) of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,17 +483,18 @@ def plot(summary: dict[str, dict[int, Cell]], path: Path) -> None:
         cells = [summary[model][n] for n in ns]
         ax.errorbar(ns, [c.mean for c in cells], yerr=[c.std for c in cells], color=colour, marker="o",
                     capsize=3, label=f"{OUR_NAMES[model]} (ours)")
-        paper = PAPER_TABLE1[model]
-        ax.errorbar(sorted(paper), [paper[n][0] for n in sorted(paper)], yerr=[paper[n][1] for n in sorted(paper)],
-                    color=colour, marker="s", markerfacecolor="none", linestyle="none", capsize=3,
-                    label=f"{PAPER_NAMES[model]} (paper)")
+        paper = PAPER[dataset].get(model, {})
+        if paper:
+            ax.errorbar(sorted(paper), [paper[n][0] for n in sorted(paper)],
+                        yerr=[paper[n][1] for n in sorted(paper)], color=colour, marker="s", markerfacecolor="none",
+                        linestyle="none", capsize=3, label=f"{PAPER_NAMES[model]} (paper)")
         ticks.update(ns, paper)
     ax.set_xscale("log")
     ax.set_xticks(sorted(ticks), [str(n) for n in sorted(ticks)])
     ax.minorticks_off()
     ax.set_xlabel("number of labels")
     ax.set_ylabel("test error (%)")
-    ax.set_title("MNIST: ours vs Kingma et al. 2014, Table 1")
+    ax.set_title(titles(dataset)[1])
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -445,14 +532,19 @@ def parse_stage_args(values: list[str], extra: dict[str, tuple[str, ...]]) -> di
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Reproduce Kingma et al. 2014, Table 1 (MNIST test error vs number of labels) through `ssvae`.",
+        description="Reproduce Kingma et al. 2014, Table 1 (MNIST test error vs number of labels) through `ssvae`; "
+                    "the same sweep on SVHN and CIFAR-10.",
         epilog="Profiles: " + "; ".join(
-            f"{name}: models {' '.join(p.models)}, labels {' '.join(map(str, p.labels))}, seeds "
+            f"{dataset} {name}: models {' '.join(p.models)}, labels {' '.join(map(str, p.labels))}, seeds "
             f"{' '.join(map(str, p.seeds))}, epochs {', '.join(f'{k} {v}' for k, v in p.epochs.items())}"
-            for name, p in PROFILES.items()) + ". See the docstring of scripts/reproduce_table1.py.",
+            + "".join(f", -c {c}" for c in p.fit_configs)
+            for dataset, profiles in PROFILES.items() for name, p in profiles.items())
+        + ". See the docstring of scripts/reproduce_table1.py.",
     )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="the named sweep to run (default: quick)")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist",
+                        help="the dataset: its stages run configs/<dataset>/*.yaml (default: mnist)")
+    parser.add_argument("--profile", choices=sorted(PROFILES["mnist"]), default="quick",
+                        help="the named sweep to run (default: quick); its label counts depend on the dataset")
     parser.add_argument("--models", nargs="+", choices=MODELS, help="models to run (overrides the profile's)")
     parser.add_argument("--labels", nargs="+", type=int, metavar="N",
                         help="label counts, data.num_labelled (overrides the profile's)")
@@ -463,7 +555,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              f"{', '.join(CONFIGS)}; vae is M1's VAE, m1 its classifier); repeatable")
     parser.add_argument("--out", type=Path,
                         help="output folder for runs, logs, tables and the cache (default lightning_logs/table1/"
-                             "<profile> in the repository)")
+                             "<profile> in the repository for mnist, lightning_logs/table1/<dataset>-<profile> for "
+                             "the others)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data",
                         help="data.data_dir of every stage (default: data/ in the repository)")
     parser.add_argument("--trainer-args", default="",
@@ -479,19 +572,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    profile = PROFILES[args.profile]
+    profile = PROFILES[args.dataset][args.profile]
     models = [m for m in MODELS if m in (args.models or profile.models)]
     labels = sorted(set(args.labels or profile.labels))
     seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else profile.seeds))
-    out = (args.out or ROOT / "lightning_logs" / "table1" / args.profile).resolve()
+    folder = args.profile if args.dataset == "mnist" else f"{args.dataset}-{args.profile}"
+    out = (args.out or ROOT / "lightning_logs" / "table1" / folder).resolve()
     settings = Settings(out=out, data_dir=args.data_dir.resolve(), epochs=parse_epochs(args.epochs, profile.epochs),
                         extra_args=parse_stage_args(args.stage_args, profile.extra_args),
-                        trainer_args=tuple(shlex.split(args.trainer_args)))
+                        trainer_args=tuple(shlex.split(args.trainer_args)), dataset=args.dataset,
+                        fit_configs=profile.fit_configs)
     runs = plan_runs(models, labels, seeds, settings)
     stages = unique_stages(runs)
     command = shlex.join(["python", "scripts/reproduce_table1.py", *argv])
 
-    print(f"Table 1 sweep ({args.profile}): models {' '.join(models)}, labels {' '.join(map(str, labels))}, "
+    sweep = args.profile if args.dataset == "mnist" else f"{args.dataset}, {args.profile}"
+    print(f"Table 1 sweep ({sweep}): models {' '.join(models)}, labels {' '.join(map(str, labels))}, "
           f"seeds {' '.join(map(str, seeds))}; epochs {', '.join(f'{k} {v}' for k, v in settings.epochs.items())}")
     print(f"{len(runs)} runs, {len(stages)} stages, under {shown(out)} (commands run from {ROOT})", flush=True)
     if args.dry_run:
@@ -509,15 +605,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     records = run_records(runs, cache)
     summary = summarise(records)
-    table = write_table(summary, labels, out / "table1.md", command)
-    plot(summary, out / "table1.png")
+    table = write_table(summary, labels, out / "table1.md", command, args.dataset)
+    plot(summary, out / "table1.png", args.dataset)
     write_json(out / "table1.json", {
-        "command": command, "profile": args.profile, "models": models, "labels": labels, "seeds": seeds,
-        "epochs": settings.epochs, "runs": records,
+        "command": command, "dataset": args.dataset, "profile": args.profile, "models": models, "labels": labels,
+        "seeds": seeds, "epochs": settings.epochs, "runs": records,
         "summary": {m: {str(n): {"mean": c.mean, "std": c.std, "n": c.n, "errors": list(c.errors)}
                         for n, c in by_n.items()} for m, by_n in summary.items()},
         "paper": {m: {str(n): {"mean": v[0], "std": v[1]} for n, v in by_n.items()}
-                  for m, by_n in PAPER_TABLE1.items()},
+                  for m, by_n in PAPER[args.dataset].items()},
     })
     print(f"\n{table}")
     print(f"Wrote {shown(out / 'table1.md')}, {shown(out / 'table1.png')}, {shown(out / 'table1.json')}")

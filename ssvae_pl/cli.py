@@ -85,6 +85,7 @@ class SSVAECLI(LightningCLI):
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -30,13 +30,34 @@ def class_predictions(logits_of: Callable[[torch.Tensor], torch.Tensor], batch: 
     return predictions
 
 
+def class_names(model: pl.LightningModule, datamodule: Any, num_classes: int) -> list[str]:
+    """The classes' names: the model's (from its checkpoint), else the data module's, else ``0`` ... ``K-1``."""
+    for names in (model.hparams.get("class_names"), getattr(datamodule, "class_names", None)):
+        if names is not None and len(names) == num_classes:
+            return [str(name) for name in names]
+    return [str(k) for k in range(num_classes)]
+
+
+def check_class_names(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint trained on other classes than the data's (names, or their order) is refused: its outputs would be
+    read as the wrong classes. Called from the models' ``on_load_checkpoint``."""
+    from ssvae_pl.errors import CheckpointError
+
+    saved = checkpoint.get("hyper_parameters", {}).get("class_names")
+    current = model.hparams.get("class_names")
+    if saved is not None and current is not None and list(saved) != list(current):
+        raise CheckpointError(f"the checkpoint was trained on the classes {list(saved)}, but the data's are "
+                              f"{list(current)}; use the data (data.labelled_dir, data.dataset) it was trained on.")
+
+
 class PredictionCSVWriter(BasePredictionWriter):
     """Writes the class probabilities of ``ssvae predict`` to a CSV, in one step once all images are predicted
     (a temporary file beside it, then ``os.replace``), so a run that fails leaves an earlier file as it was.
 
     Columns: ``file`` (the image's path relative to ``data.predict_dir``, or the test set's index), ``label``
-    (the test set's true class; not for a folder), ``predicted`` (the most probable class), then ``prob_0`` ...
-    ``prob_<K-1>``, which sum to 1.
+    (the test set's true class; not for a folder), ``predicted`` (the most probable class), then ``prob_<class>``
+    for each class, which sum to 1. Classes are written by name: the names the model was trained with (kept in
+    its checkpoint: an image folder's sub-folder names, CIFAR-10's ``airplane`` ...; MNIST's are ``0`` ... ``9``).
 
     Args:
         output: the CSV's path; its folder is created if need be.
@@ -68,8 +89,10 @@ class PredictionCSVWriter(BasePredictionWriter):
         files = getattr(trainer.datamodule, "predict_files", None) or range(len(probs))  # else the test index
         if len(files) != len(probs):
             raise RuntimeError(f"{len(probs)} predictions for {len(files)} images")
-        header = ["file", *(["label"] if labels is not None else []), "predicted",
-                  *(f"prob_{k}" for k in range(probs.shape[1]))]
+        names = class_names(pl_module, trainer.datamodule, probs.shape[1])
+        predicted = [names[k] for k in predicted]
+        labels = None if labels is None else [names[k] for k in labels]
+        header = ["file", *(["label"] if labels is not None else []), "predicted", *(f"prob_{n}" for n in names)]
         path = Path(self.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as temporary, open(temporary, "w", newline="") as stream:

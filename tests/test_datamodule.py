@@ -171,7 +171,7 @@ def test_exposed_numbers_and_seeded_labelled_subset(make_dm) -> None:
         ("data.num_labelled", dict(num_labelled=-10)),
         ("data.val_size", dict(val_size=-1)),
         ("data.val_size", dict(val_size=60000)),
-        ("data.dataset", dict(dataset="cifar10")),
+        ("data.dataset", dict(dataset="imagenet")),
         ("data.labelled_batch_size", dict(labelled_batch_size=0)),
         ("data.num_workers", dict(num_workers=-1)),
     ],

@@ -3,6 +3,7 @@ end-to-end sweep on the synthetic MNIST."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -244,3 +245,185 @@ def test_tiny_sweep_end_to_end_then_skips_and_refuses_changed_settings(tmp_path:
     changed = run_script(tmp_path, *more_epochs)
     assert changed.returncode == 1
     assert "different command" in changed.stderr and "vae-seed0-fit" in changed.stderr
+
+
+# ---- the datasets: MNIST unchanged, SVHN and CIFAR-10 -------------------------------------------------------------
+
+# `--profile quick --out /OUT --data-dir /DATA --dry-run`, as the script printed it before --dataset existed
+MNIST_QUICK = """\
+ssvae fit -c configs/mnist/m1_vae.yaml --seed_everything 0 --data.seed 0 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0 --trainer.enable_progress_bar false --trainer.max_epochs 10
+ssvae fit -c configs/mnist/m1_classifier.yaml --model.init_args.vae_checkpoint /OUT/m1_vae/seed0/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100 --trainer.enable_progress_bar false --trainer.max_epochs 10
+ssvae test -c configs/mnist/m1_classifier.yaml --ckpt_path /OUT/m1_classifier/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100-test --trainer.enable_progress_bar false
+ssvae fit -c configs/mnist/m2.yaml --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100 --trainer.enable_progress_bar false --trainer.max_epochs 25
+ssvae test -c configs/mnist/m2.yaml --ckpt_path /OUT/m2/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100-test --trainer.enable_progress_bar false
+ssvae fit -c configs/mnist/m1m2.yaml --model.init_args.vae_checkpoint /OUT/m1_vae/seed0/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100 --trainer.enable_progress_bar false --trainer.max_epochs 25
+ssvae test -c configs/mnist/m1m2.yaml --ckpt_path /OUT/m1m2/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100-test --trainer.enable_progress_bar false
+"""
+# the sha256 of the 75 command lines (joined by newlines) of `--profile full --out /OUT --data-dir /DATA
+# --trainer-args "--trainer.accelerator gpu --trainer.devices 1" --dry-run`, as printed before --dataset existed
+MNIST_FULL_SHA256 = "7a0bb556827133136a0d8198286e744b18baa72ccdc340d6e85cf52d8219f24f"
+
+
+def dry_run_lines(capsys, *argv: str) -> list[str]:
+    assert table1.main([*argv, "--dry-run"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_mnist_commands_are_byte_identical_to_before(capsys) -> None:
+    """--dataset mnist (the default) prints exactly the commands the script printed before it knew other datasets;
+    the default output folder is still lightning_logs/table1/<profile>."""
+    fixed = ("--out", "/OUT", "--data-dir", "/DATA")  # absolute paths outside the repository: shown as they are
+    quick = [line for line in dry_run_lines(capsys, "--profile", "quick", *fixed) if line.startswith("ssvae ")]
+    assert "\n".join(quick) + "\n" == MNIST_QUICK
+    assert [line for line in dry_run_lines(capsys, "--dataset", "mnist", "--profile", "quick", *fixed)
+            if line.startswith("ssvae ")] == quick
+    full = [line for line in dry_run_lines(capsys, "--profile", "full", *fixed, "--trainer-args",
+                                           "--trainer.accelerator gpu --trainer.devices 1")
+            if line.startswith("ssvae ")]
+    assert len(full) == 75
+    assert hashlib.sha256("\n".join(full).encode()).hexdigest() == MNIST_FULL_SHA256
+
+    lines = dry_run_lines(capsys, "--profile", "full")
+    assert lines[0].startswith("Table 1 sweep (full): models m1 m2 m1m2, labels 100 600 1000 3000, seeds 0 1 2;")
+    assert "under lightning_logs/table1/full " in lines[1]
+    assert all(option(shlex.split(line), "--trainer.logger.init_args.save_dir") == "lightning_logs/table1/full"
+               for line in lines if line.startswith("ssvae "))
+
+
+def test_dry_run_of_svhn_quick_stacks_the_quick_colour_preset(tmp_path: Path, capsys) -> None:
+    """--dataset svhn --profile quick: the svhn configs with quick_colour.yaml right after them on every fit (not on
+    the tests), 1000 labels, the short epochs, --data-dir on every stage, runs under the configs' svhn logger names."""
+    out, data = (tmp_path / "out").resolve(), (tmp_path / "data").resolve()
+    lines = dry_run_lines(capsys, "--dataset", "svhn", "--profile", "quick", "--out", str(out), "--data-dir", str(data))
+    assert not out.exists()
+    text = "\n".join(lines)
+    assert "ssvae fit -c configs/svhn/m1_vae.yaml -c configs/presets/quick_colour.yaml " in text
+    assert lines[0].startswith("Table 1 sweep (svhn, quick): models m1 m2 m1m2, labels 1000, seeds 0;")
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("ssvae ")]
+    assert [(c[0], option(c, "-c")) for c in commands] == [
+        ("fit", "configs/presets/quick_colour.yaml"),
+        ("fit", "configs/presets/quick_colour.yaml"), ("test", "configs/svhn/m1_classifier.yaml"),
+        ("fit", "configs/presets/quick_colour.yaml"), ("test", "configs/svhn/m2.yaml"),
+        ("fit", "configs/presets/quick_colour.yaml"), ("test", "configs/svhn/m1m2.yaml")]
+    stage_configs = ["m1_vae", "m1_classifier", "m1_classifier", "m2", "m2", "m1m2", "m1m2"]
+    for command, name in zip(commands, stage_configs):
+        assert command[1:3] == ["-c", f"configs/svhn/{name}.yaml"]
+        if command[0] == "fit":
+            assert command[3:5] == ["-c", "configs/presets/quick_colour.yaml"]
+        else:
+            assert command.count("-c") == 1
+        assert option(command, "--data.data_dir") == str(data)
+        assert option(command, "--data.num_labelled") == (None if name == "m1_vae" else "1000")
+    assert [option(c, "--trainer.max_epochs") for c in commands if c[0] == "fit"] == ["5", "10", "5", "10"]
+
+    vae_ckpt = str(out / "svhn_m1_vae" / "seed0" / "checkpoints" / "last.ckpt")
+    assert [option(c, "--model.init_args.vae_checkpoint") for c in commands if c[0] == "fit"] == [
+        None, vae_ckpt, None, vae_ckpt]
+    assert [option(c, "--ckpt_path") for c in commands if c[0] == "test"] == [
+        str(out / f"svhn_{name}" / "seed0-n1000" / "checkpoints" / "last.ckpt")
+        for name in ("m1_classifier", "m2", "m1m2")]
+
+    runs = table1.plan_runs(["m1", "m2", "m1m2"], [1000], [0], table1.Settings(
+        out=out, data_dir=data, epochs=table1.EPOCHS["quick_colour"], extra_args={}, trainer_args=(),
+        dataset="svhn", fit_configs=(table1.QUICK_COLOUR,)))
+    assert [run.test.run_dir.relative_to(out).parts[0] for run in runs] == [
+        "svhn_m1_classifier", "svhn_m2", "svhn_m1m2"]
+    assert table1.logger_name("vae", "svhn") == "svhn_m1_vae" and table1.logger_name("vae") == "m1_vae"
+    assert table1.logger_name("m2", "cifar10") == "cifar10_m2" and table1.logger_name("m2", "mnist") == "m2"
+
+    default = dry_run_lines(capsys, "--dataset", "svhn", "--profile", "quick")
+    assert "under lightning_logs/table1/svhn-quick " in default[1]
+
+
+def test_plan_of_cifar10_full_uses_4000_labels(tmp_path: Path, capsys) -> None:
+    """--dataset cifar10 --profile full: 4000 labels, seeds 0 1 2, the full epochs, no quick preset; --labels still
+    overrides the dataset's default."""
+    out = tmp_path.resolve()
+    commands = dry_run_commands(capsys, "--dataset", "cifar10", "--profile", "full", "--out", str(out))
+    assert len(commands) == 3 + 2 * 3 * 3
+    assert all(option(c, "-c").startswith("configs/cifar10/") and c.count("-c") == 1 for c in commands)
+    assert {option(c, "--data.num_labelled") for c in commands} == {None, "4000"}
+    assert {option(c, "--data.seed") for c in commands} == {"0", "1", "2"}
+    epochs = {option(c, "-c"): option(c, "--trainer.max_epochs") for c in commands if c[0] == "fit"}
+    assert epochs == {"configs/cifar10/m1_vae.yaml": "100", "configs/cifar10/m1_classifier.yaml": "50",
+                      "configs/cifar10/m2.yaml": "300", "configs/cifar10/m1m2.yaml": "300"}
+    assert option(commands[1], "--model.init_args.vae_checkpoint") == str(
+        out / "cifar10_m1_vae" / "seed0" / "checkpoints" / "last.ckpt")
+
+    quick = dry_run_commands(capsys, "--dataset", "cifar10", "--profile", "quick", "--out", str(out))
+    assert {option(c, "--data.num_labelled") for c in quick} == {None, "4000"}
+    assert all(c[3:5] == ["-c", "configs/presets/quick_colour.yaml"] for c in quick if c[0] == "fit")
+    chosen = dry_run_commands(capsys, "--dataset", "cifar10", "--labels", "250", "--out", str(out))
+    assert {option(c, "--data.num_labelled") for c in chosen} == {None, "250"}
+
+
+def colour_summary() -> dict:
+    records = [{"model": m, "num_labelled": n, "seed": s, "test_error": e, "test_acc": 1 - e / 100}
+               for m, n, s, e in [("m1", 1000, 0, 60.0), ("m2", 1000, 0, 50.0), ("m1m2", 1000, 0, 40.0),
+                                  ("m1m2", 1000, 1, 42.0), ("m1m2", 4000, 0, 30.0)]]
+    return table1.summarise(records)
+
+
+def table_rows(text: str) -> dict[str, str]:
+    return {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+
+
+def test_write_table_of_svhn_quotes_the_paper_only_for_m1m2_at_1000(tmp_path: Path) -> None:
+    text = table1.write_table(colour_summary(), [1000, 4000], tmp_path / "table1.md", "python x", "svhn")
+    assert text.splitlines()[0].startswith("# SVHN test error (%)")
+    assert "MNIST" not in text and "M1+TSVM" not in text
+    rows = table_rows(text)
+    assert list(rows) == ["model", "M1 + classifier", "M2", "M1+M2"]
+    assert "41.00 ± 1.41 (2 seeds) \\| 36.02 ± 0.10" in rows["M1+M2"]
+    assert "30.00 ± 0.00 (1 seed) \\| —" in rows["M1+M2"]
+    assert "60.00 ± 0.00 (1 seed) \\| —" in rows["M1 + classifier"]
+    assert "50.00 ± 0.00 (1 seed) \\| —" in rows["M2"]
+    paper_cells = [cell.split(" \\| ")[1] for row in list(rows.values())[1:]
+                   for cell in row.strip("| ").split(" | ")[1:]]
+    assert paper_cells == ["—", "—", "—", "—", "36.02 ± 0.10", "—"]  # the paper's only SVHN figure we quote
+    assert text.count("36.02") == 1
+
+
+def test_write_table_and_plot_of_cifar10_have_no_paper_figures(tmp_path: Path, monkeypatch) -> None:
+    text = table1.write_table(colour_summary(), [1000, 4000], tmp_path / "table1.md", "python x", "cifar10")
+    assert text.splitlines()[0].startswith("# CIFAR-10 test error (%)") and "not in" in text
+    rows = table_rows(text)
+    for row in list(rows.values())[1:]:
+        assert all(cell.endswith("\\| —") for cell in row.strip("| ").split(" | ")[1:])
+
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    for dataset in ("cifar10", "svhn", "mnist"):
+        path = tmp_path / f"{dataset}.png"
+        table1.plot(colour_summary(), path, dataset)
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+    legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in figures]
+    titles = [fig.axes[0].get_title() for fig in figures]
+    assert [label for label in legends[0] if "paper" in label] == []
+    assert [label for label in legends[1] if "paper" in label] == ["M1+M2 (paper)"]
+    assert len([label for label in legends[2] if "paper" in label]) == 3
+    assert titles[0].startswith("CIFAR-10") and titles[1].startswith("SVHN") and titles[2].startswith("MNIST")
+
+
+def test_svhn_sweep_with_faked_stages_writes_its_dataset(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A whole svhn quick sweep with every `ssvae` stage faked (a no-op process) and a made-up test accuracy: the
+    outputs name SVHN and record the dataset and its paper figures."""
+    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.625)
+    out = tmp_path / "out"
+    assert table1.main(["--dataset", "svhn", "--out", str(out)]) == 0
+    capsys.readouterr()
+    results = json.loads((out / "table1.json").read_text())
+    assert results["dataset"] == "svhn" and results["profile"] == "quick" and results["labels"] == [1000]
+    assert results["paper"] == {"m1m2": {"1000": {"mean": 36.02, "std": 0.10}}}
+    assert results["epochs"] == {"vae": 5, "m1": 10, "m2": 5, "m1m2": 10}
+    assert [r["test_error"] for r in results["runs"]] == [pytest.approx(37.5)] * 3
+    table = (out / "table1.md").read_text()
+    assert table.startswith("# SVHN test error (%)") and "37.50 ± 0.00 (1 seed) \\| 36.02 ± 0.10" in table
+    assert (out / "table1.png").read_bytes()[:8] == PNG_SIGNATURE
+    cache = json.loads((out / "results.json").read_text())
+    assert cache["vae-seed0-fit"]["args"][:5] == [
+        "fit", "-c", "configs/svhn/m1_vae.yaml", "-c", "configs/presets/quick_colour.yaml"]

@@ -8,6 +8,11 @@ Validation and test batches are ``(x, y)``; predict batches are the test set's `
 alone of a folder of the user's own (``predict_dir``, read by ``image_folder.py``), whose files are named in
 ``predict_files`` in the batches' order.
 
+The images come from torchvision's datasets (``sources.py``: MNIST, Fashion-MNIST, KMNIST, SVHN, CIFAR-10) or from
+the user's folders (``dataset: image_folder``: ``labelled_dir`` with a sub-folder per class, ``unlabelled_dir``,
+``test_dir``; ``image_folder.py``). A large folder stays on disk and streams through the unlabelled DataLoader's
+workers (``in_memory``); its labelled, validation and test images are always held in memory.
+
 The fast path: the images stay uint8 tensors, in host memory or (``device: auto`` on a GPU) on the accelerator;
 a batch is gathered by index in one tensor operation; conversion to floats in [0, 1] and dynamic binarisation
 happen on the training device, in ``on_after_batch_transfer``. Outside a Trainer, ``to_model_input`` does the same.
@@ -28,7 +33,8 @@ from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
-from ssvae_pl.data.image_folder import Invert, OnError, load_image_folder
+from ssvae_pl.data.image_folder import (FolderImages, Invert, OnError, Resize, Transform, class_folders,
+                                        image_folder_pool, labelled_folder, load_image_folder)
 from ssvae_pl.data.labelled import Split, check_label_budget, make_split
 from ssvae_pl.data.sources import DATASETS, ensure_raw_files, load_split
 from ssvae_pl.errors import ConfigError
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Binarize = Literal["dynamic", "static", "none"]
 LABELLED_INDICES_FILE = "labelled_indices.json"
+IMAGE_FOLDER = "image_folder"
 
 
 def _batch_as_is(batch):
@@ -75,7 +82,10 @@ class InMemoryImages(Dataset):
 
     def __getitems__(self, indices: list[int]):
         idx = _indices_on(self.images.device, indices)
-        return self.images[idx] if self.labels is None else (self.images[idx], self.labels[idx])
+        images = self.images[idx]
+        if isinstance(images, FolderImages):  # left on disk: decoded now (in a worker, when there are some)
+            images = images.load()
+        return images if self.labels is None else (images, self.labels[idx])
 
     def __getitem__(self, index: int):
         batch = self.__getitems__([index])
@@ -137,10 +147,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     """A class-balanced labelled subset, chosen by ``seed``, beside the unlabelled training images.
 
     Args:
-        dataset: ``mnist``, ``fashion_mnist`` or ``kmnist``.
-        data_dir: root of torchvision's layout, ``<data_dir>/<Name>/raw``.
+        dataset: ``mnist``, ``fashion_mnist``, ``kmnist``, ``svhn``, ``cifar10``, or ``image_folder`` (your own
+            images: ``labelled_dir``, ``unlabelled_dir``, ``test_dir``).
+        data_dir: root of torchvision's layout (``<data_dir>/MNIST/raw``, ``<data_dir>/SVHN``,
+            ``<data_dir>/cifar-10-batches-py``); not used by ``image_folder``.
         num_labelled: labelled training images, the same number of each class (100 means 10 per class).
-        val_size: training images held out for validation (the paper holds out 10,000 of MNIST's 60,000).
+            ``null``: every labelled image left after the validation hold-out (not class-balanced; the
+            default use for ``image_folder``, whose labelled images are all the labels there are).
+        val_size: labelled training images held out for validation (the paper holds out 10,000 of MNIST's
+            60,000); ``image_folder`` takes them from ``labelled_dir``.
         seed: fixes the validation split and the labelled subset, independently of the global seed.
         batch_size: unlabelled images per training batch.
         labelled_batch_size: labelled images per training batch (at most ``num_labelled``).
@@ -160,8 +175,21 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         invert: polarity of the ``predict_dir`` images: ``auto`` inverts an image whose border is brighter than
             mid-grey (a dark digit on light paper) into MNIST's light digit on black; ``true`` inverts them all,
             ``false`` none.
-        on_error: a ``predict_dir`` image that cannot be read: ``fail`` stops with an error naming it, before
-            anything is predicted; ``skip`` leaves it out with a warning naming it and predicts the others.
+        on_error: a file of ``predict_dir`` or of the ``image_folder`` folders that cannot be read (or is not an
+            image): ``fail`` stops with an error listing them, before anything trains or is predicted; ``skip``
+            leaves them out with a warning listing them.
+        labelled_dir: ``image_folder``: one sub-folder of images per class (torchvision's ImageFolder layout);
+            the classes are the sorted sub-folder names, recorded in the model's checkpoint.
+        unlabelled_dir: ``image_folder``: any tree of images without labels; ``null``: none.
+        test_dir: ``image_folder``: labelled test images, one sub-folder per class (``ssvae test``, and
+            ``ssvae predict`` without ``predict_dir``).
+        image_size: ``image_folder``: (H, W) (or one number for a square) every image is brought to.
+        channels: ``image_folder``: 1 (grey) or 3 (RGB).
+        resize: how an image of another aspect ratio is fitted: ``pad`` (with its border's colour; digits, the
+            default for the MNIST-like datasets' ``predict_dir``), ``crop`` (the centre; photos) or ``stretch``.
+        in_memory: ``image_folder``: decode the training images once into memory (``true``), or keep them on
+            disk and decode each batch in the DataLoader's workers (``false``; pair it with ``num_workers``);
+            ``auto``: in memory up to 4 GiB of pixels.
     """
 
     def __init__(
@@ -183,27 +211,32 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         predict_dir: str | None = None,
         invert: Invert = "auto",
         on_error: OnError = "fail",
+        labelled_dir: str | None = None,
+        unlabelled_dir: str | None = None,
+        test_dir: str | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        channels: int | None = None,
+        resize: Resize = "pad",
+        in_memory: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ConfigError(f"data.dataset={dataset!r} is not known; choose one of {sorted(DATASETS)}.")
-        self.info = DATASETS[dataset]
-        check_label_budget(num_labelled, self.info.num_classes)
-        if not 0 <= val_size < self.info.num_train:
-            raise ConfigError(
-                f"data.val_size={val_size} is out of range; it must be between 0 and {self.info.num_train - 1} "
-                f"(the {dataset} training set holds {self.info.num_train} images)."
-            )
-        if num_labelled > self.info.num_train - val_size:
-            raise ConfigError(
-                f"data.num_labelled={num_labelled} exceeds the {self.info.num_train - val_size} training images "
-                f"left after data.val_size={val_size}; lower one of them."
-            )
-        if unlabelled == "rest" and num_labelled == self.info.num_train - val_size:
-            raise ConfigError(
-                f"data.unlabelled='rest' with data.num_labelled={num_labelled} leaves no unlabelled images; "
-                "lower data.num_labelled or use data.unlabelled='all'."
-            )
+        if dataset == IMAGE_FOLDER:
+            self.info = None
+            self._class_names = self._check_image_folder(labelled_dir, image_size, channels, in_memory)
+            if num_labelled is not None:
+                check_label_budget(num_labelled, len(self._class_names))
+            if val_size < 0:
+                raise ConfigError(f"data.val_size must be >= 0, got {val_size}.")
+        else:
+            if dataset not in DATASETS:
+                raise ConfigError(f"data.dataset={dataset!r} is not known; choose one of "
+                                  f"{sorted([*DATASETS, IMAGE_FOLDER])}.")
+            self.info = DATASETS[dataset]
+            self._class_names = list(self.info.class_names)
+            self._check_fixed_dataset(dataset, num_labelled, val_size, unlabelled, image_size, channels,
+                                      labelled_dir, unlabelled_dir, test_dir)
+        if resize not in ("pad", "crop", "stretch"):
+            raise ConfigError(f"data.resize must be pad, crop or stretch, got {resize!r}.")
         for field, value in [("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size),
                              ("eval_batch_size", eval_batch_size)]:
             if value <= 0:
@@ -216,6 +249,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.on_error must be skip or fail, got {on_error!r}.")
         self.save_hyperparameters()
         self.split: Split | None = None
+        self.pool_files: list[str] | None = None  # image_folder: each training image's path, in the pool's order
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
         self._predict_images = self._predict_labels = None
         self.predict_files: list[str] | None = None  # predict_dir's images, relative to it; None: the test set
@@ -224,29 +258,108 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self._shuffle_seed: int | None = None
         self._state_to_load: dict | None = None
 
+    @staticmethod
+    def _check_fixed_dataset(dataset, num_labelled, val_size, unlabelled, image_size, channels, *folders) -> None:
+        info = DATASETS[dataset]
+        if num_labelled is None:
+            raise ConfigError(f"data.num_labelled must be a number for {dataset} (e.g. 100: 10 per class); null "
+                              "(all labelled images) is for data.dataset=image_folder.")
+        check_label_budget(num_labelled, info.num_classes)
+        if not 0 <= val_size < info.num_train:
+            raise ConfigError(
+                f"data.val_size={val_size} is out of range; it must be between 0 and {info.num_train - 1} "
+                f"(the {dataset} training set holds {info.num_train} images)."
+            )
+        if num_labelled > info.num_train - val_size:
+            raise ConfigError(
+                f"data.num_labelled={num_labelled} exceeds the {info.num_train - val_size} training images "
+                f"left after data.val_size={val_size}; lower one of them."
+            )
+        if unlabelled == "rest" and num_labelled == info.num_train - val_size:
+            raise ConfigError(
+                f"data.unlabelled='rest' with data.num_labelled={num_labelled} leaves no unlabelled images; "
+                "lower data.num_labelled or use data.unlabelled='all'."
+            )
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if (size is not None and tuple(size) != tuple(info.image_shape[1:])) or \
+                (channels is not None and channels != info.image_shape[0]):
+            raise ConfigError(f"data.image_size and data.channels are fixed by {dataset} "
+                              f"({tuple(info.image_shape)}); leave them out (null), or use data.dataset=image_folder.")
+        if any(folder is not None for folder in folders):
+            raise ConfigError(f"data.labelled_dir, unlabelled_dir and test_dir belong to data.dataset=image_folder; "
+                              f"leave them out for {dataset}.")
+
+    @staticmethod
+    def _check_image_folder(labelled_dir, image_size, channels, in_memory) -> list[str]:
+        if labelled_dir is None:
+            raise ConfigError("data.labelled_dir is required for data.dataset=image_folder: a folder with one "
+                              "sub-folder of labelled images per class (cat/, dog/, ...).")
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if size is None or len(size) != 2 or min(size) <= 0:
+            raise ConfigError(f"data.image_size must be set for data.dataset=image_folder, as one positive number "
+                              f"or [height, width] (e.g. 32 or [32, 32]); got {image_size!r}.")
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 (grey) or 3 (RGB) for data.dataset=image_folder; got "
+                              f"{channels!r}.")
+        if in_memory not in (True, False, "auto"):
+            raise ConfigError(f"data.in_memory must be true, false or auto, got {in_memory!r}.")
+        return class_folders(labelled_dir)
+
     # Numbers the models need; LightningCLI links them into the model's arguments.
     @property
     def num_classes(self) -> int:
-        return self.info.num_classes
+        return len(self._class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes' names, in the order of the labels: the dataset's, or the labelled folder's sub-folders."""
+        return list(self._class_names)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.info.image_shape)
+        if self.info is not None:
+            return tuple(self.info.image_shape)
+        size = self.hparams.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return (self.hparams.channels, height, width)
+
+    @property
+    def is_image_folder(self) -> bool:
+        return self.info is None
+
+    def _transform(self) -> Transform:
+        """How the files of ``image_folder`` and ``predict_dir`` become inputs. ``invert: auto`` judges each image
+        by its border for the MNIST-like datasets; the user's own folders are taken as they are."""
+        invert = self.hparams.invert
+        if invert == "auto" and self.is_image_folder:
+            invert = False
+        return Transform(self.input_shape, invert, self.hparams.resize)
 
     @property
     def num_train(self) -> int:
         """Training images after the validation hold-out (labelled ones included)."""
         if self.split is not None:
             return len(self.split.train)
+        if self.is_image_folder:
+            raise RuntimeError("an image folder's size is known once the data module is set up")
         return self.info.num_train - self.hparams.val_size
+
+    @property
+    def num_labelled(self) -> int:
+        """Labelled training images: ``num_labelled``, or (``null``) as many as the split holds."""
+        if self.split is not None:
+            return len(self.split.labelled)
+        if self.hparams.num_labelled is None:
+            raise RuntimeError("the number of labelled images is known once the data module is set up")
+        return self.hparams.num_labelled
 
     @property
     def num_unlabelled(self) -> int:
         hp = self.hparams
-        return self.num_train - (hp.num_labelled if hp.unlabelled == "rest" else 0)
+        return self.num_train - (self.num_labelled if hp.unlabelled == "rest" else 0)
 
     def prepare_data(self) -> None:
-        if self._predicting_folder():  # the dataset's files are not needed to predict a folder of images
+        if self._predicting_folder() or self.is_image_folder:  # nothing to fetch: the images are the user's
             return
         ensure_raw_files(
             self.hparams.dataset, self.hparams.data_dir, download=self.hparams.download, check_md5=self.hparams.check_md5
@@ -263,14 +376,21 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             self._hold_on(self._holding_device())
             return
         hp = self.hparams
-        load = dict(download=hp.download, check_md5=hp.check_md5)
-        train_images, self._train_labels = load_split(hp.dataset, hp.data_dir, train=True, **load)
-        test_images, self._test_labels = load_split(hp.dataset, hp.data_dir, train=False, **load)
-        self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed)
+        train_images, self._train_labels, test_images, self._test_labels = self._load_images()
+        self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed,
+                                self._class_names)
         if hp.binarize == "static":
+            if isinstance(train_images, FolderImages):
+                raise ConfigError("data.binarize=static needs the images in memory; use dynamic or none, or "
+                                  "data.in_memory=true.")
             train_images = binarize_once(train_images, hp.seed)
-        self._eval_train_images = self._fixed_sample(train_images, seed_offset=1)
-        self._train_images, self._test_images = train_images, self._fixed_sample(test_images, seed_offset=2)
+        if isinstance(train_images, FolderImages):  # the validation images alone, read into memory
+            self._val_images = self._fixed_sample(train_images[self.split.val].load(), seed_offset=1)
+        else:  # one fixed sample of the whole training set, then the hold-out (as the runs before image folders)
+            self._val_images = self._fixed_sample(train_images, seed_offset=1)[self.split.val]
+        self._val_labels = self._train_labels[self.split.val]
+        self._train_images = train_images
+        self._test_images = None if test_images is None else self._fixed_sample(test_images, seed_offset=2)
         if self.num_unlabelled < hp.batch_size:
             raise ConfigError(
                 f"data.batch_size={hp.batch_size} exceeds the {self.num_unlabelled} unlabelled training images, so "
@@ -278,6 +398,27 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             )
         self._record_split()
         self._hold_on(self._holding_device())
+
+    def _load_images(self):
+        """(train images, train labels, test images, test labels): a torchvision dataset's, or the folders'
+        (``UNLABELLED`` labels for ``unlabelled_dir``; test ``None`` without ``test_dir``)."""
+        hp = self.hparams
+        if not self.is_image_folder:
+            load = dict(download=hp.download, check_md5=hp.check_md5)
+            return (*load_split(hp.dataset, hp.data_dir, train=True, **load),
+                    *load_split(hp.dataset, hp.data_dir, train=False, **load))
+        transform = self._transform()
+        images, labels, _, self.pool_files = image_folder_pool(hp.labelled_dir, hp.unlabelled_dir, transform,
+                                                               hp.on_error, hp.in_memory)
+        test_images = test_labels = None
+        if hp.test_dir is not None:
+            test_images, test_labels = labelled_folder(hp.test_dir, self._class_names, transform, hp.on_error)
+        return images, labels, test_images, test_labels
+
+    def _require_test_set(self) -> None:
+        if self._test_images is None:
+            raise ConfigError("data.test_dir is not set: ssvae test (and ssvae predict without data.predict_dir) "
+                              "on an image folder needs a folder of labelled test images, one sub-folder per class.")
 
     def _fixed_sample(self, images: torch.Tensor, seed_offset: int) -> torch.Tensor:
         """Evaluation's images: one fixed Bernoulli sample when binarising, so its metrics do not jitter."""
@@ -291,11 +432,18 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         hp = self.hparams
         if self._predict_images is None:
             if hp.predict_dir is not None:
-                images, self.predict_files = load_image_folder(hp.predict_dir, self.input_shape, hp.invert,
-                                                               hp.on_error)
+                transform = self._transform()
+                images, self.predict_files = load_image_folder(hp.predict_dir, self.input_shape, transform.invert,
+                                                               hp.on_error, transform.resize)
                 self._predict_images = self._fixed_sample(images, seed_offset=2)  # as the test set
             elif self._test_images is not None:  # already set up to fit or test
                 self._predict_images, self._predict_labels = self._test_images, self._test_labels
+            elif self.is_image_folder:  # its test_dir alone
+                if hp.test_dir is None:
+                    self._require_test_set()
+                images, self._predict_labels = labelled_folder(hp.test_dir, self._class_names, self._transform(),
+                                                               hp.on_error)
+                self._predict_images = self._fixed_sample(images, seed_offset=2)
             else:
                 images, self._predict_labels = load_split(hp.dataset, hp.data_dir, train=False,
                                                           download=hp.download, check_md5=hp.check_md5)
@@ -307,15 +455,17 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def _holding_device(self) -> torch.device:
         cpu = torch.device("cpu")
-        if self.hparams.device == "cpu" or self.hparams.num_workers > 0 or self.trainer is None:
+        if self.hparams.device == "cpu" or self.hparams.num_workers > 0 or self.trainer is None \
+                or isinstance(self._train_images, FolderImages):
             return cpu
         root = self.trainer.strategy.root_device
         return root if root.type == "cuda" else cpu
 
     def _hold_on(self, device: torch.device) -> None:
         """Move the uint8 images and the labels to ``device`` (a no-op where they are); the split stays on the CPU."""
-        for name in ("_train_images", "_train_labels", "_eval_train_images", "_test_images", "_test_labels"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("_train_images", "_train_labels", "_val_images", "_val_labels", "_test_images", "_test_labels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """On the training device: uint8 -> floats in [0, 1]; training batches (dicts) binarised afresh when
@@ -344,7 +494,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             "labelled_indices": split.labelled.tolist(),
             "labelled_labels": self._train_labels[split.labelled].tolist(),
             "val_indices": split.val.tolist(),
+            "class_names": self._class_names,
         }
+        if self.pool_files is not None:  # image_folder: the indices are into these files
+            record["labelled_files"] = [self.pool_files[i] for i in split.labelled.tolist()]
+            record["val_files"] = [self.pool_files[i] for i in split.val.tolist()]
         text = json.dumps(record)
         if path.is_file():  # a resumed run finds its own record; another run's is never overwritten
             if path.read_text() == text:
@@ -364,7 +518,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def labelled_dataset(self) -> InMemoryImages:
         idx = self.split.labelled
-        return InMemoryImages(self._train_images[idx], self._train_labels[idx])
+        images = self._train_images[idx]
+        if isinstance(images, FolderImages):  # the labelled images are few: held in memory
+            images = images.load()
+        return InMemoryImages(images, self._train_labels[idx])
 
     def unlabelled_dataset(self) -> InMemoryImages:
         idx = self.split.train
@@ -376,7 +533,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """The labelled half of the training batches, for the process of global rank ``rank``."""
         hp, labelled = self.hparams, self.labelled_dataset()
         seed = 1_000_003 * (hp.seed + 1) + rank  # the data seed and the rank; independent of the global seed
-        return LabelledStream(labelled.images, labelled.labels, min(hp.labelled_batch_size, hp.num_labelled), seed)
+        return LabelledStream(labelled.images, labelled.labels, min(hp.labelled_batch_size, len(labelled)), seed)
 
     def train_dataloader(self) -> CombinedLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -415,11 +572,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.hparams.val_size == 0:
             return []
-        idx = self.split.val
-        return self._loader(InMemoryImages(self._eval_train_images[idx], self._train_labels[idx]),
-                            self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(InMemoryImages(self._val_images, self._val_labels), self.hparams.eval_batch_size,
+                            shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        self._require_test_set()
         return self._loader(InMemoryImages(self._test_images, self._test_labels), self.hparams.eval_batch_size,
                             shuffle=False)
 

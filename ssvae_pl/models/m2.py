@@ -1,9 +1,12 @@
 """M2 and M1+M2 (SSDGM sections 2.2 and 2.3): a generative model of images and their classes, trained on the
 labelled and the unlabelled images at once; its inference network q(y|x) is the classifier.
 
-* M2: classifier q(y|x), encoder q(z|x,y), decoder p(x|y,z) (Bernoulli), p(y) uniform, p(z) = N(0, I).
-  An unlabelled image's bound sums over all K classes exactly (eq. 7); the encoder's first layer sees the
-  image once and the class as a per-class bias, so the K encodings cost one pass over the pixels.
+* M2: classifier q(y|x), encoder q(z|x,y), decoder p(x|y,z) (Bernoulli, or a discretised logistic for 8-bit
+  images), p(y) uniform, p(z) = N(0, I); MLPs, or with ``conv_channels`` conv trunks under the encoder and
+  the classifier (one each) and transposed convolutions atop the decoder.
+  An unlabelled image's bound sums over all K classes exactly (eq. 7); the encoder's first (dense) layer sees
+  the image (or its conv features) once and the class as a per-class bias, so the K encodings cost one pass
+  over the pixels.
 * M1+M2 (``vae_checkpoint``): the same model of z1 ~ q(z1|x), the latents of M1's frozen encoder, drawn afresh
   at every training step (the posterior mean at evaluation), with a Gaussian p(z1|y,z2).
 """
@@ -26,11 +29,12 @@ from ssvae_pl.nets import (
     Activation,
     Classifier,
     ConditionalBernoulliDecoder,
+    ConditionalDiscretizedLogisticDecoder,
     ConditionalGaussianDecoder,
     ConditionalGaussianEncoder,
     ImageClassifier,
 )
-from ssvae_pl.prediction import class_predictions
+from ssvae_pl.prediction import check_class_names, class_predictions
 
 ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments"
 
@@ -62,8 +66,10 @@ class M2(pl.LightningModule):
         num_classes: K; linked from the data module.
         num_train: N, the training images (labelled ones included) that J^alpha sums over. ``None``: the data
             module's ``num_train``, filled in when fitting starts and then kept in the checkpoint.
-        hidden_dims: hidden widths of q(z|x,y); p(x|y,z) mirrors them. The paper (and Pyro): [500].
-        classifier_hidden_dims: hidden widths of q(y|x). The paper: [500].
+        hidden_dims: hidden widths of q(z|x,y); p(x|y,z) mirrors them. The paper (and Pyro): [500]. With
+            ``conv_channels``, the dense layers after the conv trunk (before the transposed convolutions).
+        classifier_hidden_dims: hidden widths of q(y|x). The paper: [500]. With ``conv_channels``, the dense
+            layers after the classifier's own conv trunk.
         latent_dim: size of z. The paper: 50.
         activation: hidden non-linearity. The paper: softplus.
         min_std: added to softplus(.) so every standard deviation (encoder, Gaussian decoder) is positive.
@@ -71,12 +77,24 @@ class M2(pl.LightningModule):
             over the N training images). ``None``: 0.1 * N, the paper's choice.
         weighting: ``dataset`` (the paper's J^alpha / N) or ``batch`` (every image of the mixed batch once);
             see above.
-        likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``gaussian`` for M1's latents, M1+M2,
-            where it requires ``vae_checkpoint``; ``auto`` picks by whether ``vae_checkpoint`` is given.
+        likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``discretized_logistic`` for 8-bit grey
+            or colour images in [0, 1], M2 (not with ``vae_checkpoint``); ``gaussian`` for M1's latents, M1+M2,
+            where it requires ``vae_checkpoint``; ``auto`` picks ``bernoulli`` or ``gaussian`` by whether
+            ``vae_checkpoint`` is given. Why ``discretized_logistic`` for colour images: they are 8-bit
+            intensities, not binary, so a Bernoulli is no likelihood of them, and a continuous Gaussian density on
+            discrete data is unbounded; the discretised logistic is a probability mass on the 256 levels, so the
+            bounds are true bounds in nats (``val/bits_per_dim``, ``test/bits_per_dim`` are logged with it).
+        conv_channels: ``[]`` (the default): MLPs on the pixels, the paper's. Else the output channels of the
+            Conv2d layers (kernel 4, stride 2, padding 1, each halving the image: [32, 64] takes 28x28 to 7x7 and
+            32x32 to 8x8) of q(z|x,y)'s trunk and of q(y|x)'s own, mirrored by p(x|y,z)'s ConvTranspose2d layers.
+            The image's height and width must be multiples of 2^len(conv_channels). For M2 on images only: M1+M2
+            takes its convolutions from the VAE (train the VAE with conv_channels).
         vae_checkpoint: checkpoint of a trained ``VAE``: its encoder is loaded and frozen, and M2 models its
             latents (M1+M2). Not needed to test or predict from this model's own checkpoint, which carries it.
         vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
             checkpoint so that it stands on its own.
+        class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
+            that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
             checkpoint does not depend on it.
     """
@@ -93,10 +111,12 @@ class M2(pl.LightningModule):
         min_std: float = 1e-4,
         alpha: float | None = None,
         weighting: Literal["dataset", "batch"] = "dataset",
-        likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto",
+        likelihood: Literal["auto", "bernoulli", "gaussian", "discretized_logistic"] = "auto",
         vae_checkpoint: str | None = None,
         vae_hparams: dict[str, Any] | None = None,
         compile: CompileSetting = False,
+        class_names: Sequence[str] | None = None,
+        conv_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -110,23 +130,36 @@ class M2(pl.LightningModule):
             self.hparams["vae_hparams"] = vae_hparams  # this checkpoint then stands on its own
         if likelihood == "auto":
             likelihood = "bernoulli" if self.m1_encoder is None else "gaussian"
-        elif likelihood == "bernoulli" and self.m1_encoder is not None:
-            raise ConfigError("model.likelihood='bernoulli' cannot model M1's real-valued latents; use 'gaussian' or "
-                              "'auto' with model.vae_checkpoint.")
+        elif likelihood in ("bernoulli", "discretized_logistic") and self.m1_encoder is not None:
+            raise ConfigError(f"model.likelihood={likelihood!r} cannot model M1's real-valued latents; use "
+                              "'gaussian' or 'auto' with model.vae_checkpoint.")
         elif likelihood == "gaussian" and self.m1_encoder is None:  # what configs/mnist/m1m2.yaml asks for
             raise ConfigError(
                 "model.vae_checkpoint is required for M1+M2 (model.likelihood='gaussian' models M1's latents): "
                 "pass the VAE's checkpoint, e.g. "
                 "--model.vae_checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt"
             )
+        elif likelihood not in ("bernoulli", "gaussian", "discretized_logistic"):
+            raise ConfigError(f"model.likelihood={likelihood!r} is not one of 'auto', 'bernoulli', 'gaussian', "
+                              "'discretized_logistic'.")
+        conv_channels = list(conv_channels)
+        if conv_channels and self.m1_encoder is not None:
+            raise ConfigError("model.init_args.conv_channels applies to images, but M1+M2 models M1's latents; "
+                              "leave it empty ([]) and train the VAE with conv_channels instead.")
         self.likelihood = likelihood
         # what M2 models: the images, or M1's latents
         in_dim = math.prod(input_shape) if self.m1_encoder is None else vae_hparams["latent_dim"]
         decoder_dims = list(reversed(list(hidden_dims)))
-        self.classifier = Classifier(in_dim, classifier_hidden_dims, num_classes, activation)
-        self.encoder = ConditionalGaussianEncoder(in_dim, num_classes, hidden_dims, latent_dim, activation, min_std)
+        conv = dict(conv_channels=conv_channels, input_shape=input_shape) if conv_channels else {}
+        self.classifier = Classifier(in_dim, classifier_hidden_dims, num_classes, activation, **conv)
+        self.encoder = ConditionalGaussianEncoder(in_dim, num_classes, hidden_dims, latent_dim, activation, min_std,
+                                                  **conv)
         if likelihood == "bernoulli":
-            self.decoder = ConditionalBernoulliDecoder(latent_dim, num_classes, decoder_dims, input_shape, activation)
+            self.decoder = ConditionalBernoulliDecoder(latent_dim, num_classes, decoder_dims, input_shape, activation,
+                                                       conv_channels)
+        elif likelihood == "discretized_logistic":
+            self.decoder = ConditionalDiscretizedLogisticDecoder(latent_dim, num_classes, decoder_dims, input_shape,
+                                                                 activation, conv_channels)
         else:
             self.decoder = ConditionalGaussianDecoder(latent_dim, num_classes, decoder_dims, in_dim, activation,
                                                       min_std)
@@ -149,8 +182,8 @@ class M2(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "num_unlabelled"):
-            self.set_data_sizes(datamodule.hparams.num_labelled, datamodule.num_unlabelled, datamodule.num_train)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "num_unlabelled"):
+            self.set_data_sizes(datamodule.num_labelled, datamodule.num_unlabelled, datamodule.num_train)
         elif stage == "fit" and (self.num_labelled is None or self.hparams.num_train is None):
             raise ConfigError("M2 needs the numbers of labelled and unlabelled training images: fit it with "
                               "SemiSupervisedDataModule, or call model.set_data_sizes(...) first.")
@@ -201,6 +234,9 @@ class M2(pl.LightningModule):
         """log p(h|y,z) per example: h (B, ...), y (B,), z (B, Z) -> (B,)."""
         if self.likelihood == "bernoulli":
             return elbo.bernoulli_log_likelihood(self.decoder(z, y), h)
+        if self.likelihood == "discretized_logistic":
+            mean, log_scale = self.decoder(z, y)  # (B, C, H, W), (B, C, H, W)
+            return elbo.discretized_logistic_log_likelihood(mean, log_scale, h)
         mean, std = self.decoder(z, y)  # (B, D), (B, D)
         return elbo.gaussian_log_likelihood(h, mean, std)
 
@@ -263,6 +299,9 @@ class M2(pl.LightningModule):
         eps = torch.randn(len(x), self.hparams.num_classes, self.hparams.latent_dim, generator=generator)
         bound = self.unlabelled_bound(h, eps.to(h.device), logits)
         self.log(f"{stage}/elbo", bound.mean(), sync_dist=True, batch_size=len(y))
+        if self.likelihood == "discretized_logistic":  # a bound on log p(x) of a probability mass: bits/dim
+            bits = elbo.bits_per_dim(bound, math.prod(self.hparams.input_shape))
+            self.log(f"{stage}/bits_per_dim", bits.mean(), sync_dist=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -278,6 +317,9 @@ class M2(pl.LightningModule):
         """q(y|x) as a plain module, images -> logits, sharing this model's weights; for M1+M2 on the posterior
         mean of M1's frozen encoder (what ``forward`` computes in eval mode)."""
         return ImageClassifier(self.classifier, self.m1_encoder)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_class_names(self, checkpoint)
 
     def configure_optimizers(self):
         """Used when the config names no ``optimizer``; the configs do name one (Pyro's settings, as here)."""
@@ -298,12 +340,15 @@ class M2(pl.LightningModule):
             )
 
     def _decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The Bernoulli means of p(x|y,z): z (..., Z), y (...) -> (..., C, H, W)."""
+        """The means of p(x|y,z), images in [0, 1]: z (..., Z), y (...) -> (..., C, H, W). Bernoulli means, or the
+        logistics' means clamped to [0, 1]."""
+        if self.likelihood == "discretized_logistic":
+            return elbo.discretized_logistic_image(self.decoder(z, y)[0])
         return torch.sigmoid(self.decoder(z, y).float())
 
     @torch.no_grad()
     def sample(self, y: torch.Tensor, num_samples_per_class: int = 1) -> torch.Tensor:
-        """Images' Bernoulli means from p(x|y,z), z ~ p(z), ``num_samples_per_class`` for each entry of ``y``
+        """Images' means from p(x|y,z) (in [0, 1]), z ~ p(z), ``num_samples_per_class`` for each entry of ``y``
         (class indices (B,)): (B * num_samples_per_class, C, H, W), those of y[0] first."""
         self._check_generates_images()
         y = y.to(self.device).repeat_interleave(num_samples_per_class)  # (B*S,)
@@ -321,7 +366,7 @@ class M2(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Each image decoded from the mean of q(z|x,y) with y predicted by q(y|x): Bernoulli means (B, C, H, W)."""
+        """Each image decoded from the mean of q(z|x,y) with y predicted by q(y|x): means in [0, 1] (B, C, H, W)."""
         self._check_generates_images()
         y = self.classifier(x).argmax(dim=-1)  # (B,)
         return self._decode_mean(self.encoder(x, y)[0], y)

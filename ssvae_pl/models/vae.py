@@ -4,17 +4,20 @@ discriminative model")."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
 
 from ssvae_pl import elbo
+from ssvae_pl.prediction import check_class_names
 from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
-from ssvae_pl.nets import Activation, BernoulliDecoder, GaussianEncoder
+from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
 
-# The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt.
-ENCODER_HPARAMS = ("input_shape", "hidden_dims", "latent_dim", "activation", "min_std")
+# The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt. A checkpoint
+# written before conv_channels existed lacks it: that encoder is an MLP, conv_channels = [].
+ENCODER_HPARAMS = ("input_shape", "hidden_dims", "latent_dim", "activation", "min_std", "conv_channels")
+OPTIONAL_ENCODER_HPARAMS = {"conv_channels": []}
 
 
 class FrozenEncoder(GaussianEncoder):
@@ -31,21 +34,34 @@ class FrozenEncoder(GaussianEncoder):
 
 
 def build_encoder(input_shape: Sequence[int], hidden_dims: Sequence[int], latent_dim: int, activation: Activation,
-                  min_std: float, frozen: bool = False) -> GaussianEncoder:
+                  min_std: float, conv_channels: Sequence[int] = (), frozen: bool = False) -> GaussianEncoder:
     encoder_class = FrozenEncoder if frozen else GaussianEncoder
-    return encoder_class(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std)
+    return encoder_class(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std,
+                         conv_channels=list(conv_channels), input_shape=input_shape)
 
 
 class VAE(pl.LightningModule):
-    """Gaussian MLP encoder q(z|x), Bernoulli MLP decoder p(x|z), prior p(z) = N(0, I).
+    """Gaussian encoder q(z|x), decoder p(x|z), prior p(z) = N(0, I); MLPs (the paper's), or convolutional.
 
     Args:
         input_shape: (C, H, W) of the images; linked from the data module.
         num_classes: linked from the data module; the VAE does not use labels, but records them.
-        hidden_dims: hidden widths of the encoder; the decoder mirrors them. The paper: [600, 600].
+        hidden_dims: hidden widths of the encoder; the decoder mirrors them. The paper: [600, 600]. With
+            ``conv_channels``, the dense layers after the conv trunk (before the transposed convolutions).
         latent_dim: size of z. The paper: 50.
         activation: hidden non-linearity. The paper: softplus.
         min_std: added to softplus(.) so the encoder's standard deviation is never zero.
+        conv_channels: ``[]`` (the default): MLPs on the pixels, the paper's. Else the output channels of the
+            encoder's Conv2d layers (kernel 4, stride 2, padding 1, each halving the image: e.g. [32, 64] takes
+            28x28 to 7x7 and 32x32 to 8x8), mirrored by the decoder's ConvTranspose2d layers. The image's height
+            and width must be multiples of 2^len(conv_channels).
+        likelihood: p(x|z). ``bernoulli`` (the paper's) for binarised images. ``discretized_logistic`` for 8-bit
+            grey or colour images in [0, 1] (use them unbinarised): Bernoulli is no likelihood of 8-bit
+            intensities and a Gaussian density on discrete data is unbounded, while the discretised logistic
+            (``elbo.discretized_logistic_log_likelihood``) is a probability mass on the 256 levels, so the ELBO
+            is a true bound in nats; ``val/bits_per_dim`` and ``test/bits_per_dim`` are logged with it.
+        class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
+            that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
             checkpoint does not depend on it.
     """
@@ -59,21 +75,51 @@ class VAE(pl.LightningModule):
         activation: Activation = "softplus",
         min_std: float = 1e-4,
         compile: CompileSetting = False,
+        class_names: Sequence[str] | None = None,
+        conv_channels: Sequence[int] = (),
+        likelihood: Literal["bernoulli", "discretized_logistic"] = "bernoulli",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = build_encoder(input_shape, hidden_dims, latent_dim, activation, min_std)
-        self.decoder = BernoulliDecoder(latent_dim, list(reversed(hidden_dims)), input_shape, activation)
+        if likelihood not in ("bernoulli", "discretized_logistic"):
+            from ssvae_pl.errors import ConfigError
+
+            raise ConfigError(f"model.likelihood={likelihood!r} is not 'bernoulli' or 'discretized_logistic'.")
+        self.likelihood = likelihood
+        conv_channels = list(conv_channels)
+        self.encoder = build_encoder(input_shape, hidden_dims, latent_dim, activation, min_std, conv_channels)
+        decoder_class = BernoulliDecoder if likelihood == "bernoulli" else DiscretizedLogisticDecoder
+        self.decoder = decoder_class(latent_dim, list(reversed(hidden_dims)), input_shape, activation, conv_channels)
         check_compile(compile)
         self._training_terms = compiled(self.forward, compile)
+
+    def log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) per example: (B,)."""
+        if self.likelihood == "bernoulli":
+            return elbo.bernoulli_log_likelihood(self.decoder(z), x)
+        mean, log_scale = self.decoder(z)
+        return elbo.discretized_logistic_log_likelihood(mean, log_scale, x)
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] decoded from z: the Bernoulli means, or the logistics' means (clamped)."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(self.decoder(z).float())
+        return elbo.discretized_logistic_image(self.decoder(z)[0])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-example terms of the bound for a batch of images in [0, 1]: each value has shape (B,)."""
         mean, std = self.encoder(x)  # (B, Z), (B, Z)
         z = elbo.reparameterize(mean, std)
-        recon = elbo.bernoulli_log_likelihood(self.decoder(z), x)
+        recon = self.log_likelihood(z, x)
         kl = elbo.kl_standard_normal(mean, std)
         return {"elbo": elbo.elbo(recon, kl), "recon": recon, "kl": kl}
+
+    def _evaluation_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+        terms = self(x)
+        if self.likelihood == "bernoulli":
+            return terms, ("elbo", "recon", "kl")
+        terms["bits_per_dim"] = elbo.bits_per_dim(terms["elbo"], math.prod(self.hparams.input_shape))
+        return terms, ("elbo", "recon", "kl", "bits_per_dim")
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], names: Sequence[str]) -> None:
         on_step = stage == "train"
@@ -87,14 +133,17 @@ class VAE(pl.LightningModule):
         return -terms["elbo"].mean()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._log_terms("val", self(batch[0]), ("elbo", "recon", "kl"))
+        self._log_terms("val", *self._evaluation_terms(batch[0]))
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._log_terms("test", self(batch[0]), ("elbo", "recon", "kl"))
+        self._log_terms("test", *self._evaluation_terms(batch[0]))
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         mean, std = self.encoder(batch[0])
         return {"z_mean": mean, "z_std": std, "y": batch[1]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_class_names(self, checkpoint)
 
     def configure_optimizers(self):
         """Used when the config names no ``optimizer``; the configs do name one."""
@@ -102,9 +151,9 @@ class VAE(pl.LightningModule):
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
-        """Images' Bernoulli means decoded from z ~ p(z): (num_samples, C, H, W)."""
+        """Images' means in [0, 1] (Bernoulli, or the logistics' clamped) from z ~ p(z): (num_samples, C, H, W)."""
         z = torch.randn(num_samples, self.hparams.latent_dim, device=self.device)
-        return torch.sigmoid(self.decoder(z).float())
+        return self.decode_mean(z)
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +162,8 @@ class VAE(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Images decoded from the means of q(z|x): Bernoulli means (B, C, H, W)."""
-        return torch.sigmoid(self.decoder(self.latent_means(x)).float())
+        """Images decoded from the means of q(z|x): their means in [0, 1] (B, C, H, W)."""
+        return self.decode_mean(self.latent_means(x))
 
 
 def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple[FrozenEncoder, dict[str, Any]]:
@@ -142,14 +191,14 @@ def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple
     class_path = hparams.get("_class_path", "")
     encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     if (class_path and class_path.rsplit(".", 1)[-1] != "VAE") or not encoder_state or not all(
-        k in hparams for k in ENCODER_HPARAMS
+        k in hparams for k in ENCODER_HPARAMS if k not in OPTIONAL_ENCODER_HPARAMS
     ):
         raise CheckpointError(
             f"{field}: {path} is not a VAE checkpoint (it holds {class_path or 'no VAE hyperparameters'}); {retrain}."
         )
-    encoder_hparams = {k: hparams[k] for k in ENCODER_HPARAMS}
-    encoder_hparams["input_shape"] = list(encoder_hparams["input_shape"])
-    encoder_hparams["hidden_dims"] = list(encoder_hparams["hidden_dims"])
+    encoder_hparams = {k: hparams.get(k, OPTIONAL_ENCODER_HPARAMS.get(k)) for k in ENCODER_HPARAMS}
+    for key in ("input_shape", "hidden_dims", "conv_channels"):
+        encoder_hparams[key] = list(encoder_hparams[key] or [])
     encoder = build_encoder(**encoder_hparams, frozen=True)
     try:
         encoder.load_state_dict(encoder_state)

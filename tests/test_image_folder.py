@@ -1,0 +1,166 @@
+"""``data.dataset: image_folder``: the user's own folders of images, through the data module and the ``ssvae``
+command (fit, test, predict with class names). The folders are small PNGs written by ``image_folders.py``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_folders import CLASSES, write_image_folders
+from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+from ssvae_pl.data.image_folder import FolderImages
+from ssvae_pl.errors import ConfigError, ImageReadError
+from ssvae_pl.results import read_scalars
+from test_cli import assert_one_line_user_error, ssvae
+
+REPO = Path(__file__).resolve().parents[1]
+M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
+FOLDER_DATA = str(REPO / "configs" / "image_folder" / "data.yaml")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three classes of 6 labelled RGB images (40 x 48), 30 unlabelled ones in two sub-folders, 4 test images per
+    class; three bad files: a truncated PNG among the labelled ones, text named .png and a .txt note."""
+    return write_image_folders(tmp_path_factory.mktemp("photos"), corrupt=True)
+
+
+def folder_dm(folders: dict[str, Path], **kwargs) -> SemiSupervisedDataModule:
+    options = dict(dataset="image_folder", labelled_dir=str(folders["labelled"]),
+                   unlabelled_dir=str(folders["unlabelled"]), test_dir=str(folders["test"]), image_size=16,
+                   channels=3, num_labelled=None, val_size=3, batch_size=8, labelled_batch_size=4, eval_batch_size=64,
+                   binarize="none", on_error="skip", resize="crop")
+    options.update(kwargs)
+    return SemiSupervisedDataModule(**options)
+
+
+def first_batch(dm: SemiSupervisedDataModule) -> dict:
+    batch = next(iter(dm.train_dataloader()))
+    return dm.on_after_batch_transfer(batch[0] if isinstance(batch, tuple) else batch, 0)
+
+
+def test_the_folders_become_a_semi_supervised_data_set(folders) -> None:
+    """Classes from the sub-folders; the bad files listed in one warning and left out; validation held out from the
+    labelled images; every image (H, W, C) brought to the configured (3, 16, 16) in [0, 1]."""
+    dm = folder_dm(folders)
+    assert dm.class_names == list(CLASSES) and dm.num_classes == 3 and dm.input_shape == (3, 16, 16)
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    message = " ".join(str(w.message) for w in record)
+    for bad in ("truncated.png", "not_a_png.png", "notes.txt"):
+        assert bad in message
+    assert "skipped 3 file(s)" in message
+    # 18 labelled (6 per class): 3 held out, the other 15 labelled; 30 unlabelled: 45 training images
+    assert (len(dm.split.val), dm.num_labelled, dm.num_train) == (3, 15, 45)
+    batch = first_batch(dm)
+    x_l, y_l = batch["labelled"]
+    assert x_l.shape == (4, 3, 16, 16) and batch["unlabelled"].shape == (8, 3, 16, 16)
+    assert 0 <= float(x_l.min()) and float(x_l.max()) <= 1 and set(y_l.tolist()) <= {0, 1, 2}
+    x_test, y_test = next(iter(dm.test_dataloader()))
+    assert x_test.shape == (12, 3, 16, 16) and y_test.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_streaming_from_disk_gives_the_in_memory_batches(folders) -> None:
+    """``in_memory: false`` keeps the images on disk (decoded per batch, in workers when there are some) and draws
+    exactly the batches of the in-memory path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_memory, on_disk = folder_dm(folders, in_memory=True), folder_dm(folders, in_memory=False)
+        in_memory.setup("fit"), on_disk.setup("fit")
+    assert isinstance(on_disk._train_images, FolderImages) and isinstance(in_memory._train_images, torch.Tensor)
+    torch.manual_seed(0)
+    a = first_batch(in_memory)
+    torch.manual_seed(0)
+    b = first_batch(on_disk)
+    assert torch.equal(a["unlabelled"], b["unlabelled"]) and torch.equal(a["labelled"][0], b["labelled"][0])
+    for x, y in zip(in_memory.val_dataloader(), on_disk.val_dataloader()):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_a_class_balanced_label_budget_and_the_record_of_labelled_files(folders, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = folder_dm(folders, num_labelled=9, val_size=0)
+        dm.setup("fit")
+    labels = dm._train_labels[dm.split.labelled]
+    assert torch.bincount(labels, minlength=3).tolist() == [3, 3, 3]
+    dm._write_split(tmp_path)
+    record = json.loads((tmp_path / "labelled_indices.json").read_text())
+    assert record["class_names"] == list(CLASSES)
+    assert all(f.startswith(f"labelled/{CLASSES[y]}/") for f, y in zip(record["labelled_files"], labels.tolist()))
+
+
+def test_bad_folders_are_one_clear_error_each(folders, tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match=r"1 file\(s\) cannot be used: .*truncated\.png.*--data\.on_error skip"):
+        folder_dm(folders, unlabelled_dir=None, on_error="fail").setup("fit")
+    empty = write_image_folders(tmp_path / "empty", labelled_per_class=2, unlabelled=0, test_per_class=1)
+    for image in (empty["labelled"] / CLASSES[2]).iterdir():
+        image.unlink()
+    with pytest.raises(ConfigError, match=re.escape(f"{empty['labelled'] / CLASSES[2]} hold no usable image")):
+        folder_dm(empty, unlabelled_dir=None, val_size=0).setup("fit")
+    (empty["test"] / "hexagon").mkdir()
+    with pytest.raises(ConfigError, match=r"data\.test_dir: the class folder\(s\) \['hexagon'\]"):
+        folder_dm(empty, unlabelled_dir=None, labelled_dir=str(folders["labelled"]), val_size=0).setup("fit")
+    with pytest.raises(ConfigError, match="data.labelled_dir is required"):
+        folder_dm(folders, labelled_dir=None)
+    with pytest.raises(ConfigError, match=re.escape(f"data.labelled_dir: {tmp_path / 'nope'} is not a folder")):
+        folder_dm(folders, labelled_dir=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="data.channels must be 1"):
+        folder_dm(folders, channels=4)
+    with pytest.raises(ConfigError, match="data.image_size must be set"):
+        folder_dm(folders, image_size=None)
+    with pytest.raises(ConfigError, match="no labelled training image is left for the class"):
+        folder_dm(folders, val_size=17).setup("fit")
+    with pytest.raises(ConfigError, match="data.image_size and data.channels are fixed by mnist"):
+        SemiSupervisedDataModule(dataset="mnist", image_size=32)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as stream:
+        reader = csv.DictReader(stream)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: Path) -> None:
+    """M2 (tiny MLP) on the folders through the ``ssvae`` command: fit (bad files skipped), test on test_dir, then
+    predict a folder: the CSV names the classes, which the checkpoint carries."""
+    from ssvae_pl.cli import main
+
+    logs = tmp_path / "lightning_logs"
+    common = ["-c", M2_CONFIG, "-c", FOLDER_DATA, "--data.labelled_dir", str(folders["labelled"]),
+              "--data.unlabelled_dir", str(folders["unlabelled"]), "--data.test_dir", str(folders["test"]),
+              "--data.image_size", "16", "--data.val_size", "3", "--data.batch_size", "8",
+              "--data.labelled_batch_size", "4", "--data.on_error", "skip", "--model.init_args.hidden_dims", "[16]",
+              "--model.init_args.classifier_hidden_dims", "[16]", "--model.init_args.latent_dim", "4",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.version", "run"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["fit", *common, "--trainer.max_epochs", "2", "--trainer.callbacks+=ssvae_pl.callbacks.EpochTimer"])
+    checkpoint = logs / "m2" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["class_names"] == list(CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["test", *common[:-2], "--trainer.logger.init_args.version", "run-test", "--ckpt_path", str(checkpoint)])
+    assert 0 <= read_scalars(logs / "m2" / "run-test")["test/acc"] <= 1  # on test_dir's 12 images
+    output = tmp_path / "predictions.csv"
+    new_photos = write_image_folders(tmp_path / "new", labelled_per_class=2, unlabelled=0, test_per_class=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["predict", *common, "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
+              "--data.predict_dir", str(new_photos["labelled"]), "--predictions.output", str(output)])
+    header, rows = read_csv(output)
+    assert header == ["file", "predicted", *(f"prob_{name}" for name in CLASSES)]
+    assert [row["file"] for row in rows][:2] == [f"{CLASSES[0]}/{CLASSES[0]}_000.png", f"{CLASSES[0]}/{CLASSES[0]}_001.png"]
+    assert {row["predicted"] for row in rows} <= set(CLASSES)
+    result = ssvae(tmp_path, "fit", *common[:-2], "--trainer.logger.init_args.version", "strict",
+                   "--data.on_error", "fail", "--trainer.max_epochs", "1")
+    assert result.returncode == 2
+    assert_one_line_user_error(result, "truncated.png")
+    assert not (logs / "m2" / "strict" / "checkpoints").exists()
