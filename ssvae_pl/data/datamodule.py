@@ -251,6 +251,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.split: Split | None = None
         self.pool_files: list[str] | None = None  # image_folder: each training image's path, in the pool's order
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
+        self._val_images = self._val_labels = None
         self._predict_images = self._predict_labels = None
         self.predict_files: list[str] | None = None  # predict_dir's images, relative to it; None: the test set
         # training order, kept in checkpoints (state_dict) so that a resumed run continues it exactly
@@ -375,6 +376,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         if self.split is not None:
             self._hold_on(self._holding_device())
             return
+        if stage == "test" and self.is_image_folder:  # test_dir alone: the training folders are not read
+            if self._test_images is None:
+                self._test_images, self._test_labels = self._read_test_folder()
+            self._hold_on(self._holding_device())
+            return
         hp = self.hparams
         train_images, self._train_labels, test_images, self._test_labels = self._load_images()
         self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed,
@@ -415,6 +421,14 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             test_images, test_labels = labelled_folder(hp.test_dir, self._class_names, transform, hp.on_error)
         return images, labels, test_images, test_labels
 
+    def _read_test_folder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image folder's ``test_dir``, binarised as test images are (``_fixed_sample``)."""
+        hp = self.hparams
+        if hp.test_dir is None:
+            self._require_test_set()
+        images, labels = labelled_folder(hp.test_dir, self._class_names, self._transform(), hp.on_error)
+        return self._fixed_sample(images, seed_offset=2), labels
+
     def _require_test_set(self) -> None:
         if self._test_images is None:
             raise ConfigError("data.test_dir is not set: ssvae test (and ssvae predict without data.predict_dir) "
@@ -439,11 +453,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             elif self._test_images is not None:  # already set up to fit or test
                 self._predict_images, self._predict_labels = self._test_images, self._test_labels
             elif self.is_image_folder:  # its test_dir alone
-                if hp.test_dir is None:
-                    self._require_test_set()
-                images, self._predict_labels = labelled_folder(hp.test_dir, self._class_names, self._transform(),
-                                                               hp.on_error)
-                self._predict_images = self._fixed_sample(images, seed_offset=2)
+                self._predict_images, self._predict_labels = self._read_test_folder()
             else:
                 images, self._predict_labels = load_split(hp.dataset, hp.data_dir, train=False,
                                                           download=hp.download, check_md5=hp.check_md5)

@@ -313,18 +313,24 @@ def _use_local_files(raw_dir: Path, expected_md5: dict[str, str]) -> list[str]:
     return missing
 
 
+def check_md5(path: Path, expected_md5: str | None,
+              fix: str = "Fix: delete it so it is fetched again, or replace it with the official file.") -> None:
+    """DataSourceError naming ``path`` when its md5 is not ``expected_md5`` (nothing to check when that is empty)."""
+    if not expected_md5:
+        return
+    actual = file_md5(path)
+    if actual != expected_md5:
+        raise DataSourceError(
+            f"{path}: md5 mismatch: expected {expected_md5}, actual {actual}.\n"
+            f"The file is corrupted or not the official {path.name}.\n"
+            f"{fix[:-1]}; or turn the md5 check off (check_md5=False) if it is a deliberate custom file."
+        )
+
+
 def verify_raw_file(path: Path, expected_md5: str | None) -> None:
     """Structural IDX check of ``path`` and, if ``expected_md5`` is given, its md5; DataSourceError on failure."""
     validate_idx_file(path)
-    if expected_md5:
-        actual = file_md5(path)
-        if actual != expected_md5:
-            raise DataSourceError(
-                f"{path}: md5 mismatch: expected {expected_md5}, actual {actual}.\n"
-                f"The file is corrupted or not the official {path.name}.\n"
-                f"Fix: delete it so it is fetched again, or replace it with the official file "
-                f"(or turn the md5 check off (check_md5=False) if it is a deliberate custom file)."
-            )
+    check_md5(path, expected_md5)
 
 
 def validate_idx_file(path: Path) -> tuple[int, ...]:
@@ -698,14 +704,7 @@ def verify_colour_file(info: DatasetInfo, path: Path, expected_md5: str | None) 
                 f"{path}: a MATLAB v7.3 (HDF5) file, which scipy cannot read; the official files are MATLAB 5.\n"
                 f"{fix} (Or re-save it in MATLAB with save(..., '-v7').)"
             )
-    if expected_md5:
-        actual = file_md5(path)
-        if actual != expected_md5:
-            raise DataSourceError(
-                f"{path}: md5 mismatch: expected {expected_md5}, actual {actual}.\n"
-                f"The file is corrupted or not the official {path.name}.\n"
-                f"{fix[:-1]}; or turn the md5 check off (check_md5=False) if it is a deliberate custom file."
-            )
+    check_md5(path, expected_md5, fix)
 
 
 def _stage_cifar_archive(archive: Path, staging: Path, missing: list[str]) -> None:
