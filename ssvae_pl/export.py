@@ -7,7 +7,8 @@ encoder (its posterior mean) and the classifier head; for M2, q(y|x); for M1+M2,
 Both files take float32 images (B, C, H, W) in [0, 1] (MNIST: (B, 1, 28, 28), a light digit on black, binarised
 or grey as in training) under the name ``images``, and return class probabilities (B, K), softmax applied, under
 ``probabilities``; B is free. The files are ``<stem>.torchscript.pt`` and ``<stem>.onnx``, <stem> the checkpoint's
-name, in ``--output_dir`` (default: the checkpoint's folder).
+name, in ``--output_dir`` (default: the checkpoint's folder), with ``<stem>.classes.json`` beside them: the class
+names in the order of the outputs (an image folder's sub-folder names) and the input shape.
 
 Before they are put in place, each file is loaded back (``torch.jit.load``; ONNX Runtime) and must give the
 checkpoint's probabilities within ``--atol`` on seeded batches of 1 and 64 images (another size than the one
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 import warnings
 from contextlib import ExitStack
@@ -30,6 +32,7 @@ from torch import nn
 
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError
 from ssvae_pl.files import atomic_output
+from ssvae_pl.prediction import class_names
 
 TOLERANCE = 1e-4  # largest absolute difference of a probability, exported model against the checkpoint
 CHECK_BATCH_SIZES = (1, 64)
@@ -143,7 +146,8 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
     model = load_classifier(ckpt_path)
     folder = Path(output_dir) if output_dir is not None else Path(ckpt_path).parent
     stem = Path(ckpt_path).stem
-    targets = {"torchscript": folder / f"{stem}.torchscript.pt", "onnx": folder / f"{stem}.onnx"}
+    targets = {"torchscript": folder / f"{stem}.torchscript.pt", "onnx": folder / f"{stem}.onnx",
+               "classes": folder / f"{stem}.classes.json"}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise ConfigError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
@@ -164,6 +168,12 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
         session = onnxruntime.InferenceSession(str(temporary["onnx"]), providers=["CPUExecutionProvider"])
         results["onnx"] = largest_difference(lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], model,
                                              batches, "ONNX", atol)
+        # what the outputs mean, beside them: output k is the probability of class_names[k]
+        k = int(exported(example).shape[-1])
+        names = class_names(model, None, k)
+        temporary["classes"].write_text(json.dumps({"class_names": names, "input_shape": list(input_shape),
+                                                    "input": INPUT_NAME, "output": OUTPUT_NAME}, indent=2) + "\n")
+        results["classes"] = None
     return {kind: (targets[kind], difference) for kind, difference in results.items()}
 
 
@@ -195,6 +205,9 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
     sizes = ", ".join(str(b) for b in CHECK_BATCH_SIZES)
     for kind, (path, difference) in written.items():
+        if difference is None:
+            print(f"wrote {path} (the class names, in the order of the outputs, and the input shape)")
+            continue
         print(f"wrote {path} ({kind}): matches the checkpoint on batches of {sizes} images, largest difference "
               f"in a probability {difference:.2g} (tolerance {options.atol:g})")
 

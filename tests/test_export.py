@@ -5,6 +5,7 @@ One run goes through the real entry point; the others call ``export_classifier``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,12 @@ def test_ssvae_export_of_a_latent_classifier(tmp_path: Path, classifier_checkpoi
     result = ssvae(tmp_path, "export", "--ckpt_path", str(classifier_checkpoint), "--output_dir", str(tmp_path / "x"))
     ok(result)
     files = {"torchscript": tmp_path / "x" / "last.torchscript.pt", "onnx": tmp_path / "x" / "last.onnx"}
-    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted(p.name for p in files.values())
+    classes = tmp_path / "x" / "last.classes.json"
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted(p.name for p in [*files.values(), classes])
     assert result.stdout.count("matches the checkpoint") == 2
     assert_exports_match(files, classifier_checkpoint, test_images)
+    meaning = json.loads(classes.read_text())  # output k is the probability of class_names[k]
+    assert meaning["class_names"] == [str(k) for k in range(10)] and meaning["input_shape"] == [1, 28, 28]
 
     kept = {kind: path.read_bytes() for kind, path in files.items()}
     again = ssvae(tmp_path, "export", "--ckpt_path", str(classifier_checkpoint), "--output_dir", str(tmp_path / "x"))
@@ -77,6 +81,7 @@ def test_export_of_m2_and_m1_m2(tmp_path: Path, make_dm, vae_checkpoint: Path, t
     """M2's q(y|x), and M1+M2's q(y|x) on M1's frozen encoder, as exported files; --overwrite replaces them."""
     m2 = fit_m2(make_dm, tmp_path / "m2")
     files = {kind: path for kind, (path, _) in export_classifier(str(m2)).items()}
+    assert files.pop("classes") == m2.parent / "m2.classes.json"
     assert files == {"torchscript": m2.parent / "m2.torchscript.pt", "onnx": m2.parent / "m2.onnx"}
     assert_exports_match(files, m2, test_images)
 
@@ -84,9 +89,10 @@ def test_export_of_m2_and_m1_m2(tmp_path: Path, make_dm, vae_checkpoint: Path, t
     out = tmp_path / "exported"
     export_classifier(str(m1m2), str(out))
     written = export_classifier(str(m1m2), str(out), overwrite=True)
+    written.pop("classes")
     assert all(difference <= TOLERANCE for _, difference in written.values())
     assert_exports_match({kind: path for kind, (path, _) in written.items()}, m1m2, test_images)
-    assert sorted(p.name for p in out.iterdir()) == ["m2.onnx", "m2.torchscript.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["m2.classes.json", "m2.onnx", "m2.torchscript.pt"]
 
 
 def test_a_mismatch_is_an_error_and_writes_nothing(tmp_path: Path, classifier_checkpoint: Path, monkeypatch) -> None:
