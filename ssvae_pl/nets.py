@@ -81,6 +81,16 @@ def conv_output_shape(input_shape: Sequence[int], conv_channels: Sequence[int]) 
     return channels[-1], height // factor, width // factor
 
 
+def _init_conv(net: nn.Module) -> None:
+    """He (Kaiming) normal weights and zero biases for the (transposed) convolutions. PyTorch's default init keeps
+    too little of the signal through a stack of stride-2 layers: with it a 3-layer softplus trunk gave features
+    that varied by 0.4% across images, and a classifier on them did not fit 100 labelled images in 60 Adam steps."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+
+
 class ConvTrunk(nn.Module):
     """Images (B, C, H, W) -> features (B, C_L * H/2^L * W/2^L): Conv2d(kernel 4, stride 2, padding 1) layers of
     ``conv_channels`` output channels, each followed by ``activation``, then flattened. An encoder's or a
@@ -97,6 +107,7 @@ class ConvTrunk(nn.Module):
             layers += [nn.Conv2d(in_channels, int(width), kernel_size=4, stride=2, padding=1), _activation(activation)]
             in_channels = int(width)
         self.net = nn.Sequential(*layers)
+        _init_conv(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten(start_dim=1)  # (B, C_L * h * w)
@@ -121,6 +132,7 @@ class DeconvHead(nn.Module):
                 layers.append(_activation(activation))
             in_channels = width
         self.net = nn.Sequential(*layers)
+        _init_conv(self.net)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         lead = h.shape[:-1]  # (B,) or (B, K)
