@@ -127,7 +127,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames), list(reader)
 
 
-def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: Path) -> None:
+def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: Path, capsys) -> None:
     """M2 (tiny MLP) on the folders through the ``ssvae`` command: fit (bad files skipped), test on test_dir, then
     predict a folder: the CSV names the classes, which the checkpoint carries."""
     from ssvae_pl.cli import main
@@ -159,6 +159,15 @@ def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: 
     assert header == ["file", "predicted", *(f"prob_{name}" for name in CLASSES)]
     assert [row["file"] for row in rows][:2] == [f"{CLASSES[0]}/{CLASSES[0]}_000.png", f"{CLASSES[0]}/{CLASSES[0]}_001.png"]
     assert {row["predicted"] for row in rows} <= set(CLASSES)
+    # a checkpoint is refused on data of other classes: one error naming both lists, exit 2, no CSV
+    (new_photos["labelled"] / CLASSES[0]).rename(new_photos["labelled"] / "disc")
+    other = [a if a != str(folders["labelled"]) else str(new_photos["labelled"]) for a in common]
+    with pytest.raises(SystemExit) as stopped, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["predict", *other, "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
+              "--data.predict_dir", str(new_photos["labelled"]), "--predictions.output", str(tmp_path / "no.csv")])
+    assert stopped.value.code == 2 and not (tmp_path / "no.csv").exists()
+    assert "the checkpoint was trained on the classes ['circle', 'square', 'triangle']" in capsys.readouterr().err
     result = ssvae(tmp_path, "fit", *common[:-2], "--trainer.logger.init_args.version", "strict",
                    "--data.on_error", "fail", "--trainer.max_epochs", "1")
     assert result.returncode == 2
