@@ -1,4 +1,6 @@
-"""``AtomicCheckpointIO``: checkpoints that survive a kill during their own writing.
+"""Checkpoint files: ``AtomicCheckpointIO`` writes them so that they survive a kill during their own writing;
+``read_checkpoint`` reads one for ``ssvae`` (``--ckpt_path``, ``model.vae_checkpoint``, ``ssvae export``) with one
+clear error for a missing, unreadable or foreign file.
 
 Lightning's ``TorchCheckpointIO`` serialises a checkpoint in memory, then truncates the target file and writes it:
 a process killed during that write leaves a partial ``last.ckpt``, and the run cannot be resumed. This plugin
@@ -15,7 +17,6 @@ In a config::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from ssvae_pl.files import atomic_output
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,27 +38,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_folder(path.parent)
+        with atomic_output(path, durable=True) as temporary, open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+def read_checkpoint(path: str | Path, field: str, fix: str, mmap: bool = False) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path`` (loaded on the CPU, tensors only). A missing file, one that torch cannot
+    load (truncated, corrupt, not a torch file) or one without a ``state_dict`` raises one ``CheckpointError`` that
+    names ``field``, the file and ``fix`` (what to pass instead)."""
+    from ssvae_pl.errors import CheckpointError
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{field}: {path} does not exist; {fix}.")
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{field}: {path} cannot be read as a checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120] if str(err) else ''}); it may be truncated or "
+                              f"corrupt. Fix: {fix}.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{field}: {path} is not a Lightning checkpoint (no state_dict in it); {fix}.")
+    return ckpt

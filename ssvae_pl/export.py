@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssvae_pl.checkpoint_io import read_checkpoint
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError
 from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import class_names
@@ -56,16 +57,9 @@ def load_classifier(ckpt_path: str) -> pl.LightningModule:
     from ssvae_pl.models import M2, LatentClassifier
 
     classifiers = {"LatentClassifier": LatentClassifier, "M2": M2}
-    file = Path(ckpt_path)
-    if not file.is_file():
-        raise CheckpointError(f"--ckpt_path: {ckpt_path} does not exist; pass a LatentClassifier or M2 checkpoint, "
-                              "e.g. lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt.")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-        hparams, state = dict(ckpt["hyper_parameters"]), ckpt["state_dict"]
-    except Exception as err:  # truncated zip, not a torch file, not a Lightning checkpoint, ...
-        raise CheckpointError(f"--ckpt_path: {ckpt_path} cannot be read as a Lightning checkpoint "
-                              f"({type(err).__name__}: {str(err)[:120]}); it may be truncated or corrupt.") from None
+    ckpt = read_checkpoint(ckpt_path, "--ckpt_path", "pass a LatentClassifier or M2 checkpoint, e.g. "
+                           "lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt")
+    hparams, state = dict(ckpt.get("hyper_parameters", {})), ckpt["state_dict"]
     name = hparams.get("_class_path", "").rsplit(".", 1)[-1]
     if not name and any(k.startswith("classifier.") for k in state):  # saved by a plain Trainer: by its weights
         name = "M2" if any(k.startswith("decoder.") for k in state) else "LatentClassifier"

@@ -9,6 +9,7 @@ import os
 import traceback
 from pathlib import Path
 
+from ssvae_pl.checkpoint_io import read_checkpoint
 from ssvae_pl.errors import CheckpointError
 
 SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry", "null", "None", ""}
@@ -31,12 +32,10 @@ def check_ckpt_path(command_line: list[str]) -> None:
     if value is None or value in SPECIAL_CKPT_PATHS or "://" in value:
         return
     path = Path(value)
+    fix = "give a run's checkpoints/last.ckpt, or --ckpt_path last to resume the run in the configured folder"
     if not path.is_file():
-        raise CheckpointError(f"--ckpt_path: {value} does not exist; give a run's checkpoints/last.ckpt, or "
-                              "--ckpt_path last to resume the run in the configured folder.")
+        read_checkpoint(path, "--ckpt_path", fix)  # one error: it does not exist
     import zipfile
-
-    import torch
 
     try:
         with zipfile.ZipFile(path) as archive:  # what torch.save writes; every member's CRC is checked
@@ -46,13 +45,7 @@ def check_ckpt_path(command_line: list[str]) -> None:
                               "torch.save writes).") from None
     if corrupt is not None:
         raise CheckpointError(f"--ckpt_path: {value} is corrupt ({corrupt} fails its checksum).")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"--ckpt_path: {value} cannot be read as a checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:120]}); it may be truncated or corrupt.") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"--ckpt_path: {value} is not a Lightning checkpoint (no state_dict in it).")
+    read_checkpoint(path, "--ckpt_path", fix, mmap=True)
 
 
 def describe(err: BaseException) -> str | None:

@@ -79,7 +79,6 @@ import json
 import logging
 import os
 import pickle
-import secrets
 import shutil
 import struct
 import subprocess
@@ -87,14 +86,15 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 import torchvision
+
+from ssvae_pl.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -874,28 +874,14 @@ def _scipy_loadmat():
 # --------------------------------------------------------------------------- small helpers
 
 
-@contextlib.contextmanager
-def _atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """A new temporary file next to ``path`` (normal permissions), ``os.replace``d onto ``path`` on success."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def _write_atomically(path: Path, data: bytes) -> None:
-    with _atomic_output(path) as f:
-        f.write(data)
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def _gunzip(src: Path, dest: Path) -> None:
     """Decompress ``src`` into ``dest`` atomically."""
-    with _atomic_output(dest) as out, gzip.open(src, "rb") as f:
+    with atomic_output(dest) as temporary, temporary.open("xb") as out, gzip.open(src, "rb") as f:
         shutil.copyfileobj(f, out, 1 << 20)
 
 

@@ -171,23 +171,12 @@ def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple
 
     Raises ``CheckpointError`` naming ``field`` and the file when it is missing, unreadable or not a VAE.
     """
-    from pathlib import Path
-
+    from ssvae_pl.checkpoint_io import read_checkpoint
     from ssvae_pl.errors import CheckpointError
 
-    file = Path(path)
     retrain = "train one with `ssvae fit -c configs/mnist/m1_vae.yaml` and pass its checkpoints/last.ckpt"
-    if not file.is_file():
-        raise CheckpointError(f"{field}: {path} does not exist; {retrain}.")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, ...
-        raise CheckpointError(
-            f"{field}: {path} cannot be read as a checkpoint ({type(err).__name__}: {str(err)[:120]}); it may be "
-            f"truncated or corrupt. {retrain[0].upper() + retrain[1:]}."
-        ) from None
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    ckpt = read_checkpoint(path, field, retrain)
+    hparams, state = ckpt.get("hyper_parameters", {}), ckpt["state_dict"]
     class_path = hparams.get("_class_path", "")
     encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     if (class_path and class_path.rsplit(".", 1)[-1] != "VAE") or not encoder_state or not all(
