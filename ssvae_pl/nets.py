@@ -84,7 +84,7 @@ def conv_output_shape(input_shape: Sequence[int], conv_channels: Sequence[int]) 
 def _init_conv(net: nn.Module) -> None:
     """He (Kaiming) normal weights and zero biases for the (transposed) convolutions. PyTorch's default init keeps
     too little of the signal through a stack of stride-2 layers: with it a 3-layer softplus trunk gave features
-    that varied by 0.4% across images, and a classifier on them did not fit 100 labelled images in 60 Adam steps."""
+    that varied by 0.4% across images, and a classifier on them did not fit 200 labelled images in 60 Adam steps."""
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
