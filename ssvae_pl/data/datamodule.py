@@ -143,6 +143,16 @@ def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.bernoulli(images.float() / 255.0, generator=generator).to(torch.uint8) * 255
 
 
+def _same_split(path: Path, record: dict[str, Any]) -> bool:
+    """Whether the split recorded at ``path`` is ``record``'s: the same images labelled and held out. Keys that a
+    record written by an older version lacks (``class_names``, the file lists) are not compared."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and all(saved[key] == value for key, value in record.items() if key in saved)
+
+
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """A class-balanced labelled subset, chosen by ``seed``, beside the unlabelled training images.
 
@@ -511,7 +521,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             record["val_files"] = [self.pool_files[i] for i in split.val.tolist()]
         text = json.dumps(record)
         if path.is_file():  # a resumed run finds its own record; another run's is never overwritten
-            if path.read_text() == text:
+            if _same_split(path, record):
                 return
             raise ConfigError(
                 f"the run folder {log_dir.resolve()} already holds a run with another labelled subset ({path.name} "
