@@ -76,7 +76,15 @@ class SaveConfigToRunFolder(SaveConfigCallback):
             saved = yaml.safe_load(existing.read_text())
         except (OSError, yaml.YAMLError):
             return False
-        return comparable(saved) == comparable(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+        return _agree(comparable(saved), comparable(yaml.safe_load(self.parser.dump(self.config, skip_none=False))))
+
+
+def _agree(saved, current) -> bool:
+    """Whether two configs agree on every setting they both hold. A setting that only one holds is one that a newer
+    version added (``data.image_size``) or an older one had: a run started before an upgrade still resumes."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return all(_agree(saved[key], current[key]) for key in saved.keys() & current.keys())
+    return saved == current
 
 
 class SSVAECLI(LightningCLI):
