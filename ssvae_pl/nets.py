@@ -315,70 +315,54 @@ class ConditionalGaussianEncoder(nn.Module):
         return mean.unflatten(0, h.shape[:2]), std.unflatten(0, h.shape[:2])  # (B, K, Z), (B, K, Z)
 
 
-class ConditionalBernoulliDecoder(BernoulliDecoder):
-    """p(x|y,z) = Bernoulli(sigmoid(logits([z, onehot(y)]))); returns the logits, shaped like the images.
+class ClassConditional:
+    """Mixin that turns a decoder of z into a decoder of (z, y): its network sees [z, onehot(y)]. The base
+    decoder's first argument is its input width, here ``latent_dim + num_classes``; the weights keep the base's
+    names, so checkpoints do not depend on the mixin. ``z`` is (..., Z) and ``y`` the class indices (...), so a
+    (B, K, Z) batch of latents with (B, K) classes decodes to (B, K, ...)."""
 
-    ``z`` is (..., Z) and ``y`` the class indices (...), so a (B, K, Z) batch of latents with (B, K) classes
-    gives (B, K, C, H, W) logits.
-    """
-
-    def __init__(
-        self,
-        latent_dim: int,
-        num_classes: int,
-        hidden_dims: Sequence[int],
-        output_shape: Sequence[int],
-        activation: Activation = "softplus",
-        conv_channels: Sequence[int] = (),
-    ) -> None:
-        super().__init__(latent_dim + num_classes, hidden_dims, output_shape, activation, conv_channels)
+    def __init__(self, latent_dim: int, num_classes: int, *args, **kwargs) -> None:
+        super().__init__(latent_dim + num_classes, *args, **kwargs)
         self.num_classes = num_classes
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return super().forward(_with_onehot(z, y, self.num_classes))  # (..., C, H, W)
+    def forward(self, z: torch.Tensor, y: torch.Tensor):
+        return super().forward(_with_onehot(z, y, self.num_classes))
 
 
-class ConditionalDiscretizedLogisticDecoder(DiscretizedLogisticDecoder):
-    """p(x|y,z) for 8-bit images, a discretised logistic per sub-pixel from [z, onehot(y)]; returns (mean,
-    log_scale), each (..., C, H, W) (see ``DiscretizedLogisticDecoder``). ``z`` is (..., Z), ``y`` (...)."""
-
-    def __init__(
-        self,
-        latent_dim: int,
-        num_classes: int,
-        hidden_dims: Sequence[int],
-        output_shape: Sequence[int],
-        activation: Activation = "softplus",
-        conv_channels: Sequence[int] = (),
-        min_log_scale: float = -7.0,
-    ) -> None:
-        super().__init__(latent_dim + num_classes, hidden_dims, output_shape, activation, conv_channels, min_log_scale)
-        self.num_classes = num_classes
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().forward(_with_onehot(z, y, self.num_classes))  # (..., C, H, W) x 2
-
-
-class ConditionalGaussianDecoder(nn.Module):
-    """p(x|y,z) = N(mean([z, onehot(y)]), diag(std^2)), std = softplus(.) + min_std: for real-valued x such as
-    M1's latents (SSDGM M1+M2). Returns (mean, std), each (..., out_dim)."""
+class GaussianDecoder(nn.Module):
+    """p(x|z) = N(mean(z), diag(std(z)^2)), std = softplus(.) + min_std: for real-valued x such as M1's latents
+    (SSDGM M1+M2). Returns (mean, std), each (..., out_dim)."""
 
     def __init__(
         self,
         latent_dim: int,
-        num_classes: int,
         hidden_dims: Sequence[int],
         out_dim: int,
         activation: Activation = "softplus",
         min_std: float = 1e-4,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
         self.min_std = min_std
-        self.net = mlp(latent_dim + num_classes, hidden_dims, 2 * out_dim, activation)
+        self.net = mlp(latent_dim, hidden_dims, 2 * out_dim, activation)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return gaussian_parameters(self.net(_with_onehot(z, y, self.num_classes)), self.min_std)  # (..., D) x 2
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gaussian_parameters(self.net(z), self.min_std)  # (..., D) x 2
+
+
+class ConditionalBernoulliDecoder(ClassConditional, BernoulliDecoder):
+    """p(x|y,z) = Bernoulli(sigmoid(logits([z, onehot(y)]))); returns the logits (..., C, H, W).
+    Arguments: (latent_dim, num_classes, hidden_dims, output_shape, activation, conv_channels)."""
+
+
+class ConditionalDiscretizedLogisticDecoder(ClassConditional, DiscretizedLogisticDecoder):
+    """p(x|y,z) for 8-bit images, a discretised logistic per sub-pixel from [z, onehot(y)]; returns (mean,
+    log_scale), each (..., C, H, W) (see ``DiscretizedLogisticDecoder``). Arguments: (latent_dim, num_classes,
+    hidden_dims, output_shape, activation, conv_channels, min_log_scale)."""
+
+
+class ConditionalGaussianDecoder(ClassConditional, GaussianDecoder):
+    """p(x|y,z) = N(mean([z, onehot(y)]), diag(std^2)) for M1's latents (M1+M2); returns (mean, std), each
+    (..., out_dim). Arguments: (latent_dim, num_classes, hidden_dims, out_dim, activation, min_std)."""
 
 
 def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:

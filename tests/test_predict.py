@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import quiet_trainer
 from ssvae_pl.data import sources
-from ssvae_pl.data.image_folder import find_images, load_image_folder, to_model_input_shape
+from ssvae_pl.data.image_folder import Transform, find_images, load_image_folder, to_model_input_shape
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import PredictionCSVWriter
@@ -147,7 +147,7 @@ def test_a_folder_of_the_test_images_predicts_as_the_test_set(tmp_path: Path, ma
     test_images = synthetic_mnist[1][sources.TEST_IMAGES]
     for i, image in enumerate(test_images):
         Image.fromarray(image).save(tmp_path / f"{i:04d}.png")
-    images, names = load_image_folder(tmp_path, (1, 28, 28))
+    images, names = load_image_folder(tmp_path, Transform((1, 28, 28), invert="auto"))
     assert names == [f"{i:04d}.png" for i in range(len(test_images))]
     assert torch.equal(images[:, 0], torch.from_numpy(test_images))
 

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -151,6 +151,13 @@ def _same_split(path: Path, record: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and all(saved[key] == value for key, value in record.items() if key in saved)
+
+
+def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``data.image_size`` as (height, width): one number is a square."""
+    if image_size is None:
+        return None
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
 class SemiSupervisedDataModule(pl.LightningDataModule):
@@ -291,8 +298,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 f"data.unlabelled='rest' with data.num_labelled={num_labelled} leaves no unlabelled images; "
                 "lower data.num_labelled or use data.unlabelled='all'."
             )
-        size = (image_size, image_size) if isinstance(image_size, int) else image_size
-        if (size is not None and tuple(size) != tuple(info.image_shape[1:])) or \
+        size = _size_pair(image_size)
+        if (size is not None and size != tuple(info.image_shape[1:])) or \
                 (channels is not None and channels != info.image_shape[0]):
             raise ConfigError(f"data.image_size and data.channels are fixed by {dataset} "
                               f"({tuple(info.image_shape)}); leave them out (null), or use data.dataset=image_folder.")
@@ -305,7 +312,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         if labelled_dir is None:
             raise ConfigError("data.labelled_dir is required for data.dataset=image_folder: a folder with one "
                               "sub-folder of labelled images per class (cat/, dog/, ...).")
-        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        size = _size_pair(image_size)
         if size is None or len(size) != 2 or min(size) <= 0:
             raise ConfigError(f"data.image_size must be set for data.dataset=image_folder, as one positive number "
                               f"or [height, width] (e.g. 32 or [32, 32]); got {image_size!r}.")
@@ -330,8 +337,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def input_shape(self) -> tuple[int, int, int]:
         if self.info is not None:
             return tuple(self.info.image_shape)
-        size = self.hparams.image_size
-        height, width = (size, size) if isinstance(size, int) else size
+        height, width = _size_pair(self.hparams.image_size)
         return (self.hparams.channels, height, width)
 
     @property
@@ -406,7 +412,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             self._val_images = self._fixed_sample(train_images, seed_offset=1)[self.split.val]
         self._val_labels = self._train_labels[self.split.val]
         self._train_images = train_images
-        self._test_images = None if test_images is None else self._fixed_sample(test_images, seed_offset=2)
+        self._test_images = test_images
         if self.num_unlabelled < hp.batch_size:
             raise ConfigError(
                 f"data.batch_size={hp.batch_size} exceeds the {self.num_unlabelled} unlabelled training images, so "
@@ -417,19 +423,17 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def _load_images(self):
         """(train images, train labels, test images, test labels): a torchvision dataset's, or the folders'
-        (``UNLABELLED`` labels for ``unlabelled_dir``; test ``None`` without ``test_dir``)."""
+        (``UNLABELLED`` labels for ``unlabelled_dir``; test ``None`` without ``test_dir``). The test images are
+        evaluation's fixed sample (``_fixed_sample``)."""
         hp = self.hparams
         if not self.is_image_folder:
             load = dict(download=hp.download, check_md5=hp.check_md5)
-            return (*load_split(hp.dataset, hp.data_dir, train=True, **load),
-                    *load_split(hp.dataset, hp.data_dir, train=False, **load))
-        transform = self._transform()
-        images, labels, _, self.pool_files = image_folder_pool(hp.labelled_dir, hp.unlabelled_dir, transform,
+            train_images, train_labels = load_split(hp.dataset, hp.data_dir, train=True, **load)
+            test_images, test_labels = load_split(hp.dataset, hp.data_dir, train=False, **load)
+            return train_images, train_labels, self._fixed_sample(test_images, seed_offset=2), test_labels
+        images, labels, _, self.pool_files = image_folder_pool(hp.labelled_dir, hp.unlabelled_dir, self._transform(),
                                                                hp.on_error, hp.in_memory)
-        test_images = test_labels = None
-        if hp.test_dir is not None:
-            test_images, test_labels = labelled_folder(hp.test_dir, self._class_names, transform, hp.on_error)
-        return images, labels, test_images, test_labels
+        return images, labels, *(self._read_test_folder() if hp.test_dir is not None else (None, None))
 
     def _read_test_folder(self) -> tuple[torch.Tensor, torch.Tensor]:
         """An image folder's ``test_dir``, binarised as test images are (``_fixed_sample``)."""
@@ -456,9 +460,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         hp = self.hparams
         if self._predict_images is None:
             if hp.predict_dir is not None:
-                transform = self._transform()
-                images, self.predict_files = load_image_folder(hp.predict_dir, self.input_shape, transform.invert,
-                                                               hp.on_error, transform.resize)
+                images, self.predict_files = load_image_folder(hp.predict_dir, self._transform(), hp.on_error)
                 self._predict_images = self._fixed_sample(images, seed_offset=2)  # as the test set
             elif self._test_images is not None:  # already set up to fit or test
                 self._predict_images, self._predict_labels = self._test_images, self._test_labels

@@ -126,31 +126,6 @@ def _inner_mask(image: torch.Tensor) -> torch.Tensor:
     return inner
 
 
-def load_image_folder(folder: str | Path, shape: Sequence[int], invert: Invert = "auto",
-                      on_error: OnError = "fail", resize: Resize = "pad") -> tuple[torch.Tensor, list[str]]:
-    """Every image under ``folder`` as uint8 (N, C, H, W) of ``shape``, with the paths relative to ``folder``.
-
-    An unreadable image stops everything (``on_error: fail``: ``ImageReadError`` naming it), or is left out with a
-    warning naming it (``skip``); a folder with no readable image at all is an error either way.
-    """
-    files = find_images(folder)
-    images, names = [], []
-    for path in files:
-        try:
-            image = read_image(path, channels=shape[0])
-        except ImageReadError as err:
-            if on_error == "fail":
-                raise ImageReadError(f"data.predict_dir: {err}; fix or remove it, or pass --data.on_error skip to "
-                                     "predict the other images.") from None
-            rank_zero_warn(f"skipped an unreadable image: {err}")
-            continue
-        images.append(to_model_input_shape(image, shape, invert, resize))
-        names.append(path.relative_to(folder).as_posix())
-    if not images:
-        raise ConfigError(f"data.predict_dir: none of the {len(files)} images in {folder} can be read.")
-    return torch.stack(images), names
-
-
 # ---- training folders ------------------------------------------------------------------------------------------
 
 
@@ -208,19 +183,19 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
-def _report_unreadable(problems: list[str], field: str, on_error: OnError) -> None:
+def _report_unreadable(problems: list[str], field: str, on_error: OnError, use: str = "train on") -> None:
     """One error (``fail``) or one warning (``skip``) listing every file that is left out, and why."""
     if not problems:
         return
     shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
     if on_error == "fail":
         raise ImageReadError(f"{field}: {len(problems)} file(s) cannot be used: {shown}. Fix or remove them, or "
-                             "pass --data.on_error skip to train on the others.")
+                             f"pass --data.on_error skip to {use} the others.")
     rank_zero_warn(f"{field}: skipped {len(problems)} file(s) that cannot be used: {shown}")
 
 
 def read_training_images(files: list[Path], transform: Transform, field: str, on_error: OnError,
-                         decode: bool = True) -> tuple[torch.Tensor | FolderImages, list[Path]]:
+                         decode: bool = True, use: str = "train on") -> tuple[torch.Tensor | FolderImages, list[Path]]:
     """The usable ones of ``files`` and their images: decoded into one uint8 tensor (``decode``, in threads:
     Pillow's decoders release the GIL), or left on disk as ``FolderImages`` after a header check of each. Files
     that are not images by their extension, or cannot be read, are reported by ``_report_unreadable``."""
@@ -234,11 +209,24 @@ def read_training_images(files: list[Path], transform: Transform, field: str, on
             results = list(pool.map(_check_header, candidates))
     kept = [path for path, result in zip(candidates, results) if not isinstance(result, str)]
     problems += [result for result in results if isinstance(result, str)]
-    _report_unreadable(problems, field, on_error)
+    _report_unreadable(problems, field, on_error, use)
     if not decode:
         return FolderImages(kept, transform), kept
     images = [result for result in results if not isinstance(result, str)]
     return (torch.stack(images) if images else torch.empty(0, *transform.shape, dtype=torch.uint8)), kept
+
+
+def load_image_folder(folder: str | Path, transform: Transform,
+                      on_error: OnError = "fail") -> tuple[torch.Tensor, list[str]]:
+    """Every image under ``folder`` (``data.predict_dir``) as uint8 (N, C, H, W), made by ``transform`` as the
+    training images are, with the paths relative to ``folder``. Unreadable images are reported as the training
+    folders' are (one error listing them all, or one warning with ``on_error: skip``); a folder with no readable
+    image at all is an error either way."""
+    files = find_images(folder)
+    images, kept = read_training_images(files, transform, "data.predict_dir", on_error, use="predict")
+    if not kept:
+        raise ConfigError(f"data.predict_dir: none of the {len(files)} images in {folder} can be read.")
+    return images, [path.relative_to(Path(folder)).as_posix() for path in kept]
 
 
 def class_folders(labelled_dir: str | Path, field: str = "data.labelled_dir") -> list[str]:
