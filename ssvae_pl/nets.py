@@ -372,7 +372,8 @@ def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Te
 
 class ImageClassifier(nn.Module):
     """Class logits of images (B, C, H, W) -> (B, K), from a trained model's networks, free of Lightning (to
-    export): ``head`` on the images, or on the posterior means of a frozen ``encoder`` (M1's) when one is given."""
+    export): ``head`` on the images, or on the posterior means of a frozen ``encoder`` (M1's) when one is given,
+    0 in the dimensions it marks inactive (``models.vae.FrozenEncoder``)."""
 
     def __init__(self, head: Classifier, encoder: GaussianEncoder | None = None) -> None:
         super().__init__()
@@ -380,5 +381,8 @@ class ImageClassifier(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = x if self.encoder is None else self.encoder(x)[0]  # (B, C, H, W) or the means (B, Z)
-        return self.head(features)  # (B, K)
+        if self.encoder is None:
+            return self.head(x)  # (B, K)
+        mean = self.encoder(x)[0]  # (B, Z): the posterior means, in the dimensions the head was trained on
+        active = getattr(self.encoder, "active", None)
+        return self.head(mean if active is None else mean * active.to(mean.dtype))  # (B, K)

@@ -15,7 +15,8 @@ from ssvae_pl import elbo
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import M2
-from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder
+from ssvae_pl.models.vae import FrozenEncoder, load_frozen_encoder
+from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder, ImageClassifier
 from test_cli import DEBUG, REPO, assert_one_line_user_error, data_args, ok, ssvae
 
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
@@ -204,7 +205,11 @@ def m1m2_run(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path, v
     torch.manual_seed(0)
     dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=100,
                                   labelled_batch_size=50)
-    model = M2(vae_checkpoint=str(vae_copy), hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
+    dm.setup("fit")
+    # the threshold between the spreads of M1's 4 posterior means (a VAE fitted for 2 steps): 2 of them active
+    spread = load_frozen_encoder(str(vae_copy))[0](dm.reference_images())[0].std(dim=0)
+    model = M2(vae_checkpoint=str(vae_copy), hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
+               m1_active_threshold=spread.median().item())
     start = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=str(root))
     trainer.fit(model, datamodule=dm)
@@ -222,7 +227,7 @@ def test_m1m2_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, m1m2_run) -> No
     assert model.classifier.training and not any(m.training for m in model.m1_encoder.modules())
     ckpt_state = torch.load(vae_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     expected = {k.removeprefix("encoder."): v for k, v in ckpt_state.items() if k.startswith("encoder.")}
-    actual = model.m1_encoder.state_dict()
+    actual = {k: v for k, v in model.m1_encoder.state_dict().items() if k != "active"}  # M1+M2's own record
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
@@ -230,6 +235,50 @@ def test_m1m2_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, m1m2_run) -> No
         assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items() if k.startswith(prefix))
     with pytest.raises(NotImplementedError, match="M1's decoder"):
         model.sample(torch.tensor([0]))
+
+
+def _encoder_with_a_dead_dimension() -> FrozenEncoder:
+    """M1's encoder of 3 latents whose 2nd posterior mean ignores the image (its weights zeroed), as a VAE's unused
+    dimensions do."""
+    torch.manual_seed(0)
+    encoder = FrozenEncoder(784, [16], 3, input_shape=(1, 28, 28))
+    with torch.no_grad():
+        encoder.net[-1].weight[1].zero_()
+    return encoder
+
+
+def test_m1_active_dimensions_are_found_and_the_others_left_out() -> None:
+    """``find_active`` keeps the latent dimensions whose posterior mean varies across images; the others are 0 in
+    every latent, sampled or not, in what export's ImageClassifier feeds the head too, and M1+M2's Gaussian
+    likelihood sums over the active dimensions only."""
+    encoder, x = _encoder_with_a_dead_dimension(), binary_images(200)
+    assert encoder.active.tolist() == [True, True, True]  # until found
+    assert encoder.find_active(x, threshold=0.1) == 2 and encoder.active.tolist() == [True, False, True]
+    sampled, means = encoder.latents(x, sample=True), encoder.latents(x)
+    assert torch.all(sampled[:, 1] == 0) and torch.all(means[:, 1] == 0) and sampled[:, 0].std() > 0
+    assert torch.equal(means[:, [0, 2]], encoder(x)[0][:, [0, 2]])
+    head = torch.nn.Linear(3, 10)
+    assert torch.allclose(ImageClassifier(head, encoder)(x), head(means))
+    assert encoder.find_active(x, threshold=0.0) == 3  # 0 keeps them all
+
+    h, mean, std = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5, 3) + 0.1
+    mask = torch.tensor([True, False, True])
+    expected = torch.distributions.Normal(mean[:, [0, 2]], std[:, [0, 2]]).log_prob(h[:, [0, 2]]).sum(dim=1)
+    assert torch.allclose(elbo.gaussian_log_likelihood(h, mean, std, dims=mask), expected, atol=1e-5)
+
+
+def test_m1m2_models_the_active_dimensions_and_older_checkpoints_keep_them_all(m1m2_run) -> None:
+    """Fitting M1+M2 finds M1's active dimensions on the data module's reference images and keeps the mask in
+    the checkpoint; an encoder state saved before the mask existed loads with every dimension active."""
+    model, _, _, dm, _ = m1m2_run
+    expected = model.m1_encoder(dm.reference_images())[0].std(dim=0) > model.hparams.m1_active_threshold
+    assert torch.equal(model.m1_encoder.active, expected) and int(expected.sum()) == 2
+    assert "m1_encoder.active" in model.state_dict()
+    old = _encoder_with_a_dead_dimension()
+    fresh = FrozenEncoder(784, [16], 3, input_shape=(1, 28, 28))
+    fresh.active.zero_()
+    fresh.load_state_dict({k: v for k, v in old.state_dict().items() if k != "active"})
+    assert fresh.active.all()
 
 
 def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
@@ -291,8 +340,12 @@ def test_m1m2_config_debug_run_through_the_command(tmp_path: Path, shared_mnist_
     """m1m2.yaml runs on a VAE checkpoint with the debug preset; without one it stops with one line naming
     model.vae_checkpoint."""
     data = data_args(shared_mnist_dir)
+    # a VAE fitted for 2 steps uses none of its latent dimensions yet: one line naming the setting, nothing written
+    too_strict = ssvae(tmp_path, "fit", "-c", M1M2_CONFIG, "-c", DEBUG, *data, *TINY_M2,
+                       "--model.vae_checkpoint", str(vae_checkpoint))
+    assert_one_line_user_error(too_strict, "model.m1_active_threshold")
     ok(ssvae(tmp_path, "fit", "-c", M1M2_CONFIG, "-c", DEBUG, *data, *TINY_M2,
-             "--model.vae_checkpoint", str(vae_checkpoint)))
+             "--model.vae_checkpoint", str(vae_checkpoint), "--model.init_args.m1_active_threshold", "0"))
     assert not any(tmp_path.iterdir())
     assert_one_line_user_error(ssvae(tmp_path, "fit", "-c", M1M2_CONFIG, "-c", DEBUG, *data, *TINY_M2),
                                "model.vae_checkpoint")

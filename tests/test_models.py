@@ -64,6 +64,44 @@ def test_a_few_vae_steps_increase_the_elbo() -> None:
     assert after > before + 50, (before, after)
 
 
+def test_kl_warmup_weighs_the_kl_term_by_a_rising_beta_and_validation_counts_active_units(
+        tmp_path: Path, shared_mnist_dir: Path) -> None:
+    """``kl_warmup_epochs``: beta = step / (warm-up epochs x batches per epoch), capped at 1, weighs the KL term of
+    the training loss (beta 0: the reconstruction term alone); ``val/active_units`` counts the latent dimensions
+    whose posterior mean varies across the validation images with a variance above 0.01."""
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    vae = VAE(hidden_dims=[64], latent_dim=8)
+    x = binary_batch(16)
+    vae.kl_weight = lambda: 0.0
+    torch.manual_seed(1)
+    loss = vae.training_step({"unlabelled": x}, 0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss, -vae(x)["recon"].mean())
+    with pytest.raises(ConfigError, match="model.kl_warmup_epochs"):
+        VAE(kl_warmup_epochs=-1)
+
+    class Betas(pl.Callback):
+        def __init__(self) -> None:
+            self.betas: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.betas.append(pl_module.kl_weight())
+
+    betas = Betas()
+    dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=50,
+                                  labelled_batch_size=20)
+    vae = VAE(hidden_dims=[32], latent_dim=4, kl_warmup_epochs=1.5)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, callbacks=[betas],
+                            default_root_dir=str(tmp_path))
+    trainer.fit(vae, datamodule=dm)
+    assert betas.betas == pytest.approx([min(1.0, step / 6) for step in range(8)])
+    assert vae.kl_weight() == 1.0 and "train/kl_weight" in trainer.logged_metrics
+    means = torch.cat([vae.encoder(to_model_input(b)[0])[0] for b in list(dm.val_dataloader())[:2]])
+    assert trainer.callback_metrics["val/active_units"].item() == int((means.var(dim=0) > 0.01).sum())
+
+
 @pytest.fixture
 def classifier_run(tmp_path: Path, shared_mnist_dir: Path, vae_checkpoint: Path):
     """A LatentClassifier on the session's VAE checkpoint, fitted for 3 steps; returns (model, trainer, start)."""
@@ -92,7 +130,7 @@ def test_latent_classifier_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, cl
     assert trainer.global_step == 3
     assert not model.encoder.training and all(not p.requires_grad for p in model.encoder.parameters())
     expected = encoder_state_of(vae_checkpoint)
-    actual = model.encoder.state_dict()
+    actual = {k: v for k, v in model.encoder.state_dict().items() if k != "active"}  # FrozenEncoder's own mask
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key

@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
@@ -93,6 +94,10 @@ class M2(pl.LightningModule):
             latents (M1+M2). Not needed to test or predict from this model's own checkpoint, which carries it.
         vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
             checkpoint so that it stands on its own.
+        m1_active_threshold: M1+M2 models only M1's active latent dimensions: those whose posterior mean has a
+            standard deviation above this over the first 1000 unlabelled training images, found when fitting
+            starts (``FrozenEncoder.find_active``; the paper's code: 0.1). The others are the prior's noise for
+            every image: the classifier and q(z|x,y) see 0 there and p(z1|y,z) leaves them out. 0 keeps them all.
         class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
             that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
@@ -117,6 +122,7 @@ class M2(pl.LightningModule):
         compile: CompileSetting = False,
         class_names: Sequence[str] | None = None,
         conv_channels: Sequence[int] = (),
+        m1_active_threshold: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,6 +130,9 @@ class M2(pl.LightningModule):
             raise ConfigError(f"model.num_train must be positive, got {num_train}.")
         if alpha is not None and alpha < 0:
             raise ConfigError(f"model.alpha must be >= 0, got {alpha}.")
+        if not 0 <= m1_active_threshold < float("inf"):
+            raise ConfigError(f"model.m1_active_threshold must be >= 0 (0 keeps all of M1's latent dimensions), got "
+                              f"{m1_active_threshold}.")
         self.m1_encoder = None
         if vae_checkpoint is not None or vae_hparams is not None:  # M1+M2
             self.m1_encoder, vae_hparams = frozen_encoder(vae_checkpoint, vae_hparams, input_shape)
@@ -184,6 +193,18 @@ class M2(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "num_unlabelled"):
             self.set_data_sizes(datamodule.num_labelled, datamodule.num_unlabelled, datamodule.num_train)
+            if self.m1_encoder is not None:  # a resumed run then restores the same mask from its checkpoint
+                images = datamodule.reference_images().to(self.device)
+                active = self.m1_encoder.find_active(images, self.hparams.m1_active_threshold)
+                if active == 0:
+                    raise ConfigError(
+                        f"model.vae_checkpoint: none of the VAE's {self.m1_encoder.latent_dim} latent dimensions "
+                        f"varies across images by more than model.m1_active_threshold="
+                        f"{self.hparams.m1_active_threshold}, so M1+M2 has nothing to model; train the VAE longer, or "
+                        "lower model.m1_active_threshold (0 keeps every dimension).")
+                rank_zero_info(f"M1+M2 models {active} of M1's {self.m1_encoder.latent_dim} latent dimensions: the "
+                               f"others' posterior means vary by less than model.m1_active_threshold="
+                               f"{self.hparams.m1_active_threshold} (std over {len(images)} training images).")
         elif stage == "fit" and (self.num_labelled is None or self.hparams.num_train is None):
             raise ConfigError("M2 needs the numbers of labelled and unlabelled training images: fit it with "
                               "SemiSupervisedDataModule, or call model.set_data_sizes(...) first.")
@@ -219,8 +240,7 @@ class M2(pl.LightningModule):
         if self.m1_encoder is None:
             return x
         with torch.no_grad():
-            mean, std = self.m1_encoder(x)  # (B, Z1), (B, Z1)
-            return elbo.reparameterize(mean, std) if self.training else mean
+            return self.m1_encoder.latents(x, sample=self.training)  # (B, Z1), 0 in the inactive dimensions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of q(y|x) for images in [0, 1]."""
@@ -238,7 +258,7 @@ class M2(pl.LightningModule):
             mean, log_scale = self.decoder(z, y)  # (B, C, H, W), (B, C, H, W)
             return elbo.discretized_logistic_log_likelihood(mean, log_scale, h)
         mean, std = self.decoder(z, y)  # (B, D), (B, D)
-        return elbo.gaussian_log_likelihood(h, mean, std)
+        return elbo.gaussian_log_likelihood(h, mean, std, dims=self.m1_encoder.active)  # M1's active dimensions
 
     def labelled_bound(self, h: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """L(x, y) of eq. 6 as a bound, one z sample: h (B, ...), y (B,) -> (B,). ``eps`` (B, Z) fixes the noise."""

@@ -22,15 +22,44 @@ OPTIONAL_ENCODER_HPARAMS = {"conv_channels": []}
 
 class FrozenEncoder(GaussianEncoder):
     """M1's encoder as a fixed feature map inside another model: no gradients (so DDP never registers it), and eval
-    mode whatever its parent asks (Lightning switches the whole model to train mode every epoch)."""
+    mode whatever its parent asks (Lightning switches the whole model to train mode every epoch).
+
+    ``active`` (a buffer, kept in the checkpoint) marks the latent dimensions that carry information about the
+    image. A VAE leaves many of its latent dimensions unused: their posterior is the prior N(0, 1) for every
+    image, so a sample of them is pure noise (with z of 50, M1 on MNIST uses about a dozen). ``find_active`` marks
+    those whose posterior mean varies across images (Burda et al. 2016's active units; the paper's own code keeps
+    the dimensions whose mean has a standard deviation over 1000 training images above 0.1). ``latents`` gives the
+    active dimensions and zeros in the others. All dimensions are active until ``find_active`` is called.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.register_buffer("active", torch.ones(self.latent_dim, dtype=torch.bool))
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         return super().train(False)
+
+    @torch.no_grad()
+    def find_active(self, images: torch.Tensor, threshold: float) -> int:
+        """Mark as active the dimensions whose posterior mean has a standard deviation over ``images`` (floats in
+        [0, 1]) above ``threshold`` (0: every dimension); returns how many are."""
+        means = torch.cat([self(batch)[0].float() for batch in images.split(500)])  # (N, Z)
+        self.active.copy_(means.std(dim=0) > threshold if threshold > 0 else torch.ones_like(self.active))
+        return int(self.active.sum())
+
+    def latents(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """z1 for images x: the posterior mean, or a draw from q(z1|x) (``sample``), with 0 in the inactive
+        dimensions: (B, Z)."""
+        mean, std = self(x)
+        z = mean + std * torch.randn_like(std) if sample else mean
+        return z * self.active.to(z.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a VAE's encoder, or a model saved before ``active`` existed: every dimension active, as they then were
+        state_dict.setdefault(prefix + "active", torch.ones_like(self.active))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def build_encoder(input_shape: Sequence[int], hidden_dims: Sequence[int], latent_dim: int, activation: Activation,
@@ -64,6 +93,15 @@ class VAE(pl.LightningModule):
             that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
             checkpoint does not depend on it.
+        kl_warmup_epochs: KL warm-up (deterministic annealing; Bowman et al. 2016, Sonderby et al. 2016): the
+            training loss weighs the KL term by beta, rising linearly from 0 to 1 over this many epochs (step by
+            step), then the true ELBO. Early on the encoder is free to use its latent dimensions before the KL
+            term prunes them. 0 (the default, the paper's): no warm-up. Validation and test always report the true
+            ELBO; ``train/kl_weight`` logs beta.
+
+    ``val/active_units`` counts the latent dimensions whose posterior mean has a variance above 0.01 across the
+    validation images (Burda et al. 2016): the ones the model uses, and what M1+M2 models (``M2``'s
+    ``m1_active_threshold``).
     """
 
     def __init__(
@@ -78,9 +116,14 @@ class VAE(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         conv_channels: Sequence[int] = (),
         likelihood: Literal["bernoulli", "discretized_logistic"] = "bernoulli",
+        kl_warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if not 0 <= kl_warmup_epochs < float("inf"):
+            from ssvae_pl.errors import ConfigError
+
+            raise ConfigError(f"model.kl_warmup_epochs must be >= 0 (0: no warm-up), got {kl_warmup_epochs}.")
         if likelihood not in ("bernoulli", "discretized_logistic"):
             from ssvae_pl.errors import ConfigError
 
@@ -127,13 +170,35 @@ class VAE(pl.LightningModule):
             self.log(f"{stage}/{name}", terms[name].mean(), on_step=on_step, on_epoch=True,
                      prog_bar=name == "elbo", sync_dist=not on_step, batch_size=len(terms[name]))
 
+    def kl_weight(self) -> float:
+        """beta of the KL warm-up at this training step: global step / (kl_warmup_epochs x batches per epoch),
+        at most 1; 1 without warm-up or outside training."""
+        warmup = self.hparams.kl_warmup_epochs
+        if warmup <= 0 or self._trainer is None or not math.isfinite(self.trainer.num_training_batches):
+            return 1.0
+        return min(1.0, self.trainer.global_step / (warmup * self.trainer.num_training_batches))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self._training_terms(batch["unlabelled"])  # every training image, labelled or not
         self._log_terms("train", terms, ("elbo", "recon", "kl"))
-        return -terms["elbo"].mean()
+        beta = self.kl_weight()
+        if self.hparams.kl_warmup_epochs > 0:
+            self.log("train/kl_weight", beta, on_step=True, on_epoch=False)
+        return -terms["elbo"].mean() if beta == 1.0 else -(terms["recon"] - beta * terms["kl"]).mean()
+
+    def on_validation_epoch_start(self) -> None:
+        self._mean_moments = torch.zeros(3, self.hparams.latent_dim, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._log_terms("val", *self._evaluation_terms(batch[0]))
+        mean = self.encoder(batch[0])[0].detach().double()  # (B, Z): count, sum and sum of squares per dimension
+        self._mean_moments += torch.stack([torch.ones_like(mean).sum(0), mean.sum(0), mean.square().sum(0)])
+
+    def on_validation_epoch_end(self) -> None:
+        count, total, squares = self.all_gather(self._mean_moments).reshape(-1, 3, self.hparams.latent_dim).sum(0)
+        if count[0] > 1:
+            variance = (squares - total.square() / count) / (count - 1)
+            self.log("val/active_units", (variance > 0.01).sum().float())  # the same on every rank
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._log_terms("test", *self._evaluation_terms(batch[0]))
