@@ -191,7 +191,7 @@ TINY = {  # the synthetic MNIST (600 training images), tiny models, two steps of
     "vae": "--model.init_args.hidden_dims [32] --model.init_args.latent_dim 4",
     "m1": "--model.init_args.hidden_dims [8]",
     "m1m2": "--model.init_args.hidden_dims [32] --model.init_args.classifier_hidden_dims [16] "
-            "--model.init_args.latent_dim 4",
+            "--model.init_args.latent_dim 4 --model.init_args.m1_active_threshold 0",  # a 2-step VAE uses no dimension
 }
 
 
