@@ -79,10 +79,7 @@ class LatentClassifier(pl.LightningModule):
 
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.encoder(x)  # (B, Z), (B, Z)
-        if self.hparams.latent == "sample" and self.training:
-            return elbo.reparameterize(mean, std)
-        return mean
+        return self.encoder.latents(x, sample=self.hparams.latent == "sample" and self.training)  # (B, Z)
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor) -> torch.Tensor:

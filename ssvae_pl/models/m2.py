@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
-from ssvae_pl.models.vae import frozen_encoder
+from ssvae_pl.models.vae import ACTIVE_UNIT_STD, frozen_encoder
 from ssvae_pl.nets import (
     Activation,
     Classifier,
@@ -122,7 +122,7 @@ class M2(pl.LightningModule):
         compile: CompileSetting = False,
         class_names: Sequence[str] | None = None,
         conv_channels: Sequence[int] = (),
-        m1_active_threshold: float = 0.1,
+        m1_active_threshold: float = ACTIVE_UNIT_STD,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -18,6 +18,9 @@ from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecod
 # written before conv_channels existed lacks it: that encoder is an MLP, conv_channels = [].
 ENCODER_HPARAMS = ("input_shape", "hidden_dims", "latent_dim", "activation", "min_std", "conv_channels")
 OPTIONAL_ENCODER_HPARAMS = {"conv_channels": []}
+# A latent dimension is active (in use) when its posterior mean varies across images with a standard deviation above
+# this (Burda et al. 2016's variance of 0.01; the SSDGM code's 0.1).
+ACTIVE_UNIT_STD = 0.1
 
 
 class FrozenEncoder(GaussianEncoder):
@@ -53,7 +56,7 @@ class FrozenEncoder(GaussianEncoder):
         """z1 for images x: the posterior mean, or a draw from q(z1|x) (``sample``), with 0 in the inactive
         dimensions: (B, Z)."""
         mean, std = self(x)
-        z = mean + std * torch.randn_like(std) if sample else mean
+        z = elbo.reparameterize(mean, std) if sample else mean
         return z * self.active.to(z.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -99,8 +102,8 @@ class VAE(pl.LightningModule):
             term prunes them. 0 (the default, the paper's): no warm-up. Validation and test always report the true
             ELBO; ``train/kl_weight`` logs beta.
 
-    ``val/active_units`` counts the latent dimensions whose posterior mean has a variance above 0.01 across the
-    validation images (Burda et al. 2016): the ones the model uses, and what M1+M2 models (``M2``'s
+    ``val/active_units`` counts the latent dimensions whose posterior mean has a standard deviation above
+    ``ACTIVE_UNIT_STD`` across the validation images (Burda et al. 2016): the ones the model uses, and what M1+M2 models (``M2``'s
     ``m1_active_threshold``).
     """
 
@@ -151,14 +154,19 @@ class VAE(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-example terms of the bound for a batch of images in [0, 1]: each value has shape (B,)."""
-        mean, std = self.encoder(x)  # (B, Z), (B, Z)
+        return self._bound_terms(x, *self.encoder(x))
+
+    def _bound_terms(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of ``forward`` from q(z|x)'s parameters, (B, Z) each."""
         z = elbo.reparameterize(mean, std)
         recon = self.log_likelihood(z, x)
         kl = elbo.kl_standard_normal(mean, std)
         return {"elbo": elbo.elbo(recon, kl), "recon": recon, "kl": kl}
 
     def _evaluation_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-        terms = self(x)
+        """The bound's terms, their names to log, and ``z_mean``, the posterior means (B, Z)."""
+        mean, std = self.encoder(x)
+        terms = {**self._bound_terms(x, mean, std), "z_mean": mean}
         if self.likelihood == "bernoulli":
             return terms, ("elbo", "recon", "kl")
         terms["bits_per_dim"] = elbo.bits_per_dim(terms["elbo"], math.prod(self.hparams.input_shape))
@@ -190,15 +198,16 @@ class VAE(pl.LightningModule):
         self._mean_moments = torch.zeros(3, self.hparams.latent_dim, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._log_terms("val", *self._evaluation_terms(batch[0]))
-        mean = self.encoder(batch[0])[0].detach().double()  # (B, Z): count, sum and sum of squares per dimension
+        terms, names = self._evaluation_terms(batch[0])
+        self._log_terms("val", terms, names)
+        mean = terms["z_mean"].detach().double()  # (B, Z): count, sum and sum of squares per dimension
         self._mean_moments += torch.stack([torch.ones_like(mean).sum(0), mean.sum(0), mean.square().sum(0)])
 
     def on_validation_epoch_end(self) -> None:
         count, total, squares = self.all_gather(self._mean_moments).reshape(-1, 3, self.hparams.latent_dim).sum(0)
         if count[0] > 1:
             variance = (squares - total.square() / count) / (count - 1)
-            self.log("val/active_units", (variance > 0.01).sum().float())  # the same on every rank
+            self.log("val/active_units", (variance > ACTIVE_UNIT_STD**2).sum().float())  # the same on every rank
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._log_terms("test", *self._evaluation_terms(batch[0]))
