@@ -75,7 +75,10 @@ class M2(pl.LightningModule):
         activation: hidden non-linearity. The paper: softplus.
         min_std: added to softplus(.) so every standard deviation (encoder, Gaussian decoder) is positive.
         alpha: weight of the labelled examples' classification term in J^alpha, in the paper's units (a sum
-            over the N training images). ``None``: 0.1 * N, the paper's choice.
+            over the N training images). ``None``: 0.1 * N, the paper's choice (or ``alpha_per_label``'s).
+        alpha_per_label: alpha = alpha_per_label * N_l instead, so that each labelled example's classification
+            weight relative to its bound (alpha / N_l under ``weighting: batch``) is the same at every label
+            budget; ``alpha`` fixed instead makes it shrink as labels are added. Not with ``alpha``.
         weighting: ``dataset`` (the paper's J^alpha / N) or ``batch`` (every image of the mixed batch once);
             see above.
         likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``discretized_logistic`` for 8-bit grey
@@ -115,6 +118,7 @@ class M2(pl.LightningModule):
         activation: Activation = "softplus",
         min_std: float = 1e-4,
         alpha: float | None = None,
+        alpha_per_label: float | None = None,
         weighting: Literal["dataset", "batch"] = "dataset",
         likelihood: Literal["auto", "bernoulli", "gaussian", "discretized_logistic"] = "auto",
         vae_checkpoint: str | None = None,
@@ -130,6 +134,11 @@ class M2(pl.LightningModule):
             raise ConfigError(f"model.num_train must be positive, got {num_train}.")
         if alpha is not None and alpha < 0:
             raise ConfigError(f"model.alpha must be >= 0, got {alpha}.")
+        if alpha_per_label is not None and alpha is not None:
+            raise ConfigError(f"model.alpha={alpha} and model.alpha_per_label={alpha_per_label} both set the "
+                              "classification weight; set one of them to null.")
+        if alpha_per_label is not None and not 0 <= alpha_per_label < float("inf"):
+            raise ConfigError(f"model.alpha_per_label must be >= 0, got {alpha_per_label}.")
         if not 0 <= m1_active_threshold < float("inf"):
             raise ConfigError(f"model.m1_active_threshold must be >= 0 (0 keeps all of M1's latent dimensions), got "
                               f"{m1_active_threshold}.")
@@ -211,9 +220,13 @@ class M2(pl.LightningModule):
 
     @property
     def alpha(self) -> float:
-        """alpha of J^alpha, in the paper's units: ``model.alpha``, or 0.1 * N."""
+        """alpha of J^alpha, in the paper's units: ``model.alpha``, ``model.alpha_per_label`` * N_l, or 0.1 * N."""
         if self.hparams.alpha is not None:
             return float(self.hparams.alpha)
+        if self.hparams.get("alpha_per_label") is not None:  # .get: checkpoints from before the option
+            if self.num_labelled is None:
+                raise RuntimeError("M2.alpha needs N_l: fit with the data module or call set_data_sizes() first.")
+            return float(self.hparams.alpha_per_label) * self.num_labelled
         return ALPHA_PER_DATAPOINT * self._num_train()
 
     def _num_train(self) -> int:
