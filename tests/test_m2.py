@@ -133,7 +133,7 @@ def test_classification_term_sees_labelled_examples_only() -> None:
 
 def test_alpha_per_label_keeps_each_labelled_examples_weight_at_every_budget() -> None:
     """``alpha_per_label``: alpha = alpha_per_label * N_l, so the classification weight of each labelled example
-    (alpha / N_l under ``weighting: batch``) does not shrink as labels are added; it cannot be set with ``alpha``."""
+    (alpha / N_l under ``weighting: batch``) does not shrink as labels are added; a given ``alpha`` wins."""
     model = tiny_m2(alpha_per_label=5.0, weighting="batch")  # N_l = 100: alpha 500, as configs/mnist/m1m2.yaml
     assert model.alpha == pytest.approx(500.0)
     assert model.objective_weights(100, 100)[2] == pytest.approx(0.5 * 5.0)
@@ -142,8 +142,8 @@ def test_alpha_per_label_keeps_each_labelled_examples_weight_at_every_budget() -
     fixed = tiny_m2(alpha=500.0, weighting="batch")
     fixed.set_data_sizes(num_labelled=300, num_unlabelled=500)
     assert fixed.objective_weights(100, 100)[2] == pytest.approx(0.5 * 500.0 / 300)  # alpha fixed: it shrinks
-    with pytest.raises(ConfigError, match="model.alpha=500.0 and model.alpha_per_label=5.0"):
-        M2(alpha=500.0, alpha_per_label=5.0)
+    both = tiny_m2(alpha=700.0, alpha_per_label=5.0)  # alpha wins: a command-line alpha over a config's per-label
+    assert both.alpha == pytest.approx(700.0)
     with pytest.raises(ConfigError, match="model.alpha_per_label must be >= 0"):
         M2(alpha_per_label=-1.0)
 

@@ -75,10 +75,12 @@ class M2(pl.LightningModule):
         activation: hidden non-linearity. The paper: softplus.
         min_std: added to softplus(.) so every standard deviation (encoder, Gaussian decoder) is positive.
         alpha: weight of the labelled examples' classification term in J^alpha, in the paper's units (a sum
-            over the N training images). ``None``: 0.1 * N, the paper's choice (or ``alpha_per_label``'s).
-        alpha_per_label: alpha = alpha_per_label * N_l instead, so that each labelled example's classification
-            weight relative to its bound (alpha / N_l under ``weighting: batch``) is the same at every label
-            budget; ``alpha`` fixed instead makes it shrink as labels are added. Not with ``alpha``.
+            over the N training images). ``None``: ``alpha_per_label`` * N_l, or else 0.1 * N, the paper's choice.
+        alpha_per_label: used when ``alpha`` is ``None``: alpha = alpha_per_label * N_l, so that each labelled
+            example's classification weight relative to its bound (alpha / N_l under ``weighting: batch``) is the
+            same at every label budget; a fixed ``alpha`` makes it shrink as labels are added. ``alpha`` wins when
+            both are set: a command-line ``--model.init_args.alpha`` overrides a config's ``alpha_per_label``, and
+            a checkpoint from before this option keeps the alpha it was trained with.
         weighting: ``dataset`` (the paper's J^alpha / N) or ``batch`` (every image of the mixed batch once);
             see above.
         likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``discretized_logistic`` for 8-bit grey
@@ -134,9 +136,6 @@ class M2(pl.LightningModule):
             raise ConfigError(f"model.num_train must be positive, got {num_train}.")
         if alpha is not None and alpha < 0:
             raise ConfigError(f"model.alpha must be >= 0, got {alpha}.")
-        if alpha_per_label is not None and alpha is not None:
-            raise ConfigError(f"model.alpha={alpha} and model.alpha_per_label={alpha_per_label} both set the "
-                              "classification weight; set one of them to null.")
         if alpha_per_label is not None and not 0 <= alpha_per_label < float("inf"):
             raise ConfigError(f"model.alpha_per_label must be >= 0, got {alpha_per_label}.")
         if not 0 <= m1_active_threshold < float("inf"):
