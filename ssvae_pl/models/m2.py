@@ -222,10 +222,8 @@ class M2(pl.LightningModule):
         """alpha of J^alpha, in the paper's units: ``model.alpha``, ``model.alpha_per_label`` * N_l, or 0.1 * N."""
         if self.hparams.alpha is not None:
             return float(self.hparams.alpha)
-        if self.hparams.get("alpha_per_label") is not None:  # .get: checkpoints from before the option
-            if self.num_labelled is None:
-                raise RuntimeError("M2.alpha needs N_l: fit with the data module or call set_data_sizes() first.")
-            return float(self.hparams.alpha_per_label) * self.num_labelled
+        if self.hparams.alpha_per_label is not None:
+            return float(self.hparams.alpha_per_label) * self._data_sizes()[0]
         return ALPHA_PER_DATAPOINT * self._num_train()
 
     def _num_train(self) -> int:
@@ -233,16 +231,21 @@ class M2(pl.LightningModule):
             raise RuntimeError("M2.num_train is unknown: fit with the data module or call set_data_sizes() first.")
         return self.hparams.num_train
 
+    def _data_sizes(self) -> tuple[int, int]:
+        """(N_l, N_u)."""
+        if self.num_labelled is None:
+            raise RuntimeError("M2's N_l and N_u are unknown: fit with the data module or call set_data_sizes().")
+        return self.num_labelled, self.num_unlabelled
+
     def objective_weights(self, batch_labelled: int = 1, batch_unlabelled: int = 1) -> tuple[float, float, float]:
         """The weights of mean_l[-L], mean_u[-U] and mean_l[-log q(y|x)] in the loss: (N_l/N, N_u/N, alpha/N) for
         ``weighting: dataset``; for ``batch``, by the batch's sizes B_l and B_u (see the class docstring)."""
         n = self._num_train()
-        if self.num_labelled is None:
-            raise RuntimeError("M2's N_l and N_u are unknown: fit with the data module or call set_data_sizes().")
+        num_labelled, num_unlabelled = self._data_sizes()
         if self.hparams.weighting == "dataset":
-            return self.num_labelled / n, self.num_unlabelled / n, self.alpha / n
+            return num_labelled / n, num_unlabelled / n, self.alpha / n
         w_l = batch_labelled / (batch_labelled + batch_unlabelled)
-        return w_l, 1.0 - w_l, w_l * self.alpha / self.num_labelled
+        return w_l, 1.0 - w_l, w_l * self.alpha / num_labelled
 
     # ---- the model -----------------------------------------------------------------------------------------------
 
