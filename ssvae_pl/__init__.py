@@ -1,7 +1,35 @@
 """ssvae-pl: semi-supervised VAEs (Kingma, Rezende, Mohamed and Welling, NeurIPS 2014) in PyTorch Lightning.
 
+    from ssvae_pl import M2, SemiSupervisedDataModule     # also VAE, LatentClassifier; docs/python_api.md
+
 Layout: ``data/`` (files on disk -> mixed batches), ``elbo.py`` (the bounds), ``nets.py`` (plain networks),
-``models/`` (LightningModules), ``cli.py`` (the ``ssvae`` command).
+``models/`` (LightningModules), ``cli.py`` (the ``ssvae`` command). The classes are imported on first use, so that
+``import ssvae_pl`` stays cheap.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["VAE", "LatentClassifier", "M2", "SemiSupervisedDataModule"]
+
+_HOMES = {"VAE": "ssvae_pl.models", "LatentClassifier": "ssvae_pl.models", "M2": "ssvae_pl.models",
+          "SemiSupervisedDataModule": "ssvae_pl.data.datamodule"}
+
+if TYPE_CHECKING:
+    from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+    from ssvae_pl.models import M2, VAE, LatentClassifier
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_HOMES[name]), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

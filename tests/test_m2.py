@@ -108,8 +108,8 @@ def test_efficient_encoder_equals_concat_onehot_encoder(hidden_dims: list[int]) 
 
 def test_classification_term_sees_labelled_examples_only() -> None:
     """The model's -log q(y|x) is the cross-entropy of the labelled batch alone: other labels change it, other
-    unlabelled images do not (though they change U(x)); the loss is the documented weighted sum."""
-    model = tiny_m2()
+    unlabelled images do not (though they change U(x)); the loss is the documented weighted sum (the paper's)."""
+    model = tiny_m2(weighting="dataset")
     x_l, y_l, x_u = binary_images(5, 1), torch.tensor([0, 1, 2, 3, 4]), binary_images(8, 2)
     eps_l, eps_u = torch.randn(5, 4), torch.randn(8, K, 4)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_classification_term_sees_labelled_examples_only() -> None:
     assert model.objective_weights() == pytest.approx((0.2, 1.0, 0.1)) and model.alpha == pytest.approx(50.0)
     loss = -0.2 * terms["elbo_labelled"].mean() - terms["elbo_unlabelled"].mean() + 0.1 * expected.mean()
     torch.testing.assert_close(terms["loss"], loss)
-    assert tiny_m2(alpha=5.0).objective_weights()[2] == pytest.approx(0.01)
+    assert tiny_m2(alpha=5.0, weighting="dataset").objective_weights()[2] == pytest.approx(0.01)
 
 
 def test_alpha_per_label_keeps_each_labelled_examples_weight_at_every_budget() -> None:
@@ -149,15 +149,17 @@ def test_alpha_per_label_keeps_each_labelled_examples_weight_at_every_budget() -
 
 
 def test_batch_weighting_counts_every_image_of_the_mixed_batch_once() -> None:
-    """``weighting: batch``: [B_l mean_l(-L + alpha/N_l CE) + B_u mean_u(-U)] / (B_l + B_u)."""
-    model = tiny_m2(weighting="batch")
+    """``weighting: batch`` (the default): [B_l mean_l(-L + alpha/N_l CE) + B_u mean_u(-U)] / (B_l + B_u)."""
+    model = tiny_m2()
     x_l, y_l, x_u = binary_images(5, 1), torch.tensor([0, 1, 2, 3, 4]), binary_images(15, 2)
     eps_l, eps_u = torch.randn(5, 4), torch.randn(15, K, 4)
     with torch.no_grad():
         terms = model.loss_terms({"labelled": (x_l, y_l), "unlabelled": x_u}, eps_l, eps_u)
-    # B_l = 5, B_u = 15, alpha = 0.1 N = 50, N_l = 100: each labelled CE weighs alpha / N_l = 0.5 times its bound
-    assert model.objective_weights(5, 15) == pytest.approx((0.25, 0.75, 0.25 * 0.5))
-    per_labelled = -terms["elbo_labelled"] + 0.5 * terms["classification"]
+    # B_l = 5, B_u = 15, alpha = N = 500 (the default under weighting: batch), N_l = 100: each labelled CE weighs
+    # alpha / N_l = 5 times its bound
+    assert model.alpha == pytest.approx(500.0)
+    assert model.objective_weights(5, 15) == pytest.approx((0.25, 0.75, 0.25 * 5))
+    per_labelled = -terms["elbo_labelled"] + 5 * terms["classification"]
     expected = (per_labelled.sum() - terms["elbo_unlabelled"].sum()) / 20
     torch.testing.assert_close(terms["loss"], expected)
 

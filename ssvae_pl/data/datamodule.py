@@ -163,6 +163,9 @@ def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, ...] | None
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """A class-balanced labelled subset, chosen by ``seed``, beside the unlabelled training images.
 
+    The defaults are configs/mnist/m2.yaml's data (the shipped M2 recipe); the M1 configs set ``batch_size`` and
+    ``binarize: dynamic`` of their own. ``model_kwargs()`` hands the data's shapes and classes to a model.
+
     Args:
         dataset: ``mnist``, ``fashion_mnist``, ``kmnist``, ``svhn``, ``cifar10``, or ``image_folder`` (your own
             images: ``labelled_dir``, ``unlabelled_dir``, ``test_dir``).
@@ -174,11 +177,12 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_size: labelled training images held out for validation (the paper holds out 10,000 of MNIST's
             60,000); ``image_folder`` takes them from ``labelled_dir``.
         seed: fixes the validation split and the labelled subset, independently of the global seed.
-        batch_size: unlabelled images per training batch.
+        batch_size: unlabelled images per training batch (the default 200: configs/mnist/m2.yaml's).
         labelled_batch_size: labelled images per training batch (at most ``num_labelled``).
         eval_batch_size: images per validation, test and predict batch.
-        binarize: ``dynamic`` (a fresh sample each time an image is drawn), ``static`` (one fixed sample)
-            or ``none`` (grey levels in [0, 1]). Evaluation always uses one fixed sample when binarising.
+        binarize: ``none`` (the default: grey levels in [0, 1], M2's Bernoulli targets in configs/mnist/m2.yaml),
+            ``dynamic`` (a fresh sample each time an image is drawn; the paper's, and the M1 and M1+M2 configs')
+            or ``static`` (one fixed sample). Evaluation always uses one fixed sample when binarising.
         unlabelled: ``all`` training images (the paper's choice, labelled ones included) or the ``rest``.
         num_workers: worker processes of the unlabelled DataLoader (0: the main process, the fast path).
         device: where the images are held: ``auto`` on the training accelerator when it is a GPU and
@@ -216,10 +220,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         num_labelled: int = 100,
         val_size: int = 10000,
         seed: int = 0,
-        batch_size: int = 100,
+        batch_size: int = 200,
         labelled_batch_size: int = 100,
         eval_batch_size: int = 1000,
-        binarize: Binarize = "dynamic",
+        binarize: Binarize = "none",
         unlabelled: Literal["all", "rest"] = "all",
         num_workers: int = 0,
         device: Literal["auto", "cpu"] = "auto",
@@ -339,6 +343,19 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             return tuple(self.info.image_shape)
         height, width = _size_pair(self.hparams.image_size)
         return (self.hparams.channels, height, width)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What a model needs to know of the data, as keyword arguments of ``VAE``, ``LatentClassifier`` and ``M2``
+        (the ``ssvae`` command links the same three into ``model.init_args``); known before ``setup``:
+
+        * ``input_shape``: (C, H, W) of the images;
+        * ``num_classes``: K;
+        * ``class_names``: the classes' names in label order (an image folder's sub-folders), kept in the model's
+          checkpoint.
+
+        ``M2(**dm.model_kwargs(), latent_dim=64)``: the other arguments stay the model's own.
+        """
+        return {"input_shape": self.input_shape, "num_classes": self.num_classes, "class_names": self.class_names}
 
     @property
     def is_image_folder(self) -> bool:

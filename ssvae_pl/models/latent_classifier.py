@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier, ImageClassifier
 from ssvae_pl.prediction import check_class_names, class_predictions
@@ -28,13 +29,18 @@ from ssvae_pl.prediction import check_class_names, class_predictions
 class LatentClassifier(pl.LightningModule):
     """A classifier trained on z ~ q(z|x) of a frozen VAE encoder.
 
+    The defaults are configs/mnist/m1_classifier.yaml's model (one hidden layer of 100 units, entropy minimisation on
+    the unlabelled latents), and ``configure_optimizers`` its Adam. ``forward``, ``latent_means`` and
+    ``predict_step`` take images as floats in [0, 1] or the data module's uint8 batches.
+
     Args:
         vae_checkpoint: checkpoint of a trained ``VAE``; its encoder is loaded and frozen. Not needed to test or
             predict from this model's own checkpoint, which carries the encoder.
         input_shape, num_classes: linked from the data module.
         hidden_dims: hidden widths of the classifier; ``[]`` is multinomial logistic regression.
         latent: ``mean`` uses the posterior mean; ``sample`` draws z ~ q(z|x) afresh (augmentation).
-        unlabelled_objective: ``none``, ``entropy`` or ``self_training`` (see the module docstring).
+        unlabelled_objective: ``entropy`` (the default), ``self_training`` or ``none`` (the labelled images
+            alone); see the module docstring.
         unlabelled_weight: weight of the unlabelled term against the labelled cross-entropy.
         class_balance_weight: weight of the class-balance term of ``entropy``.
         confidence_threshold: ``self_training`` ignores predictions less confident than this.
@@ -50,10 +56,10 @@ class LatentClassifier(pl.LightningModule):
         vae_checkpoint: str | None = None,
         input_shape: Sequence[int] = (1, 28, 28),
         num_classes: int = 10,
-        hidden_dims: Sequence[int] = (),
+        hidden_dims: Sequence[int] = (100,),
         activation: Activation = "softplus",
         latent: Literal["mean", "sample"] = "mean",
-        unlabelled_objective: Literal["none", "entropy", "self_training"] = "none",
+        unlabelled_objective: Literal["none", "entropy", "self_training"] = "entropy",
         unlabelled_weight: float = 1.0,
         class_balance_weight: float = 1.0,
         confidence_threshold: float = 0.0,
@@ -79,15 +85,16 @@ class LatentClassifier(pl.LightningModule):
 
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.latents(x, sample=self.hparams.latent == "sample" and self.training)  # (B, Z)
+        """What the classifier sees of images x: M1's posterior mean, or (``latent: sample``, training) a draw."""
+        return self.encoder.latents(unit_images(x), sample=self.hparams.latent == "sample" and self.training)  # (B, Z)
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor) -> torch.Tensor:
         """The means of M1's q(z|x), what the classifier sees at evaluation: (B, Z)."""
-        return self.encoder(x)[0]
+        return self.encoder(unit_images(x))[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits for images in [0, 1]."""
+        """Class logits (B, K) for images (B, C, H, W), floats in [0, 1] or the loaders' uint8."""
         return self.classifier(self.latents(x))
 
     def unlabelled_loss(self, logits: torch.Tensor) -> torch.Tensor:
@@ -139,5 +146,5 @@ class LatentClassifier(pl.LightningModule):
         check_class_names(self, checkpoint)
 
     def configure_optimizers(self):
-        """Used when the config names no ``optimizer``; the configs do name one."""
-        return torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
+        """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_classifier.yaml's Adam at 3e-3."""
+        return torch.optim.Adam(self.classifier.parameters(), lr=3e-3)

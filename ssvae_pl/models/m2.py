@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
+from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.vae import ACTIVE_UNIT_STD, frozen_encoder
 from ssvae_pl.nets import (
     Activation,
@@ -37,26 +38,35 @@ from ssvae_pl.nets import (
 )
 from ssvae_pl.prediction import check_class_names, class_predictions
 
-ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments"
+ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments" (weighting: dataset)
+BATCH_ALPHA_PER_DATAPOINT = 1.0  # the shipped recipe's alpha = N (weighting: batch; configs/mnist/m2.yaml: 50,000)
 
 
 class M2(pl.LightningModule):
     """SSDGM's M2 (or M1+M2 with ``vae_checkpoint``), fitted by minimising J^alpha (eq. 9).
 
-    The loss of a training step, one labelled batch and one unlabelled batch, is the unbiased per-datapoint
-    estimate of J^alpha / N, where N is ``num_train`` and N_l, N_u count the labelled and unlabelled training
-    images (the data module's; with ``data.unlabelled: all`` the labelled images are among the unlabelled ones):
+    The defaults are the shipped recipe, configs/mnist/m2.yaml's model: ``weighting: batch`` with alpha = N, and
+    (``configure_optimizers``, for a plain ``Trainer``) Adam at 3e-3. The paper's own objective is one setting away:
+    ``weighting="dataset"``, with which alpha defaults to the paper's 0.1 N. The methods that take images
+    (``forward``, ``latent_means``, ``reconstruct``, ``analogies``, ``predict_step``) take floats in [0, 1] or the
+    data module's uint8 batches.
+
+    ``weighting: dataset``, the paper's objective: the loss of a training step, one labelled batch and one
+    unlabelled batch, is the unbiased per-datapoint estimate of J^alpha / N, where N is ``num_train`` and N_l, N_u
+    count the labelled and unlabelled training images (the data module's; with ``data.unlabelled: all`` the
+    labelled images are among the unlabelled ones):
 
         loss = N_l/N * mean_l[-L(x, y)] + N_u/N * mean_u[-U(x)] + alpha/N * mean_l[-log q(y|x)]
 
     with L and U written as bounds (``elbo.labelled_bound``, ``elbo.unlabelled_bound``; the paper's L and U are
-    their negatives). With the default alpha = 0.1 N the classification weight alpha/N is 0.1, so each labelled
-    example's -log q(y|x) weighs 0.1 N / N_l times its bound, as in the original code.
+    their negatives). With alpha = 0.1 N the classification weight alpha/N is 0.1, so each labelled example's
+    -log q(y|x) weighs 0.1 N / N_l times its bound, as in the original code. The labelled images count as what they
+    are in the data: with 100 labels, 0.2% of it.
 
-    That is ``weighting: dataset``, the paper's objective, in which the labelled images count as what they are
-    in the data: with 100 labels, 0.2% of it. ``weighting: batch`` counts every image of the mixed batch once
-    instead (B_l labelled and B_u unlabelled images, the labelled ones oversampled by the data module), keeping
-    each labelled example's classification weight alpha / N_l relative to its bound:
+    ``weighting: batch`` (the default) counts every image of the mixed batch once instead (B_l labelled and B_u
+    unlabelled images, the labelled ones oversampled by the data module), keeping each labelled example's
+    classification weight alpha / N_l relative to its bound (N / N_l with the default alpha: 500 on MNIST with 100
+    labels):
 
         loss = [B_l * mean_l[-L(x, y) + alpha/N_l * -log q(y|x)] + B_u * mean_u[-U(x)]] / (B_l + B_u)
 
@@ -75,14 +85,16 @@ class M2(pl.LightningModule):
         activation: hidden non-linearity. The paper: softplus.
         min_std: added to softplus(.) so every standard deviation (encoder, Gaussian decoder) is positive.
         alpha: weight of the labelled examples' classification term in J^alpha, in the paper's units (a sum
-            over the N training images). ``None``: ``alpha_per_label`` * N_l, or else 0.1 * N, the paper's choice.
+            over the N training images). ``None`` (the default): ``alpha_per_label`` * N_l if that is set, else N
+            under ``weighting: batch`` (the shipped recipe; configs/mnist/m2.yaml's 50,000 on MNIST) and 0.1 * N
+            under ``weighting: dataset`` (the paper's choice).
         alpha_per_label: used when ``alpha`` is ``None``: alpha = alpha_per_label * N_l, so that each labelled
             example's classification weight relative to its bound (alpha / N_l under ``weighting: batch``) is the
             same at every label budget; a fixed ``alpha`` makes it shrink as labels are added. ``alpha`` wins when
             both are set: a command-line ``--model.init_args.alpha`` overrides a config's ``alpha_per_label``, and
             a checkpoint from before this option keeps the alpha it was trained with.
-        weighting: ``dataset`` (the paper's J^alpha / N) or ``batch`` (every image of the mixed batch once);
-            see above.
+        weighting: ``batch`` (the default: every image of the mixed batch once) or ``dataset`` (the paper's
+            J^alpha / N); see above.
         likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``discretized_logistic`` for 8-bit grey
             or colour images in [0, 1], M2 (not with ``vae_checkpoint``); ``gaussian`` for M1's latents, M1+M2,
             where it requires ``vae_checkpoint``; ``auto`` picks ``bernoulli`` or ``gaussian`` by whether
@@ -121,7 +133,7 @@ class M2(pl.LightningModule):
         min_std: float = 1e-4,
         alpha: float | None = None,
         alpha_per_label: float | None = None,
-        weighting: Literal["dataset", "batch"] = "dataset",
+        weighting: Literal["dataset", "batch"] = "batch",
         likelihood: Literal["auto", "bernoulli", "gaussian", "discretized_logistic"] = "auto",
         vae_checkpoint: str | None = None,
         vae_hparams: dict[str, Any] | None = None,
@@ -219,12 +231,14 @@ class M2(pl.LightningModule):
 
     @property
     def alpha(self) -> float:
-        """alpha of J^alpha, in the paper's units: ``model.alpha``, ``model.alpha_per_label`` * N_l, or 0.1 * N."""
+        """alpha of J^alpha, in the paper's units: ``model.alpha``, ``model.alpha_per_label`` * N_l, or else N
+        (``weighting: batch``) or 0.1 * N (``weighting: dataset``)."""
         if self.hparams.alpha is not None:
             return float(self.hparams.alpha)
         if self.hparams.alpha_per_label is not None:
             return float(self.hparams.alpha_per_label) * self._data_sizes()[0]
-        return ALPHA_PER_DATAPOINT * self._num_train()
+        per_datapoint = ALPHA_PER_DATAPOINT if self.hparams.weighting == "dataset" else BATCH_ALPHA_PER_DATAPOINT
+        return per_datapoint * self._num_train()
 
     def _num_train(self) -> int:
         if self.hparams.num_train is None:
@@ -250,15 +264,16 @@ class M2(pl.LightningModule):
     # ---- the model -----------------------------------------------------------------------------------------------
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """What M2 models: the images themselves, or z1 of M1's frozen encoder, drawn from q(z1|x) while training
-        and its mean otherwise."""
+        """What M2 models: the images themselves (floats in [0, 1]; uint8 ones converted by ``unit_images``), or z1
+        of M1's frozen encoder, drawn from q(z1|x) while training and its mean otherwise."""
+        x = unit_images(x)
         if self.m1_encoder is None:
             return x
         with torch.no_grad():
             return self.m1_encoder.latents(x, sample=self.training)  # (B, Z1), 0 in the inactive dimensions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits of q(y|x) for images in [0, 1]."""
+        """Class logits (B, K) of q(y|x) for images (B, C, H, W), floats in [0, 1] or the loaders' uint8."""
         return self.classifier(self.features(x))
 
     @staticmethod
@@ -357,8 +372,8 @@ class M2(pl.LightningModule):
         check_class_names(self, checkpoint)
 
     def configure_optimizers(self):
-        """Used when the config names no ``optimizer``; the configs do name one (Pyro's settings, as here)."""
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=4.2e-4, betas=(0.95, 0.999))
+        """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m2.yaml's Adam at 3e-3."""
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=3e-3, betas=(0.95, 0.999))
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
@@ -403,8 +418,9 @@ class M2(pl.LightningModule):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Each image decoded from the mean of q(z|x,y) with y predicted by q(y|x): means in [0, 1] (B, C, H, W)."""
         self._check_generates_images()
-        y = self.classifier(x).argmax(dim=-1)  # (B,)
-        return self._decode_mean(self.encoder(x, y)[0], y)
+        h = self.features(x)
+        y = self.classifier(h).argmax(dim=-1)  # (B,)
+        return self._decode_mean(self.encoder(h, y)[0], y)
 
     @torch.no_grad()
     def analogies(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

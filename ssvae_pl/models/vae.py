@@ -12,6 +12,7 @@ import torch
 from ssvae_pl import elbo
 from ssvae_pl.prediction import check_class_names
 from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
+from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
 
 # The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt. A checkpoint
@@ -74,6 +75,10 @@ def build_encoder(input_shape: Sequence[int], hidden_dims: Sequence[int], latent
 
 class VAE(pl.LightningModule):
     """Gaussian encoder q(z|x), decoder p(x|z), prior p(z) = N(0, I); MLPs (the paper's), or convolutional.
+
+    The defaults are configs/mnist/m1_vae.yaml's model (the paper's M1), and ``configure_optimizers`` its Adam; train
+    it on ``binarize="dynamic"`` data, as that config does. The methods that take images (``forward``,
+    ``latent_means``, ``reconstruct``, ``predict_step``) take floats in [0, 1] or the data module's uint8 batches.
 
     Args:
         input_shape: (C, H, W) of the images; linked from the data module.
@@ -153,7 +158,9 @@ class VAE(pl.LightningModule):
         return elbo.discretized_logistic_image(self.decoder(z)[0])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-example terms of the bound for a batch of images in [0, 1]: each value has shape (B,)."""
+        """Per-example terms of the bound for a batch of images (B, C, H, W), floats in [0, 1] or the loaders' uint8
+        (``unit_images``): each value has shape (B,)."""
+        x = unit_images(x)
         return self._bound_terms(x, *self.encoder(x))
 
     def _bound_terms(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,6 +172,7 @@ class VAE(pl.LightningModule):
 
     def _evaluation_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
         """The bound's terms, their names to log, and ``z_mean``, the posterior means (B, Z)."""
+        x = unit_images(x)
         mean, std = self.encoder(x)
         terms = {**self._bound_terms(x, mean, std), "z_mean": mean}
         if self.likelihood == "bernoulli":
@@ -213,15 +221,15 @@ class VAE(pl.LightningModule):
         self._log_terms("test", *self._evaluation_terms(batch[0]))
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        mean, std = self.encoder(batch[0])
+        mean, std = self.encoder(unit_images(batch[0]))
         return {"z_mean": mean, "z_std": std, "y": batch[1]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_class_names(self, checkpoint)
 
     def configure_optimizers(self):
-        """Used when the config names no ``optimizer``; the configs do name one."""
-        return torch.optim.Adam(self.parameters(), lr=3e-4)
+        """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_vae.yaml's Adam at 1e-3."""
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
@@ -232,7 +240,7 @@ class VAE(pl.LightningModule):
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor) -> torch.Tensor:
         """The means of q(z|x): (B, Z)."""
-        return self.encoder(x)[0]
+        return self.encoder(unit_images(x))[0]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
