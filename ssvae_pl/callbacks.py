@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssvae_pl.errors import ConfigError
@@ -250,20 +251,30 @@ class HParamsWithMetrics(pl.Callback):
         self._write(trainer, pl_module, "test/")
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
+        folder = run_folder(trainer)  # a collective under DDP: every rank asks
         for name, value in trainer.callback_metrics.items():
             if name.startswith(prefix) and value.numel() == 1:
                 self.metrics["hparams/" + name.replace("/", "_")] = float(value)
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is None or not self.metrics or not trainer.is_global_zero:
             return
-        logger.log_hyperparams(_flatten(_run_config(trainer, pl_module)), metrics=dict(self.metrics))
+        logger.log_hyperparams(_flatten(_run_config(folder, trainer, pl_module)), metrics=dict(self.metrics))
 
 
-def _run_config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+def run_folder(trainer: pl.Trainer) -> Path | None:
+    """The run's folder (``trainer.log_dir``), or None without a logger. Under DDP this is a collective (rank 0's
+    folder is broadcast): call it on every rank, never inside an ``is_global_zero`` branch."""
+    if trainer.logger is None:
+        return None
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir else None
+
+
+def _run_config(folder: Path | None, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
     import yaml
 
-    config_file = Path(trainer.log_dir or "") / "config.yaml"
-    if config_file.is_file():
+    config_file = (folder or Path()) / "config.yaml"
+    if folder is not None and config_file.is_file():
         config = yaml.safe_load(config_file.read_text()) or {}
         config.pop("trainer", None)  # where it runs, not what it is
         return config
@@ -288,13 +299,28 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, int | float | str | bo
 # ---- Trust: numerical faults, interruptions, reproducible epochs ---------------------------------------------------
 
 
-def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
-    """Where the first ``ModelCheckpoint(save_last=True)`` keeps ``last.ckpt`` (its folder is known after setup)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
+class LastCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt`` after every training epoch (and SIGTERM's mid-epoch state, ``SaveOnInterrupt``):
+    the one file that is "the last checkpoint". Always the same name, replaced in place (no ``last-v1.ckpt``);
+    ``--ckpt_path last`` resumes from it, and the configs' own ``ModelCheckpoint`` keeps the best by validation."""
 
+    def __init__(self) -> None:
+        super().__init__(filename="last", save_top_k=1, monitor=None, enable_version_counter=False)
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+    @property
+    def last_path(self) -> str | None:
+        return None if self.dirpath is None else str(Path(self.dirpath) / f"last{self.FILE_EXTENSION}")
+
+
+def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
+    """Where ``LastCheckpoint`` keeps ``last.ckpt`` (its folder is known after setup)."""
     for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
-            return str(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+        if isinstance(callback, LastCheckpoint):
+            return callback.last_path
     return None
 
 
@@ -396,7 +422,10 @@ class NonFiniteGuard(pl.Callback):
         from ssvae_pl.errors import NumericalError
 
         last = _last_checkpoint_path(trainer)
-        kept = f"{last} keeps the last good state" if last else "no checkpoint was written"
+        if last and Path(last).is_file():
+            kept = f"{last} keeps the last good state. Resume from it with --ckpt_path last after"
+        else:
+            kept = "no checkpoint was written yet (the first epoch had not ended). Start again after"
         if saving:
             happened = f"refusing to write a checkpoint with non-finite {what} at global step {trainer.global_step}"
         else:
@@ -404,8 +433,8 @@ class NonFiniteGuard(pl.Callback):
             happened = (f"non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
                         f"batch {self._batch_idx}){skips}; the step was not taken")
         raise NumericalError(
-            f"{happened}; {kept}. Resume from it with --ckpt_path last after lowering the learning rate or clipping "
-            "gradients (--trainer.gradient_clip_val 1.0), or let NonFiniteGuard skip such steps (action: skip)."
+            f"{happened}; {kept} lowering the learning rate (--optimizer.init_args.lr) or clipping gradients "
+            "(--trainer.gradient_clip_val 1.0)."
         )
 
 
@@ -510,3 +539,57 @@ class SeedEachEpoch(pl.Callback):
         torch.manual_seed(seed)  # every CUDA device too
         np.random.seed(seed % 2**32)
         random.seed(seed)
+
+
+class ResumeWithNewOptimizerSettings(pl.Callback):
+    """A resumed run whose optimiser arguments were changed on the command line (``--optimizer.init_args.lr``
+    after a divergence) trains with them: Lightning restores the optimiser's state, settings included, so they are
+    set again after the restore. A changed ``lr`` scales the restored rate (and a scheduler's base rates) by
+    new / old, so a schedule keeps its shape; other arguments (betas, weight decay) are set as given."""
+
+    def __init__(self, changes: dict[str, object]) -> None:
+        self.changes = dict(changes)
+        self._configured: list[dict] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._configured = [{k: v for k, v in group.items() if k != "params"}
+                            for optimizer in trainer.optimizers for group in optimizer.param_groups]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        for group, configured in zip(groups, self._configured):
+            for key in self.changes.keys() & configured.keys():
+                if key == "lr":
+                    scale = configured["initial_lr" if "initial_lr" in configured else "lr"] / group.get(
+                        "initial_lr", group["lr"])
+                    group["lr"] *= scale
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= scale
+                else:
+                    group[key] = configured[key]
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [group.get("initial_lr", group["lr"])
+                                             for group in config.scheduler.optimizer.param_groups]
+        rank_zero_info(f"ssvae: resumed with the optimiser's {', '.join(sorted(self.changes))} set anew.")
+
+
+def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
+    """The config's callbacks and plugins with the always-on trust pieces added where the config has none of their
+    kind: ``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, ``EpochTimer``, and the
+    ``AtomicCheckpointIO`` plugin; plus ``ResumeWithNewOptimizerSettings`` when a resume changes the optimiser."""
+    from ssvae_pl.checkpoint_io import AtomicCheckpointIO
+    from pytorch_lightning.plugins.io import CheckpointIO
+
+    callbacks = list(callbacks or [])
+    callbacks += [piece for piece in (LastCheckpoint(), NonFiniteGuard(), SaveOnInterrupt(), SeedEachEpoch(),
+                                      EpochTimer())
+                  if not any(isinstance(callback, type(piece)) for callback in callbacks)]
+    if optimizer_changes:
+        callbacks.append(ResumeWithNewOptimizerSettings(optimizer_changes))
+    plugins = list(plugins or []) if isinstance(plugins, (list, tuple, type(None))) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return callbacks, plugins

@@ -17,6 +17,8 @@ In a config::
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,21 +27,45 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from ssvae_pl.files import atomic_output
+from ssvae_pl.files import atomic_output, write_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose writes are atomic on local filesystems (temporary file, fsync, ``os.replace``)."""
+    """``TorchCheckpointIO`` whose writes are atomic on local filesystems (temporary file, fsync, ``os.replace``).
+    The checkpoint is serialised in memory first, so that a full disk fails in a plain write that names the file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(path.parent, err) from err
+        remove_stale_temporaries(path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with atomic_output(path, overwrite=True, durable=True) as temporary, open(temporary, "wb") as file:
+            file.write(buffer.getbuffer())
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` left by processes killed while writing it (``.<name>.<pid>.*.tmp``
+    of a process that no longer runs); a live process's file is left alone."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
             stale.unlink(missing_ok=True)
-        with atomic_output(path, durable=True) as temporary, open(temporary, "wb") as file:
-            torch.save(checkpoint, file)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def read_checkpoint(path: str | Path, field: str, fix: str, mmap: bool = False) -> dict[str, Any]:

@@ -12,22 +12,31 @@ The numbers the data determine (classes, image shape) reach the model through ``
 
 from __future__ import annotations
 
+import logging
+import os
+import shlex
 import sys
+import threading
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
-
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from ssvae_pl import faults, runs
+from ssvae_pl.callbacks import run_folder, trainer_pieces
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
-from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError
+from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError, OutputError
+from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.prediction import PredictionCSVWriter
 
-USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError)
-RUN_DEFINING_KEYS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler")
+USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
+               MisconfigurationException)
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -41,53 +50,81 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
-class SaveConfigToRunFolder(SaveConfigCallback):
-    """The run's ``config.yaml`` beside its logs.
+# checked equal by runs.prepare (the model's arguments may hold the checkpoint's data-derived values), or the resume
+NOT_RECORDED = ("seed_everything", "model.", "data.", "ckpt_path", "trainer.logger.init_args.version")
 
-    A run folder that already holds a config is the same run resumed (``--ckpt_path last``, a requeued SLURM job)
-    when the configs agree on what defines the run (``RUN_DEFINING_KEYS``: not the trainer's settings, so a resumed
-    run may train for more epochs): nothing is written. Otherwise it is another run, and the two are
-    never mixed: one clear error. A run without a logger (``--trainer.logger false``) has no folder of its own, so
-    it writes nothing rather than a config.yaml in the working directory."""
+
+class SSVAEParser(LightningArgumentParser):
+    """A parser error is one line, ``ssvae: error: <what>; <command> --help lists every key``, not a usage dump."""
+
+    command_line: list[str] = []  # set by main(): where a YAML syntax error is looked for
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        first = " ".join(message.split())
+        broken = unreadable_config(self.command_line)
+        if broken:
+            first = broken
+        print(f"ssvae: error: {first[:600]}; `{prog} --help` lists every key.", file=sys.stderr)
+        sys.exit(2)
+
+
+def unreadable_config(command_line: list[str]) -> str | None:
+    """The first ``-c``/``--config`` file of the command line that is not valid YAML, as a message naming it."""
+    for flag, value in zip(command_line, command_line[1:]):
+        if flag in ("-c", "--config") and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                line = f" line {where.line + 1}, column {where.column + 1}" if where else ""
+                return f"{value}:{line} is not valid YAML ({getattr(err, 'problem', None) or err})"
+    return None
+
+
+class SaveConfigToRunFolder(SaveConfigCallback):
+    """The run's ``config.yaml`` beside its logs, written when a fit starts a run. A resumed fit (the folder was
+    checked by ``runs.prepare``) keeps it, and records the settings it changed (the trainer's, the optimiser's
+    arguments) in ``config.resume-<n>.yaml`` beside it. ``test``, ``validate`` and ``predict`` write nothing."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.logger is None or self.already_saved:
+        log_dir = run_folder(trainer)  # a collective under DDP: every rank asks
+        if stage != "fit" or log_dir is None or self.already_saved:
             return
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        existing = Path(log_dir) / self.config_filename if log_dir else None
-        if existing is not None and existing.is_file():
-            same = trainer.strategy.broadcast(self._same_run(existing) if trainer.is_global_zero else None)
-            if not same:
-                raise ConfigError(
-                    f"the run folder {Path(log_dir).resolve()} already holds a run with another config "
-                    f"({existing.name} differs in model, data, optimizer or seed); pick a new "
-                    "folder with --trainer.logger.init_args.version <name>, or resume that run with its own config "
-                    "and --ckpt_path last."
-                )
+        existing = log_dir / self.config_filename
+        if existing.is_file():
+            if trainer.is_global_zero:
+                self._record_resume(log_dir, existing)
             self.already_saved = True
             return
         super().setup(trainer, pl_module, stage)
 
-    def _same_run(self, existing: Path) -> bool:
-        def comparable(config: dict) -> dict:  # what the run is; the trainer's settings may change on resuming
-            return {k: v for k, v in (config or {}).items() if k in RUN_DEFINING_KEYS}
-
-        try:
-            saved = yaml.safe_load(existing.read_text())
-        except (OSError, yaml.YAMLError):
-            return False
-        return _agree(comparable(saved), comparable(yaml.safe_load(self.parser.dump(self.config, skip_none=False))))
-
-
-def _agree(saved, current) -> bool:
-    """Whether two configs agree on every setting they both hold. A setting that only one holds is one that a newer
-    version added (``data.image_size``) or an older one had: a run started before an upgrade still resumes."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return all(_agree(saved[key], current[key]) for key in saved.keys() & current.keys())
-    return saved == current
+    def _record_resume(self, log_dir: Path, existing: Path) -> None:
+        current = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        changed = [(key, there, here) for key, there, here in runs.differences(yaml.safe_load(existing.read_text()),
+                                                                                current)
+                   if not key.startswith(NOT_RECORDED)]
+        if not changed:
+            return
+        number = 1 + len(list(log_dir.glob("config.resume-*.yaml")))
+        record = log_dir / f"config.resume-{number}.yaml"
+        with atomic_output(record, overwrite=False) as temporary:
+            temporary.write_text(self.parser.dump(self.config, skip_none=False))
+        what = "; ".join(f"{key} {there!r} -> {here!r}" for key, there, here in changed[:6])
+        rank_zero_info(f"ssvae: resuming {log_dir} with changed settings: {what}; recorded in {record.name}.")
 
 
 class SSVAECLI(LightningCLI):
+    """LightningCLI with the run-folder rules of ``runs.py`` and the always-on trust pieces of ``trainer_pieces``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.optimizer_changes: dict[str, object] = {}
+        self._lock: runs.RunLock | None = None
+        super().__init__(*args, parser_class=SSVAEParser, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `ssvae predict` writes its CSV through this callback: --predictions.output (idle in the other subcommands)
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
@@ -95,19 +132,90 @@ class SSVAECLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            current = yaml.safe_load(self._parser(subcommand).dump(config, skip_none=False))
+            saved = runs.prepare(config, subcommand, current)
+            if saved is not None:
+                self.optimizer_changes = optimizer_arguments_changed(saved, current)
+        super()._parse_ckpt_path()  # the checkpoint's hyperparameters over the config's model
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
+        callbacks, plugins = trainer_pieces(trainer_config.get("callbacks"), trainer_config.get("plugins"),
+                                            self.optimizer_changes)
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except OSError as err:  # a write that failed without naming its file (the TensorBoard writer, ...)
+            if isinstance(err, OutputError) or err.filename is not None:
+                raise
+            logger = self.trainer.logger
+            folder = getattr(logger, "log_dir", None) or os.getcwd()
+            raise write_error(f"{folder} (the run's logs and checkpoints)", err) from err
+
+    def before_fit(self) -> None:
+        logger = self.trainer.logger
+        if logger is not None and getattr(logger, "log_dir", None) and runs.is_rank_zero():
+            self._lock = runs.RunLock(Path(logger.log_dir))  # not a collective: the logger's own folder
+
+
+def optimizer_arguments_changed(saved: dict, current: dict) -> dict[str, object]:
+    """The optimiser's arguments that a resumed run sets differently from its saved config (``lr``, ...)."""
+    before = (saved.get("optimizer") or {}).get("init_args") or {}
+    now = (current.get("optimizer") or {}).get("init_args") or {}
+    return {key: value for key, value in now.items() if before.get(key) != value}
+
+
+HARMLESS_WARNINGS = (  # known and expected: the configs' optimizer replaces the models' own, by design
+    r".*configure_optimizers` will be overridden by `SSVAECLI",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising lines ("Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: " not in str(record.msg)
+
+
+def _thread_error(args: threading.ExceptHookArgs) -> None:
+    """An ``OSError`` in a writer thread (TensorBoard's event writer on a full disk) is raised again by the main
+    thread at its next write, which reports it in one line: the thread's own traceback is not printed."""
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
+
+
+def quiet_lightning() -> None:
+    """Silences Lightning's tips and the known-harmless warnings above; every other warning stays."""
+    threading.excepthook = _thread_error
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for handler in logging.getLogger("pytorch_lightning").handlers:
+        handler.addFilter(_NoTips())
+
 
 def main(args: list[str] | None = None) -> None:
     command_line = sys.argv[1:] if args is None else list(args)
-    if command_line[:1] == ["export"]:  # not a Trainer method: its own small parser
-        from ssvae_pl.export import main as export_main
-
-        return export_main(command_line[1:])
-    import ssvae_pl.models  # noqa: F401  (registers the model classes for short names)
-    from ssvae_pl import faults
-
+    SSVAEParser.command_line = command_line
+    quiet_lightning()
     try:
+        if command_line[:1] == ["export"]:  # not a Trainer method: its own small parser
+            from ssvae_pl.export import main as export_main
+
+            return export_main(command_line[1:])
+        import ssvae_pl.models  # noqa: F401  (registers the model classes for short names)
+
         faults.check_ckpt_path(command_line)
         SSVAECLI(
+            parser_kwargs={"description": "Semi-supervised learning with deep generative models (Kingma et al., "
+                                          "2014). Subcommands: fit, validate, test, predict, and export (a "
+                                          "classifier as TorchScript and ONNX: `ssvae export --help`)."},
             datamodule_class=SemiSupervisedDataModule,
             subclass_mode_model=True,
             save_config_callback=SaveConfigToRunFolder,
@@ -116,16 +224,29 @@ def main(args: list[str] | None = None) -> None:
         )
     except SIGTERMException as stop:  # SIGTERM or a first Ctrl-C, at the end of a batch (callbacks.SaveOnInterrupt)
         saved = getattr(stop, "checkpoint", None)
-        where = (f"global step {stop.global_step} (epoch {stop.epoch}) saved to {saved}; resume with the same command "
-                 "and --ckpt_path last" if saved else "nothing saved")
-        print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}.", file=sys.stderr)
+        where = (f"global step {stop.global_step} (epoch {stop.epoch}) saved to {saved}; resume with: "
+                 f"{resume_command(command_line, Path(saved).parent.parent.name)}" if saved else "nothing saved")
+        print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}", file=sys.stderr)
         sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
     except Exception as err:
         cause = user_error(err) or faults.describe(err)
         if cause is None:
             raise
-        print(f"ssvae: error: {cause}", file=sys.stderr)
+        print(f"ssvae: error: {' '.join(str(cause).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def resume_command(command_line: list[str], version: str) -> str:
+    """The command that continues an interrupted fit: the same one, in the same run folder, from its last.ckpt."""
+    kept, skip = [], False
+    for arg in command_line:
+        if skip:
+            skip = False
+        elif arg in ("--ckpt_path", "--trainer.logger.init_args.version"):
+            skip = True
+        elif not arg.startswith(("--ckpt_path=", "--trainer.logger.init_args.version=")):
+            kept.append(arg)
+    return shlex.join(["ssvae", *kept, "--trainer.logger.init_args.version", version, "--ckpt_path", "last"])
 
 
 if __name__ == "__main__":

@@ -19,3 +19,8 @@ class ExportError(RuntimeError):
 
 class NumericalError(RuntimeError):
     """A training loss, gradient or weight that is NaN or infinite; the message names the step, epoch and metric."""
+
+
+class OutputError(OSError):
+    """A file the product writes that is in the way (it exists, and replacing it was not asked for) or that cannot be
+    written (a full disk, a read-only folder); the message names the file and the fix."""

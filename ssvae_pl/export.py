@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from ssvae_pl.checkpoint_io import read_checkpoint
-from ssvae_pl.errors import CheckpointError, ConfigError, ExportError
-from ssvae_pl.files import atomic_output
+from ssvae_pl.errors import CheckpointError, ConfigError, ExportError, OutputError
+from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.prediction import class_names
 
 TOLERANCE = 1e-4  # largest absolute difference of a probability, exported model against the checkpoint
@@ -143,17 +143,20 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
     targets = {"torchscript": folder / f"{stem}.torchscript.pt", "onnx": folder / f"{stem}.onnx",
                "classes": folder / f"{stem}.classes.json"}
     existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
+    if existing and not overwrite:  # all three named at once (atomic_output would name the first)
+        raise OutputError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
                           "--overwrite to replace them, or --output_dir another folder.")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(folder, err) from err
     exported = ClassProbabilities(model.image_classifier()).eval()
     input_shape = tuple(model.hparams.input_shape)
     example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(1))  # traced; B stays free
     batches = check_batches(input_shape)
     results = {}
     with ExitStack() as stack:  # the files replace their targets only when both are written and checked
-        temporary = {kind: stack.enter_context(atomic_output(path)) for kind, path in targets.items()}
+        temporary = {kind: stack.enter_context(atomic_output(path, overwrite)) for kind, path in targets.items()}
         write_torchscript(exported, example, temporary["torchscript"])
         scripted = load_torchscript(temporary["torchscript"])
         results["torchscript"] = largest_difference(scripted, model, batches, "TorchScript", atol)
@@ -188,12 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> None:
+    """``ssvae export``; its errors reach the one handler of ``ssvae_pl.cli.main`` (an ``ExportError`` exits 1)."""
     options = build_parser().parse_args(args)
     try:
         written = export_classifier(options.ckpt_path, options.output_dir, options.overwrite, options.atol)
-    except (ConfigError, CheckpointError) as err:
-        print(f"ssvae: error: {err}", file=sys.stderr)
-        sys.exit(2)
     except ExportError as err:
         print(f"ssvae: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -1,22 +1,46 @@
-"""Writing output files atomically: a reader, or a run that fails half-way, never sees a half-written file.
-The one place that does it, for checkpoints, predictions, exports and the data files fetched or converted."""
+"""Writing output files: the one guard for every file the product writes (checkpoints, predictions, exports, the
+data files fetched or converted, run records).
+
+* Atomic: a reader, or a run that fails half-way, never sees a half-written file (a temporary file beside the
+  target, then ``os.replace``).
+* Never replaced by surprise: an existing file is replaced only where the caller says so (``overwrite``).
+* One clear error when the disk is full or the folder cannot be written, naming the file being written.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ssvae_pl.errors import OutputError
+
+_FIXES = {
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some space, or write elsewhere",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.EACCES: "make the folder writable, or write elsewhere",
+    errno.EPERM: "make the folder writable, or write elsewhere",
+}
+
 
 @contextmanager
-def atomic_output(path: str | Path, durable: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | Path, overwrite: bool, durable: bool = False,
+                  overwrite_flag: str = "--overwrite") -> Iterator[Path]:
     """A temporary path beside ``path`` (the same folder, so the same filesystem) to write the file to. When the
     block ends without an error, the file replaces ``path`` in one step (``os.replace``); otherwise it is removed
-    and whatever was at ``path`` before stays as it was. ``durable``: the file is fsync'ed before it replaces
-    ``path``, and the folder after, so that a power loss cannot undo the replacement (checkpoints)."""
+    and whatever was at ``path`` before stays as it was.
+
+    ``overwrite``: whether an existing ``path`` may be replaced; if not, an ``OutputError`` names the file and
+    ``overwrite_flag``. ``durable``: the file is fsync'ed before it replaces ``path``, and the folder after, so
+    that a power loss cannot undo the replacement (checkpoints). An ``OSError`` while writing (a full disk, a
+    read-only folder) becomes an ``OutputError`` naming ``path``."""
     path = Path(path)
+    if not overwrite and path.exists():
+        raise OutputError(f"{path} already exists; pass {overwrite_flag} to replace it, or write elsewhere.")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield temporary
@@ -26,8 +50,22 @@ def atomic_output(path: str | Path, durable: bool = False) -> Iterator[Path]:
         os.replace(temporary, path)
         if durable:
             fsync_folder(path.parent)
+    except OSError as err:
+        if isinstance(err, OutputError):
+            raise
+        raise write_error(path, err) from err
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: nothing was written there either
+            pass
+
+
+def write_error(path: str | Path, err: OSError) -> OutputError:
+    """``err``, raised while ``path`` was written, as one message that names the file and the fix."""
+    reason = (err.strerror or os.strerror(err.errno)) if err.errno else str(err)
+    fix = _FIXES.get(err.errno, "check that the folder exists and can be written")
+    return OutputError(err.errno, f"cannot write {path}: {reason}; {fix}.")
 
 
 def fsync_folder(folder: Path) -> None:

@@ -3,11 +3,16 @@ this folder on PYTHONPATH), e.g. ``--model.class_path faulty_models.NaNVAE``."""
 
 from __future__ import annotations
 
+import io
+import os
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ssvae_pl.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
+from ssvae_pl.files import atomic_output
 from ssvae_pl.models import M2, VAE
 
 
@@ -41,3 +46,22 @@ class SlowM2(M2):
         if self.step_seconds:
             time.sleep(self.step_seconds)
         return super().training_step(batch, batch_idx)
+
+
+
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """AtomicCheckpointIO whose writes pause half-way for ``$SSVAE_WRITE_SECONDS`` (default 0.5): time for a
+    fault-injection test to kill the process during a checkpoint write."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        with atomic_output(path, overwrite=True, durable=True) as temporary, open(temporary, "wb") as file:
+            file.write(data[: len(data) // 2])
+            file.flush()
+            time.sleep(float(os.environ.get("SSVAE_WRITE_SECONDS", "0.5")))
+            file.write(data[len(data) // 2:])

@@ -155,7 +155,7 @@ def test_a_run_folder_is_resumed_by_its_own_config_and_never_mixed_with_another(
     kept = {name: (folder / name).read_bytes() for name in ("config.yaml", LABELLED_INDICES_FILE)}
 
     resumed = ssvae(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last")
-    for other, what in ((["--optimizer.init_args.lr", "0.5"], "another config"),
+    for other, what in ((["--model.init_args.latent_dim", "3"], "another config"),
                         (["--data.seed", "7"], "another labelled subset")):
         clash = ssvae(tmp_path, *run, *other)
         assert clash.returncode == 2 and "Traceback" not in clash.stderr

@@ -31,7 +31,7 @@ def test_two_process_ddp_shards_the_unlabelled_images_and_reduces_test_metrics(t
               "--data.labelled_batch_size", "20", "--trainer.accelerator", "cpu"]
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     ok(ssvae_probed(tmp_path, probe, "fit", "-c", M2_CONFIG, *TINY_M2, *common, *ddp, "--trainer.max_epochs", "1",
-                    "--trainer.limit_val_batches", "0", "--trainer.logger.init_args.version", "ddp"))
+                    "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.version", "ddp"))  # ends at max_epochs
 
     ranks = [json.loads((probe / f"train_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)

@@ -183,11 +183,11 @@ def test_the_writer_writes_m2_predictions_of_a_folder(tmp_path: Path, make_dm, u
 def test_a_failed_write_leaves_the_earlier_file(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     target.write_text("earlier")
-    with pytest.raises(RuntimeError), atomic_output(target) as temporary:
+    with pytest.raises(RuntimeError), atomic_output(target, overwrite=True) as temporary:
         temporary.write_text("half a fi")
         raise RuntimeError("the run fails half-way")
     assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
-    with atomic_output(target) as temporary:
+    with atomic_output(target, overwrite=True) as temporary:
         temporary.write_text("new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
 

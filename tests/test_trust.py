@@ -120,6 +120,18 @@ def test_a_nan_stops_ssvae_with_one_line_and_keeps_the_last_good_checkpoint(tmp_
     assert not list(checkpoints.glob(".*.tmp"))
 
 
+def test_a_nan_before_the_first_checkpoint_promises_no_checkpoint(tmp_path: Path, cli_data: Path) -> None:
+    """A NaN at the very first step: the message says that nothing was saved yet, not that last.ckpt keeps a state
+    that does not exist."""
+    result = ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), *QUIET,
+                   "--model.class_path", "faulty_models.NaNVAE", "--model.init_args.nan_steps", "[0]",
+                   "--model.init_args.hidden_dims", "[16]", "--model.init_args.latent_dim", "3",
+                   "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
+    assert_one_line_user_error(result, "no checkpoint was written yet")
+    assert "keeps the last good state" not in result.stderr
+    assert not list((tmp_path / "lightning_logs" / "m1_vae" / "version_0").glob("checkpoints/*.ckpt"))
+
+
 # ---- 2. checkpoints that survive a kill ------------------------------------------------------------------------------
 
 

@@ -435,6 +435,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 f"data.batch_size={hp.batch_size} exceeds the {self.num_unlabelled} unlabelled training images, so "
                 "an epoch would hold no batch; lower data.batch_size."
             )
+        if len(self.split.labelled) < hp.labelled_batch_size:  # never clamped behind the config's back
+            raise ConfigError(
+                f"data.labelled_batch_size={hp.labelled_batch_size} exceeds the {len(self.split.labelled)} labelled "
+                f"training images; set --data.labelled_batch_size {len(self.split.labelled)} or less."
+            )
         self._record_split()
         self._hold_on(self._holding_device())
 
@@ -580,7 +585,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """The labelled half of the training batches, for the process of global rank ``rank``."""
         hp, labelled = self.hparams, self.labelled_dataset()
         seed = 1_000_003 * (hp.seed + 1) + rank  # the data seed and the rank; independent of the global seed
-        return LabelledStream(labelled.images, labelled.labels, min(hp.labelled_batch_size, len(labelled)), seed)
+        return LabelledStream(labelled.images, labelled.labels, hp.labelled_batch_size, seed)
 
     def train_dataloader(self) -> CombinedLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0

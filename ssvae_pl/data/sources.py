@@ -875,13 +875,13 @@ def _scipy_loadmat():
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    with atomic_output(path) as temporary:
+    with atomic_output(path, overwrite=False) as temporary:
         temporary.write_bytes(data)
 
 
 def _gunzip(src: Path, dest: Path) -> None:
     """Decompress ``src`` into ``dest`` atomically."""
-    with atomic_output(dest) as temporary, temporary.open("xb") as out, gzip.open(src, "rb") as f:
+    with atomic_output(dest, overwrite=False) as temporary, temporary.open("xb") as out, gzip.open(src, "rb") as f:
         shutil.copyfileobj(f, out, 1 << 20)
 
 

@@ -1,0 +1,254 @@
+"""Run folders: ``<save_dir>/<name>/<version>/`` of the TensorBoard logger, each holding one run (its
+``config.yaml``, events, ``labelled_indices.json`` and ``checkpoints/``).
+
+``prepare`` settles, before anything is instantiated or written, which folder a command works in:
+
+* ``fit --ckpt_path last`` continues the newest run of the same config in its own folder (one TensorBoard curve);
+  ``fit --ckpt_path <a run's checkpoint>`` continues in that checkpoint's folder;
+* a fit aimed at a folder that holds another run (model, data, seed, optimiser or scheduler class differ) is one
+  error, and so is a fit into a folder that holds a run without ``--ckpt_path``; nothing in the folder is touched;
+* ``test`` and ``validate`` log into the checkpoint's own run folder, ``predict`` logs nowhere: none of them
+  creates a run folder;
+* a checkpoint of another model class than the config's is one error.
+
+``lock`` keeps a second process out of a folder that a fit is writing to.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning_fabric.utilities.rank_zero import _get_rank
+
+from ssvae_pl.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+LAST = "last.ckpt"
+SUBSET_KEYS = ("data.seed", "data.num_labelled", "data.val_size", "data.dataset", "data.labelled_dir")
+
+
+def run_defining(config: dict) -> dict:
+    """What a run is: the seed, the model, the data, the optimiser's and scheduler's classes. The trainer's settings
+    and the optimiser's arguments (a lower learning rate after a divergence) may change when a run is resumed."""
+    defined = {key: config.get(key) for key in ("seed_everything", "model", "data")}
+    for key in ("optimizer", "lr_scheduler"):
+        value = config.get(key)
+        defined[key] = value.get("class_path") if isinstance(value, dict) else value
+    return defined
+
+
+def differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Every (dotted key, saved value, current value) where two configs differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(saved.keys() | current.keys(), key=str):
+            found += differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
+
+
+def read_config(folder: Path) -> dict | None:
+    """The run folder's ``config.yaml``, or None when it has none; an unreadable one is one error."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping")
+        return config
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:100]}), so the "
+                          "run in that folder cannot be compared or resumed; restore the file from a copy, or "
+                          "start a new run with --trainer.logger.init_args.version <new name>.") from None
+
+
+def check_same_run(folder: Path, current: dict) -> dict:
+    """The folder's saved config, when it defines the same run as ``current``; otherwise one error naming the first
+    setting that differs."""
+    saved = read_config(folder)
+    diff = differences(run_defining(saved), run_defining(current))
+    if diff:
+        key, there, here = diff[0]
+        what = "another labelled subset" if key.startswith(SUBSET_KEYS) else "another config"
+        raise ConfigError(f"the run folder {folder.resolve()} already holds a run with {what} ({key}: {there!r} "
+                          f"there, {here!r} here); start a new run with --trainer.logger.init_args.version <new "
+                          "name>, or resume that one with its own settings.")
+    return saved
+
+
+def tensorboard_args(trainer_config) -> Any | None:
+    """The logger's ``init_args`` namespace when the trainer logs to one TensorBoard or CSV logger, else None."""
+    logger = trainer_config.get("logger")
+    if logger is None or isinstance(logger, (bool, list)) or not hasattr(logger, "get"):
+        return None
+    if not str(logger.get("class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
+        return None
+    return logger.get("init_args")
+
+
+def _folder_name(version) -> str:
+    return f"version_{version}" if isinstance(version, int) else str(version)
+
+
+def _run_of_checkpoint(ckpt: Path, parent: Path) -> Path | None:
+    """The run folder under ``parent`` that holds ``ckpt`` in its ``checkpoints/``, if any."""
+    folder = ckpt.resolve().parent.parent
+    if ckpt.resolve().parent.name == "checkpoints" and folder.parent == parent.resolve() \
+            and (folder / CONFIG_FILE).is_file():
+        return folder
+    return None
+
+
+def newest_run(parent: Path, current: dict) -> Path:
+    """The run folder under ``parent`` of the same run as ``current`` whose ``last.ckpt`` is the newest."""
+    candidates = []
+    for folder in parent.iterdir() if parent.is_dir() else []:
+        try:
+            if (folder / CONFIG_FILE).is_file() and not differences(run_defining(read_config(folder)),
+                                                                     run_defining(current)):
+                candidates.append(folder)
+        except ConfigError:  # another run's unreadable config: not this run
+            continue
+    with_last = [f for f in candidates if (f / "checkpoints" / LAST).is_file()]
+    if with_last:
+        return max(with_last, key=lambda f: (f / "checkpoints" / LAST).stat().st_mtime)
+    if candidates:
+        raise ConfigError(f"--ckpt_path last: the run folder {candidates[0].resolve()} has no checkpoints/{LAST} "
+                          "(it stopped before its first epoch ended); start it again without --ckpt_path.")
+    raise ConfigError(f"--ckpt_path last: no run of this config under {parent.resolve()} to resume; start one "
+                      "without --ckpt_path (or point --trainer.logger.init_args.save_dir/name at the run).")
+
+
+def _hpc_checkpoint_waiting(trainer_config) -> bool:
+    """Whether Lightning will resume from a SLURM pre-emption checkpoint (``hpc_ckpt_<n>.ckpt``)."""
+    root = Path(trainer_config.get("default_root_dir") or os.getcwd())
+    return any(root.glob("hpc_ckpt_*.ckpt"))
+
+
+def prepare(config, subcommand: str, current: dict) -> dict | None:
+    """Settle the run folder of ``config`` (the subcommand's namespace, changed in place: the logger's version,
+    ``ckpt_path``) before anything is built. ``current`` is the config as ``config.yaml`` would record it. Returns
+    the saved config of the run being resumed, or None."""
+    ckpt = config.get("ckpt_path")
+    ckpt_file = Path(ckpt) if ckpt not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt) \
+        else None
+    if ckpt_file is not None:
+        check_model_class(ckpt_file, config.get("model"))
+    logger = tensorboard_args(config.trainer)
+    if subcommand != "fit":
+        _log_beside_checkpoint(config, logger, ckpt_file, subcommand)
+        return None
+    if logger is None:
+        if ckpt == "last":
+            raise ConfigError("--ckpt_path last resumes a run folder, and this fit has no logger (trainer.logger "
+                              "false); give the checkpoint's path instead.")
+        return None
+    parent = Path(logger.get("save_dir") or ".") / (logger.get("name") or "lightning_logs")
+    version = logger.get("version")
+    if version is not None:
+        folder = parent / _folder_name(version)
+    elif ckpt == "last":
+        folder = newest_run(parent, current)
+    elif ckpt_file is not None:
+        folder = _run_of_checkpoint(ckpt_file, parent)
+    else:
+        folder = None
+    if folder is None:
+        if is_rank_zero():  # other ranks write nothing: Lightning broadcasts rank 0's folder
+            logger.version = reserve_new_folder(parent).name
+        return None
+    logger.version = folder.name
+    if not is_rank_zero():  # a DDP launcher's other process: rank 0 checked the folder before starting it
+        if ckpt == "last":
+            config.ckpt_path = str(folder / "checkpoints" / LAST)
+        return read_config(folder)
+    if folder.is_dir():
+        RunLock(folder).release()  # a fit writing there now: "in use", before anything else is said of it
+    if read_config(folder) is None:
+        if ckpt == "last":
+            raise ConfigError(f"--ckpt_path last: {folder.resolve()} holds no run to resume; start it without "
+                              "--ckpt_path.")
+        return None
+    saved = check_same_run(folder, current)
+    if ckpt is None and not _hpc_checkpoint_waiting(config.trainer):
+        raise ConfigError(f"the run folder {folder.resolve()} already holds this run; continue it with --ckpt_path "
+                          "last, or start another with --trainer.logger.init_args.version <new name>.")
+    if ckpt == "last":
+        last = folder / "checkpoints" / LAST
+        if not last.is_file():
+            raise ConfigError(f"--ckpt_path last: {last.resolve()} does not exist (the run stopped before its first "
+                              "epoch ended); start it again without --ckpt_path, in a new folder.")
+        config.ckpt_path = str(last)
+    return saved
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, as its environment says before Lightning sets anything up (a DDP
+    launcher's other processes are started with their rank in the environment)."""
+    return _get_rank() in (None, 0)
+
+
+def reserve_new_folder(parent: Path) -> Path:
+    """A new ``version_<n>`` folder under ``parent``, created at once (``mkdir`` is atomic), so that fits started
+    side by side never share one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = [int(f.name.split("_", 1)[1]) for f in parent.glob("version_*") if f.name.split("_", 1)[1].isdigit()]
+    number = max(taken, default=-1) + 1
+    while True:
+        try:
+            (parent / f"version_{number}").mkdir()
+            return parent / f"version_{number}"
+        except FileExistsError:
+            number += 1
+
+
+def _log_beside_checkpoint(config, logger, ckpt_file: Path | None, subcommand: str) -> None:
+    """``test`` and ``validate`` write their metrics into the checkpoint's own run folder; without one, and for
+    ``predict``, nothing is logged: these commands never create a run folder."""
+    if logger is not None and subcommand in ("test", "validate") and ckpt_file is not None:
+        parent = Path(logger.get("save_dir") or ".") / (logger.get("name") or "lightning_logs")
+        folder = _run_of_checkpoint(ckpt_file, parent)
+        if folder is not None:
+            logger.version = folder.name
+            return
+    config.trainer.logger = False
+
+
+def check_model_class(ckpt: Path, model_config) -> None:
+    """A checkpoint of another model class than the config's is refused (one error naming both)."""
+    from ssvae_pl.checkpoint_io import read_checkpoint
+
+    wanted = model_config.get("class_path") if model_config is not None and hasattr(model_config, "get") else None
+    if wanted is None or not ckpt.is_file():
+        return  # a missing file is reported by the ckpt_path check, with its fix
+    saved = read_checkpoint(ckpt, "--ckpt_path", "give a checkpoint of this config's model",
+                            mmap=True).get("hyper_parameters", {}).get("_class_path")
+    if saved is not None and saved.rsplit(".", 1)[-1] != str(wanted).rsplit(".", 1)[-1]:
+        raise ConfigError(f"--ckpt_path: {ckpt} holds a {saved.rsplit('.', 1)[-1]} ({saved}), but the config's model "
+                          f"is {wanted}; use the config the checkpoint was trained with.")
+
+
+class RunLock:
+    """An exclusive ``flock`` on a run folder while a fit writes into it: a second fit aimed at the same folder
+    stops with one error instead of interleaving checkpoints. Released when the process ends, however it ends."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self._descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._descriptor)
+            raise ConfigError(f"the run folder {folder.resolve()} is in use by another ssvae fit; wait for it to end, "
+                              "or start this one with --trainer.logger.init_args.version <new name>.") from None
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
