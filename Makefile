@@ -19,7 +19,7 @@ quickstart: venv
 	$(BIN)/python scripts/quickstart.py
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)

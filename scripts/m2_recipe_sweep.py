@@ -1,6 +1,6 @@
 """M2 training recipes compared on equal wall-clock time: a plain loop over ssvae_pl's M2 (the same networks and
 bounds as `ssvae fit -c configs/mnist/m2.yaml`), the data on the device, validation accuracy and the accuracy of the
-generative model's own choice argmax_y L(x, y) logged every other epoch. The README's recipe table comes from two
+generative model's own choice argmax_y L(x, y) logged every other epoch. The recipe table of docs/why-m2-recipe.md comes from two
 rounds of jobs run side by side on one H100 (420-440 s each), e.g.
 
     python scripts/m2_recipe_sweep.py --name paper --seconds 440                       # dataset weighting, alpha 0.1 N

@@ -11,7 +11,7 @@ folder (default lightning_logs/table1/<profile> for MNIST, lightning_logs/table1
     table1.json   the dataset, every run's numbers, the summary and the paper's figures
     results.json  the cache: one record per finished stage (its command, duration and, for tests, test/acc)
     logs/         each stage's stdout and stderr, <model>-seed<s>-n<N>-<fit|test>.log (the VAE: vae-seed<s>-fit.log)
-    <logger name>/<version>/   the runs themselves (m1_vae/seed0, m1_classifier/seed0-n100, ...-test, m2/..., m1m2/...;
+    <logger name>/<version>/   the runs (m1_vae/seed0, m1_classifier/seed0-n100 with its test beside it, m2/..., m1m2/...;
                   the colour datasets' logger names carry the dataset: svhn_m1_vae/seed0, cifar10_m2/...)
 
 Datasets (--dataset, default mnist). Every stage runs configs/<dataset>/{m1_vae,m1_classifier,m2,m1m2}.yaml and gets
@@ -87,7 +87,7 @@ sys.path.insert(0, str(ROOT))
 
 # ---- what to run -----------------------------------------------------------------------------------------------
 
-# max_epochs of each fit, by profile. quick: 16 min 50 s in all on 2 CPU cores (measured; README).
+# max_epochs of each fit, by profile. quick: 16 min 50 s in all on 2 CPU cores (measured; docs/results.md).
 EPOCHS: dict[str, dict[str, int]] = {
     #          M1's VAE   M1 classifier   M2         M1+M2
     "quick": {"vae": 10,  "m1": 10,       "m2": 25,  "m1m2": 25},
@@ -239,15 +239,16 @@ def logger_name(stage: str, dataset: str = "mnist") -> str:
 
 def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, num_labelled: int | None,
                settings: Settings, checkpoint_args: tuple[str, ...] = ()) -> Stage:
-    """The `ssvae fit` or `ssvae test` of one stage; a fit trains from scratch, a test reads ``checkpoint_args``."""
+    """The `ssvae fit` or `ssvae test` of one stage; a fit trains from scratch in the run folder ``version``, a test
+    reads ``checkpoint_args`` and logs into that checkpoint's run folder (``version``, the fit's)."""
     labels = ("--data.num_labelled", str(num_labelled)) if num_labelled is not None else ()
     configs = settings.fit_configs if subcommand == "fit" else ()
+    where = ("--trainer.logger.init_args.version", version) if subcommand == "fit" else ()
     args = [subcommand, "-c", config_path(settings.dataset, stage), *[a for c in configs for a in ("-c", c)],
             *checkpoint_args,
             "--seed_everything", str(seed), "--data.seed", str(seed), *labels,
             "--data.data_dir", shown(settings.data_dir),
-            "--trainer.logger.init_args.save_dir", shown(settings.out),
-            "--trainer.logger.init_args.version", version,
+            "--trainer.logger.init_args.save_dir", shown(settings.out), *where,
             "--trainer.enable_progress_bar", "false"]
     if subcommand == "fit":
         args += ["--trainer.max_epochs", str(settings.epochs[stage])]
@@ -268,7 +269,7 @@ def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: 
                 version = f"seed{seed}-n{n}"
                 vae_args = ("--model.init_args.vae_checkpoint", shown(vae.checkpoint)) if model in NEEDS_VAE else ()
                 fit = make_stage(model, "fit", f"{model}-{version}-fit", version, seed, n, settings, vae_args)
-                test = make_stage(model, "test", f"{model}-{version}-test", f"{version}-test", seed, n, settings,
+                test = make_stage(model, "test", f"{model}-{version}-test", version, seed, n, settings,
                                   ("--ckpt_path", shown(fit.checkpoint)))
                 stages = (vae, fit, test) if model in NEEDS_VAE else (fit, test)
                 runs.append(Run(model, n, seed, stages))
@@ -316,9 +317,10 @@ def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
 
 
 def run_stage(stage: Stage, log_file: Path) -> float:
-    """Run one `ssvae` command with its output in ``log_file``; return its duration in seconds. A run folder left
-    by an interrupted attempt is removed first (else its last.ckpt would survive and the new one be renamed)."""
-    if stage.run_dir.exists():
+    """Run one `ssvae` command with its output in ``log_file``; return its duration in seconds. A fit's run folder
+    left by an interrupted attempt is removed first (a fit refuses a folder that holds a run); a test logs into its
+    fit's folder."""
+    if stage.args[0] == "fit" and stage.run_dir.exists():
         shutil.rmtree(stage.run_dir)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -60,11 +60,21 @@ def _count_images(batch) -> int:
 # writes from global rank zero only, and does nothing without a TensorBoardLogger.
 
 
+_SAID: set[str] = set()
+
+
 def tensorboard_writer(trainer: pl.Trainer):
-    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None."""
+    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None. With other loggers only, it says once that
+    the pictures are skipped."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
+    if trainer.loggers and "no-tensorboard" not in _SAID:
+        from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+        _SAID.add("no-tensorboard")
+        rank_zero_warn(f"the TensorBoard pictures (reconstructions, samples, latent space, confusion matrix) need a "
+                       f"TensorBoardLogger; with {type(trainer.loggers[0]).__name__} they are skipped.")
     return None
 
 
@@ -131,23 +141,61 @@ class GenerativeImages(_EveryNValidations):
             return
         x = x.float()
         reconstructions = pl_module.reconstruct(x)  # (B, C, H, W)
-        writer.add_image("images/reconstructions", _grid(torch.cat([x, reconstructions]), len(x)), step)
-        num_classes = getattr(pl_module.hparams, "num_classes", None)
+        writer.add_figure("images/reconstructions", _grid_figure(
+            torch.cat([x, reconstructions]), len(x), "validation images and their reconstructions",
+            rows=["input", "reconstruction"]), step)
+        names = class_names_of(pl_module)
         if hasattr(pl_module, "analogies"):  # M2: class-conditional samples and analogies
-            classes = torch.arange(num_classes, device=pl_module.device)
+            classes = torch.arange(len(names), device=pl_module.device)
             samples = pl_module.sample(classes, self.num_samples)  # (K * S, C, H, W), class by class
-            writer.add_image("images/class_samples", _grid(samples, self.num_samples), step)
+            writer.add_figure("images/class_samples", _grid_figure(
+                samples, self.num_samples, "x ~ p(x|y, z), z ~ p(z): one row per class y", rows=names), step)
             rows = torch.cat([x.unsqueeze(1), pl_module.analogies(x)], dim=1)  # (B, 1 + K, C, H, W)
-            writer.add_image("images/analogies", _grid(rows.flatten(0, 1), rows.shape[1]), step)
+            writer.add_figure("images/analogies", _grid_figure(
+                rows.flatten(0, 1), rows.shape[1], "analogies: each image's z decoded with every class (fig. 1)",
+                columns=["input", *names]), step)
         else:
             side = self.num_samples
-            writer.add_image("images/prior_samples", _grid(pl_module.sample(side * side), side), step)
+            writer.add_figure("images/prior_samples", _grid_figure(
+                pl_module.sample(side * side), side, "x ~ p(x|z), z ~ p(z)"), step)
 
 
-def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+def class_names_of(pl_module: pl.LightningModule) -> list[str]:
+    """The model's class names (kept in its hyperparameters), else 0 ... K-1."""
+    k = int(pl_module.hparams.num_classes)
+    names = pl_module.hparams.get("class_names")
+    return [str(n) for n in names] if names is not None and len(names) == k else [str(i) for i in range(k)]
+
+
+def grid_figure_inches(num_rows: int, per_row: int, tile_h: int = 30, tile_w: int = 30) -> tuple[float, float]:
+    """(width, height) in inches of a picture grid: 0.45 inch per 30-pixel tile (an MNIST digit and its padding),
+    plus room for the names and the title. TensorBoard shows it at 100 pixels per inch."""
+    return 1.5 + 0.45 * per_row * tile_w / 30, 0.8 + 0.45 * num_rows * tile_h / 30
+
+
+def _grid_figure(images: torch.Tensor, per_row: int, title: str, rows: list[str] | None = None,
+                 columns: list[str] | None = None):
+    """Images (N, C, H, W) in a grid of ``per_row`` columns (torchvision's ``make_grid``), drawn large enough to
+    see (about 0.45 inch a tile), with the rows and columns named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
-    return make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, pad_value=0.5)
+    padding = 2
+    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=per_row, padding=padding, pad_value=0.5)  # (3, H', W')
+    tile_h, tile_w = images.shape[-2] + padding, images.shape[-1] + padding
+    figure, axes = plt.subplots(figsize=grid_figure_inches(-(-len(images) // per_row), per_row, tile_h, tile_w))
+    axes.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    axes.set_title(title, fontsize=9)
+    axes.set_yticks([padding / 2 + tile_h * (i + 0.5) for i in range(len(rows))] if rows else [])
+    axes.set_yticklabels(rows or [], fontsize=8)
+    axes.set_xticks([padding / 2 + tile_w * (i + 0.5) for i in range(len(columns))] if columns else [])
+    axes.set_xticklabels(columns or [], fontsize=8, rotation=45 if columns and max(map(len, columns)) > 3 else 0)
+    axes.tick_params(length=0)
+    figure.tight_layout()
+    return figure
 
 
 class LatentSpace(_EveryNValidations):
@@ -158,7 +206,7 @@ class LatentSpace(_EveryNValidations):
     * with ``embedding: true``, the latents with their labels and thumbnails for TensorBoard's projector
       (``add_embedding``, tag ``latent``)."""
 
-    def __init__(self, every_n_epochs: int = 5, num_images: int = 1000, tsne: bool = False,
+    def __init__(self, every_n_epochs: int = 10, num_images: int = 1000, tsne: bool = False,
                  embedding: bool = True) -> None:
         super().__init__(every_n_epochs, num_images)
         if tsne:
@@ -173,30 +221,50 @@ class LatentSpace(_EveryNValidations):
         if not hasattr(pl_module, "latent_means"):
             return
         z = pl_module.latent_means(x.float()).float().cpu()  # (N, Z)
-        labels = y.cpu()
+        labels, names, latent = y.cpu(), class_names_of(pl_module), latent_name(pl_module)
         centred = z - z.mean(dim=0)
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
-        writer.add_figure("latent/pca", _scatter(centred @ v[:2].T, labels, "PCA"), step)
+        _, s, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
+        share = (s**2 / (s**2).sum()).tolist() + [0.0, 0.0]
+        axes = (f"PC 1 ({share[0]:.0%} of the variance)", f"PC 2 ({share[1]:.0%})")
+        writer.add_figure("latent/pca", _scatter(centred @ v[:2].T, labels, names, f"{latent}: PCA", axes), step)
         if self.tsne:
             from sklearn.manifold import TSNE
 
             points = TSNE(2, init="pca", random_state=0, perplexity=min(30.0, len(z) - 1.0)).fit_transform(z.numpy())
-            writer.add_figure("latent/tsne", _scatter(torch.from_numpy(points), labels, "t-SNE"), step)
+            writer.add_figure("latent/tsne", _scatter(torch.from_numpy(points), labels, names, f"{latent}: t-SNE",
+                                                      ("t-SNE 1", "t-SNE 2")), step)
         if self.embedding:
             writer.add_embedding(z, metadata=labels.tolist(), label_img=x.float().cpu(), global_step=step,
                                  tag="latent")
 
 
-def _scatter(points: torch.Tensor, labels: torch.Tensor, title: str):
+def latent_name(pl_module: pl.LightningModule) -> str:
+    """Which latent a model's ``latent_means`` gives, in the paper's names."""
+    kind = type(pl_module).__name__
+    if hasattr(pl_module, "analogies"):  # M2, or M1+M2 on M1's z1
+        return ("M1+M2's z2, mean of q(z2|z1,y)" if pl_module.hparams.get("vae_checkpoint")
+                else "M2's z, mean of q(z|x,y)")
+    if hasattr(pl_module, "classifier"):
+        return "M1's z1 (the frozen encoder's mean), as the classifier sees it"
+    return f"{'M1' if kind == 'VAE' else kind}'s z, mean of q(z|x)"
+
+
+def _scatter(points: torch.Tensor, labels: torch.Tensor, names: list[str], title: str, axis_names: tuple[str, str]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5, 5))
-    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
-    figure.colorbar(scatter, ax=axes, ticks=range(int(labels.max()) + 1), label="class")
-    axes.set_title(f"latent means, {title}")
+    figure, axes = plt.subplots(figsize=(6, 5))
+    k = len(names)
+    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if k <= 10 else "tab20", s=6,
+                           vmin=-0.5, vmax=k - 0.5)
+    bar = figure.colorbar(scatter, ax=axes, ticks=range(k), label="class")
+    bar.ax.set_yticklabels(names)
+    axes.set_xlabel(axis_names[0])
+    axes.set_ylabel(axis_names[1])
+    axes.set_title(f"latent means of {len(points)} validation images\n{title}", fontsize=9)
+    figure.tight_layout()
     return figure
 
 
@@ -231,7 +299,12 @@ class ConfusionMatrix(pl.Callback):
         self.matrix.reset()
         writer = tensorboard_writer(trainer)
         if writer is not None and trainer.is_global_zero:
-            figure, _ = self.matrix.plot(matrix.cpu())
+            matrix = matrix.cpu()
+            accuracy = float(matrix.diagonal().sum() / matrix.sum().clamp(min=1))
+            figure, axes = self.matrix.plot(matrix, labels=class_names_of(pl_module))
+            axes.set_title(f"validation, epoch {trainer.current_epoch}: accuracy {accuracy:.4f}", fontsize=9)
+            axes.set_xlabel("predicted class")
+            axes.set_ylabel("true class")
             writer.add_figure("val/confusion_matrix", figure, trainer.global_step)
 
 
@@ -314,6 +387,23 @@ class LastCheckpoint(ModelCheckpoint):
     @property
     def last_path(self) -> str | None:
         return None if self.dirpath is None else str(Path(self.dirpath) / f"last{self.FILE_EXTENSION}")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``checkpoints/best-epochNNN.ckpt``: the best epoch by the model's validation metric, ``val/elbo`` for the VAE
+    and ``val/acc`` for the classifiers (read from the model when fitting starts, so one callback serves every
+    config)."""
+
+    def __init__(self) -> None:
+        super().__init__(monitor="val/acc", mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+
+    @property
+    def state_key(self) -> str:
+        return "BestCheckpoint"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.monitor = "val/acc" if hasattr(pl_module, "classifier") else "val/elbo"
+        super().setup(trainer, pl_module, stage)
 
 
 def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
@@ -577,16 +667,21 @@ class ResumeWithNewOptimizerSettings(pl.Callback):
 
 
 def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
-    """The config's callbacks and plugins with the always-on trust pieces added where the config has none of their
-    kind: ``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, ``EpochTimer``, and the
-    ``AtomicCheckpointIO`` plugin; plus ``ResumeWithNewOptimizerSettings`` when a resume changes the optimiser."""
+    """The config's callbacks and plugins with the always-on pieces added where the config has none of their kind:
+    the trust pieces (``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, the
+    ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer`` and the TensorBoard pictures (each skips a
+    model that cannot draw it, and does nothing without a TensorBoard logger); plus
+    ``ResumeWithNewOptimizerSettings`` when a resume changes the optimiser. A config that lists one of these with
+    other settings (``NonFiniteGuard`` with ``action: skip``) keeps its own."""
     from ssvae_pl.checkpoint_io import AtomicCheckpointIO
     from pytorch_lightning.plugins.io import CheckpointIO
 
     callbacks = list(callbacks or [])
-    callbacks += [piece for piece in (LastCheckpoint(), NonFiniteGuard(), SaveOnInterrupt(), SeedEachEpoch(),
-                                      EpochTimer())
-                  if not any(isinstance(callback, type(piece)) for callback in callbacks)]
+    # LastCheckpoint after BestCheckpoint (Lightning keeps checkpoint callbacks in this order, after the others), so
+    # that last.ckpt holds the best-so-far state updated by this epoch's score
+    always_on = (NonFiniteGuard(), SaveOnInterrupt(), SeedEachEpoch(), EpochTimer(), GenerativeImages(), LatentSpace(),
+                 ConfusionMatrix(), HParamsWithMetrics(), BestCheckpoint(), LastCheckpoint())
+    callbacks += [piece for piece in always_on if not any(isinstance(callback, type(piece)) for callback in callbacks)]
     if optimizer_changes:
         callbacks.append(ResumeWithNewOptimizerSettings(optimizer_changes))
     plugins = list(plugins or []) if isinstance(plugins, (list, tuple, type(None))) else [plugins]

@@ -218,6 +218,8 @@ def main(args: list[str] | None = None) -> None:
                                           "classifier as TorchScript and ONNX: `ssvae export --help`)."},
             datamodule_class=SemiSupervisedDataModule,
             subclass_mode_model=True,
+            trainer_defaults={"logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                                         "init_args": {"save_dir": "lightning_logs", "default_hp_metric": False}}},
             save_config_callback=SaveConfigToRunFolder,
             seed_everything_default=0,
             args=args,
@@ -229,6 +231,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}", file=sys.stderr)
         sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
     except Exception as err:
+        runs.remove_unused()
         cause = user_error(err) or faults.describe(err)
         if cause is None:
             raise

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ssvae_pl.checkpoint_io import read_checkpoint
 from ssvae_pl.errors import CheckpointError
+from ssvae_pl.files import is_write_failure, write_error
 
 SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry", "null", "None", ""}
 
@@ -71,6 +72,8 @@ def _describe_one(err: BaseException) -> str | None:
     if isinstance(err, (ValueError, TypeError)) and _raised_in(err, os.sep.join(["torch", "optim", ""])):
         return f"the optimizer rejects its settings: {first_line}; check --optimizer.init_args."
     if isinstance(err, OSError) and err.filename is not None:
+        if is_write_failure(err):
+            return str(write_error(err.filename, err))
         return f"{err.strerror or first_line}: {err.filename}; check that the path exists and can be written."
     return None
 

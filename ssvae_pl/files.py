@@ -65,7 +65,14 @@ def write_error(path: str | Path, err: OSError) -> OutputError:
     """``err``, raised while ``path`` was written, as one message that names the file and the fix."""
     reason = (err.strerror or os.strerror(err.errno)) if err.errno else str(err)
     fix = _FIXES.get(err.errno, "check that the folder exists and can be written")
-    return OutputError(err.errno, f"cannot write {path}: {reason}; {fix}.")
+    error = OutputError(f"cannot write {path}: {reason}; {fix}.")
+    error.errno = err.errno
+    return error
+
+
+def is_write_failure(err: OSError) -> bool:
+    """Whether ``err`` is a failure to write (a full disk, a read-only or forbidden folder)."""
+    return err.errno in _FIXES
 
 
 def fsync_folder(folder: Path) -> None:

@@ -25,6 +25,7 @@ import yaml
 from lightning_fabric.utilities.rank_zero import _get_rank
 
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.files import write_error
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.ckpt"
@@ -193,18 +194,36 @@ def is_rank_zero() -> bool:
     return _get_rank() in (None, 0)
 
 
+_RESERVED: list[Path] = []
+
+
 def reserve_new_folder(parent: Path) -> Path:
     """A new ``version_<n>`` folder under ``parent``, created at once (``mkdir`` is atomic), so that fits started
-    side by side never share one."""
-    parent.mkdir(parents=True, exist_ok=True)
+    side by side never share one. A fit that fails before writing anything leaves none (``remove_unused``)."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(parent, err) from err
     taken = [int(f.name.split("_", 1)[1]) for f in parent.glob("version_*") if f.name.split("_", 1)[1].isdigit()]
     number = max(taken, default=-1) + 1
     while True:
         try:
             (parent / f"version_{number}").mkdir()
+            _RESERVED.append(parent / f"version_{number}")
             return parent / f"version_{number}"
         except FileExistsError:
             number += 1
+
+
+def remove_unused() -> None:
+    """Remove the folders this process reserved and never wrote a file into (a fit refused after the
+    reservation: a setting that Lightning or the data reject)."""
+    for folder in _RESERVED:
+        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+            for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                sub.rmdir()
+            folder.rmdir()
+    _RESERVED.clear()
 
 
 def _log_beside_checkpoint(config, logger, ckpt_file: Path | None, subcommand: str) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
 from ssvae_pl import elbo
+from ssvae_pl.callbacks import grid_figure_inches
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import M2
@@ -212,7 +213,8 @@ def test_m2_fit_logs_its_metrics_and_analogies(tmp_path: Path, make_dm) -> None:
     assert set(images) == {"images/reconstructions", "images/class_samples", "images/analogies"}
     (analogies,) = images["images/analogies"]
     # 8 rows (images) of 1 + K tiles of 28 pixels, with make_grid's 2-pixel padding
-    assert (analogies.height, analogies.width) == (2 + 8 * 30, 2 + (1 + K) * 30)
+    width, height = grid_figure_inches(8, 1 + K)  # 8 rows (images) of 1 + K tiles
+    assert (analogies.height, analogies.width) == (round(100 * height), round(100 * width))
 
 
 @pytest.fixture(scope="module")

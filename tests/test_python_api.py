@@ -1,5 +1,5 @@
 """The Python API: ``from ssvae_pl import ...``, the data module's ``model_kwargs``, constructor defaults that are the
-shipped MNIST recipe, models that take the loaders' uint8 images, and the example of docs/python_api.md."""
+shipped MNIST recipe, models that take the loaders' uint8 images, and the README's Python example."""
 
 from __future__ import annotations
 
@@ -198,17 +198,17 @@ def test_a_model_takes_the_loaders_uint8_images(name: str, method: str, mode: st
     torch.testing.assert_close(run(x), run(x_hook), rtol=0, atol=0)
 
 
-# ---- docs/python_api.md -------------------------------------------------------------------------------------------
+# ---- the README's example ----------------------------------------------------------------------------------------------
 
 
 def documented_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "python_api.md").read_text(), flags=re.S)
-    assert len(blocks) == 1, "docs/python_api.md holds one Python example"
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1, "the README holds one Python example"
     return blocks[0]
 
 
 def test_the_documented_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The example of docs/python_api.md, as written, on the synthetic MNIST in ``./data`` (no download, no md5
+    """The README's Python example, as written, on the synthetic MNIST in ``./data`` (no download, no md5
     check, a validation hold-out of 100 of its 600 images)."""
     import ssvae_pl
     from ssvae_pl.data.datamodule import SemiSupervisedDataModule
@@ -220,7 +220,7 @@ def test_the_documented_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(ssvae_pl, "SemiSupervisedDataModule",
                         lambda **kwargs: SemiSupervisedDataModule(**{**kwargs, **SYNTHETIC}))
     namespace: dict = {"__name__": "__main__"}
-    exec(compile(code, "docs/python_api.md", "exec"), namespace)
+    exec(compile(code, "README.md", "exec"), namespace)
 
     x, probs, trainer = namespace["x"], namespace["probs"], namespace["trainer"]
     assert x.dtype == torch.uint8 and trainer.global_step > 0

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ssvae_pl.results import read_scalars
+
 from conftest import write_synthetic_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +90,7 @@ def test_dry_run_of_the_full_profile_trains_one_vae_per_seed_and_shares_it(tmp_p
                 assert position > commands.index(vaes[int(seed)])
             fits[(name, seed, n)] = position
         else:
-            assert command[0] == "test" and version == f"seed{seed}-n{n}-test"
+            assert command[0] == "test" and version is None  # logged beside its checkpoint, in the fit's folder
             assert option(command, "--ckpt_path") == str(out / name / f"seed{seed}-n{n}" / "checkpoints" / "last.ckpt")
             assert option(command, "--trainer.max_epochs") is None
             tests[(name, seed, n)] = position
@@ -220,7 +222,8 @@ def test_tiny_sweep_end_to_end_then_skips_and_refuses_changed_settings(tmp_path:
     assert (out / "table1.png").read_bytes()[:8] == PNG_SIGNATURE
     assert (out / "logs" / "vae-seed0-fit.log").is_file() and (out / "logs" / "m1m2-seed0-n100-test.log").is_file()
     assert (out / "m1_vae" / "seed0" / "checkpoints" / "last.ckpt").is_file()
-    assert (out / "m1m2" / "seed0-n100-test").is_dir()
+    assert not (out / "m1m2" / "seed0-n100-test").exists()  # the test logs beside its checkpoint
+    assert {"test/acc", "val/acc"} <= set(read_scalars(out / "m1m2" / "seed0-n100"))
 
     cache = json.loads((out / "results.json").read_text())
     assert sorted(cache) == sorted(line.split()[1] for line in progress)
@@ -253,15 +256,15 @@ def test_tiny_sweep_end_to_end_then_skips_and_refuses_changed_settings(tmp_path:
 MNIST_QUICK = """\
 ssvae fit -c configs/mnist/m1_vae.yaml --seed_everything 0 --data.seed 0 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0 --trainer.enable_progress_bar false --trainer.max_epochs 10
 ssvae fit -c configs/mnist/m1_classifier.yaml --model.init_args.vae_checkpoint /OUT/m1_vae/seed0/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100 --trainer.enable_progress_bar false --trainer.max_epochs 10
-ssvae test -c configs/mnist/m1_classifier.yaml --ckpt_path /OUT/m1_classifier/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100-test --trainer.enable_progress_bar false
+ssvae test -c configs/mnist/m1_classifier.yaml --ckpt_path /OUT/m1_classifier/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.enable_progress_bar false
 ssvae fit -c configs/mnist/m2.yaml --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100 --trainer.enable_progress_bar false --trainer.max_epochs 25
-ssvae test -c configs/mnist/m2.yaml --ckpt_path /OUT/m2/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100-test --trainer.enable_progress_bar false
+ssvae test -c configs/mnist/m2.yaml --ckpt_path /OUT/m2/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.enable_progress_bar false
 ssvae fit -c configs/mnist/m1m2.yaml --model.init_args.vae_checkpoint /OUT/m1_vae/seed0/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100 --trainer.enable_progress_bar false --trainer.max_epochs 25
-ssvae test -c configs/mnist/m1m2.yaml --ckpt_path /OUT/m1m2/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.logger.init_args.version seed0-n100-test --trainer.enable_progress_bar false
+ssvae test -c configs/mnist/m1m2.yaml --ckpt_path /OUT/m1m2/seed0-n100/checkpoints/last.ckpt --seed_everything 0 --data.seed 0 --data.num_labelled 100 --data.data_dir /DATA --trainer.logger.init_args.save_dir /OUT --trainer.enable_progress_bar false
 """
 # the sha256 of the 75 command lines (joined by newlines) of `--profile full --out /OUT --data-dir /DATA
 # --trainer-args "--trainer.accelerator gpu --trainer.devices 1" --dry-run`, as printed before --dataset existed
-MNIST_FULL_SHA256 = "7a0bb556827133136a0d8198286e744b18baa72ccdc340d6e85cf52d8219f24f"
+MNIST_FULL_SHA256 = "31f2b1bdde8b715c4c4d56f7071e514f5618c0935828783f4d6b127554571c0e"
 
 
 def dry_run_lines(capsys, *argv: str) -> list[str]:
@@ -270,7 +273,8 @@ def dry_run_lines(capsys, *argv: str) -> list[str]:
 
 
 def test_mnist_commands_are_byte_identical_to_before(capsys) -> None:
-    """--dataset mnist (the default) prints exactly the commands the script printed before it knew other datasets;
+    """--dataset mnist (the default) prints the commands it printed before it knew other datasets (the tests now log
+    beside their fits, without a version of their own);
     the default output folder is still lightning_logs/table1/<profile>."""
     fixed = ("--out", "/OUT", "--data-dir", "/DATA")  # absolute paths outside the repository: shown as they are
     quick = [line for line in dry_run_lines(capsys, "--profile", "quick", *fixed) if line.startswith("ssvae ")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
-from ssvae_pl.callbacks import ConfusionMatrix, GenerativeImages, LatentSpace
+from ssvae_pl.callbacks import ConfusionMatrix, GenerativeImages, LatentSpace, grid_figure_inches
 from ssvae_pl.models import M2, VAE
 from ssvae_pl.results import read_scalars, read_tags
 from test_cli import CLASSIFIER_CONFIG, REPO, SHORT_FIT, TINY_VAE, cli_data, data_args, ok, ssvae  # noqa: F401
@@ -65,6 +65,12 @@ def test_m1_runs_write_their_pictures(tmp_path: Path, cli_data: Path) -> None:
     assert {"val/acc", "hparams/val_acc"} <= classifier_tags["scalars"]
 
 
+def pixels(num_rows: int, per_row: int) -> tuple[int, int]:
+    """(height, width) in TensorBoard of a grid of MNIST tiles: its figure's inches at 100 pixels an inch."""
+    width, height = grid_figure_inches(num_rows, per_row)
+    return round(100 * height), round(100 * width)
+
+
 def fit_with(callbacks, model, make_dm, tmp_path: Path, epochs: int) -> Path:
     from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -95,12 +101,11 @@ def test_interval_and_bounded_image_counts(tmp_path: Path, make_dm) -> None:
     images = GenerativeImages(every_n_epochs=2, num_images=5, num_samples=4)
     latent = LatentSpace(every_n_epochs=2, num_images=70, embedding=True)
     run = fit_with([images, latent, ConfusionMatrix(every_n_epochs=2)], model, make_dm, tmp_path, epochs=3)
-    tile = 30  # 28 pixels + make_grid's 2-pixel padding
     analogies = image_steps(run, "images/analogies")
     assert [step for step, _, _ in analogies] == [2, 3]  # one training batch per epoch
-    assert analogies[0][1:] == (2 + 5 * tile, 2 + 11 * tile)  # 5 images, each with its K = 10 analogies
-    assert image_steps(run, "images/class_samples")[0][1:] == (2 + 10 * tile, 2 + 4 * tile)  # K rows of 4
-    assert image_steps(run, "images/reconstructions")[0][1:] == (2 + 2 * tile, 2 + 5 * tile)
+    assert analogies[0][1:] == pixels(5, 11)  # 5 images, each with its K = 10 analogies
+    assert image_steps(run, "images/class_samples")[0][1:] == pixels(10, 4)  # K rows of 4
+    assert image_steps(run, "images/reconstructions")[0][1:] == pixels(2, 5)  # 5 images above their reconstructions
     assert [step for step, _, _ in image_steps(run, "val/confusion_matrix")] == [2, 3]
     rows = (run / "00002" / "latent" / "tensors.tsv").read_text().strip().splitlines()
     assert len(rows) == 64 + 6 and len(rows[0].split("\t")) == 3  # two validation batches of 64, cut to 70
@@ -110,7 +115,7 @@ def test_vae_prior_samples_grid(tmp_path: Path, make_dm) -> None:
     """The VAE's prior samples: a num_samples x num_samples grid."""
     torch.manual_seed(0)
     run = fit_with([GenerativeImages(num_samples=3)], VAE(hidden_dims=[16], latent_dim=2), make_dm, tmp_path, 1)
-    assert image_steps(run, "images/prior_samples") == [(1, 2 + 3 * 30, 2 + 3 * 30)]
+    assert image_steps(run, "images/prior_samples") == [(1, *pixels(3, 3))]
 
 
 def test_bad_callback_settings_are_config_errors() -> None:
@@ -120,3 +125,42 @@ def test_bad_callback_settings_are_config_errors() -> None:
         GenerativeImages(every_n_epochs=0)
     with pytest.raises(ConfigError, match="num_images"):
         LatentSpace(num_images=-1)
+
+
+class FigureWriter:
+    """A SummaryWriter stand-in that keeps the figures it is given."""
+
+    def __init__(self) -> None:
+        self.figures: dict = {}
+
+    def add_figure(self, tag, figure, step) -> None:
+        self.figures[tag] = figure
+
+    def add_embedding(self, *args, **kwargs) -> None:
+        pass
+
+
+def texts(figure) -> dict[str, list[str]]:
+    axes = figure.axes[0]
+    return {"title": [axes.get_title()], "x": [axes.get_xlabel()], "y": [axes.get_ylabel()],
+            "xticks": [t.get_text() for t in axes.get_xticklabels()],
+            "yticks": [t.get_text() for t in axes.get_yticklabels()]}
+
+
+def test_pictures_name_their_rows_columns_axes_and_latent() -> None:
+    """Class grids name their rows by class, analogies their columns; the PCA names its axes and which latent it
+    shows; reconstructions are large enough to see (0.45 inch a digit)."""
+    torch.manual_seed(0)
+    names = [f"c{k}" for k in range(10)]
+    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3, class_names=names).eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    writer = FigureWriter()
+    GenerativeImages(num_samples=3).draw(writer, model, x, y, step=1)
+    LatentSpace(embedding=False).draw(writer, model, x, y, step=1)
+    assert texts(writer.figures["images/class_samples"])["yticks"] == names
+    assert texts(writer.figures["images/analogies"])["xticks"] == ["input", *names]
+    assert texts(writer.figures["images/reconstructions"])["yticks"] == ["input", "reconstruction"]
+    assert writer.figures["images/reconstructions"].get_size_inches()[1] >= 0.45 * 2
+    pca = texts(writer.figures["latent/pca"])
+    assert pca["x"][0].startswith("PC 1 (") and pca["y"][0].startswith("PC 2 (")
+    assert "M2's z, mean of q(z|x,y)" in pca["title"][0]

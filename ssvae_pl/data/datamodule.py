@@ -144,13 +144,11 @@ def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _same_split(path: Path, record: dict[str, Any]) -> bool:
-    """Whether the split recorded at ``path`` is ``record``'s: the same images labelled and held out. Keys that a
-    record written by an older version lacks (``class_names``, the file lists) are not compared."""
+    """Whether the split recorded at ``path`` is ``record``: the same images labelled and held out."""
     try:
-        saved = json.loads(path.read_text())
+        return json.loads(path.read_text()) == record
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and all(saved[key] == value for key, value in record.items() if key in saved)
 
 
 def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, ...] | None:
