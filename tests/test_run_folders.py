@@ -110,7 +110,9 @@ def test_test_and_predict_create_no_run_folder_and_predict_replaces_nothing(tmp_
              "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"))
     logs = tmp_path / "lightning_logs"
     m2_ckpt = logs / "m2" / "version_0" / "checkpoints" / "last.ckpt"
-    ok(ssvae(tmp_path, "test", "-c", M2_CONFIG, *data, "--ckpt_path", str(m2_ckpt)))
+    record = (logs / "m2" / "version_0" / "labelled_indices.json").read_bytes()
+    ok(ssvae(tmp_path, "test", "-c", M2_CONFIG, *data, "--ckpt_path", str(m2_ckpt), "--data.seed", "3"))
+    assert (logs / "m2" / "version_0" / "labelled_indices.json").read_bytes() == record  # the fit's, untouched
     csv = tmp_path / "out.csv"
     csv.write_text("earlier\n")
     predict = ["predict", "-c", M2_CONFIG, *data, "--ckpt_path", str(m2_ckpt), "--predictions.output", str(csv)]

@@ -515,9 +515,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         return to_model_input(batch, dynamic=self.hparams.binarize == "dynamic" and isinstance(batch, dict))
 
     def _record_split(self) -> None:
-        """Write the labelled indices (into the official training set) into the run's log folder, from rank 0.
+        """Write the labelled indices (into the official training set) into the run's log folder, from rank 0, when
+        fitting (a test logs into its checkpoint's run folder and leaves that run's record alone).
         ``trainer.log_dir`` is a collective under DDP (it broadcasts rank 0's folder), so every rank asks for it."""
-        if self.trainer is None or self.trainer.logger is None:
+        if self.trainer is None or self.trainer.logger is None or self.trainer.state.fn != "fit":
             return
         log_dir = self.trainer.log_dir
         if log_dir is not None:
