@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.prediction import class_names
 
 
 class EpochTimer(pl.Callback):
@@ -60,7 +61,7 @@ def _count_images(batch) -> int:
 # writes from global rank zero only, and does nothing without a TensorBoardLogger.
 
 
-_SAID: set[str] = set()
+_said_no_tensorboard = False
 
 
 def tensorboard_writer(trainer: pl.Trainer):
@@ -69,10 +70,11 @@ def tensorboard_writer(trainer: pl.Trainer):
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
-    if trainer.loggers and "no-tensorboard" not in _SAID:
+    global _said_no_tensorboard
+    if trainer.loggers and not _said_no_tensorboard:
         from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-        _SAID.add("no-tensorboard")
+        _said_no_tensorboard = True
         rank_zero_warn(f"the TensorBoard pictures (reconstructions, samples, latent space, confusion matrix) need a "
                        f"TensorBoardLogger; with {type(trainer.loggers[0]).__name__} they are skipped.")
     return None
@@ -162,9 +164,7 @@ class GenerativeImages(_EveryNValidations):
 
 def class_names_of(pl_module: pl.LightningModule) -> list[str]:
     """The model's class names (kept in its hyperparameters), else 0 ... K-1."""
-    k = int(pl_module.hparams.num_classes)
-    names = pl_module.hparams.get("class_names")
-    return [str(n) for n in names] if names is not None and len(names) == k else [str(i) for i in range(k)]
+    return class_names(pl_module, None, int(pl_module.hparams.num_classes))
 
 
 def grid_figure_inches(num_rows: int, per_row: int, tile_h: int = 30, tile_w: int = 30) -> tuple[float, float]:
@@ -346,8 +346,8 @@ def run_folder(trainer: pl.Trainer) -> Path | None:
 def _run_config(folder: Path | None, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
     import yaml
 
-    config_file = (folder or Path()) / "config.yaml"
-    if folder is not None and config_file.is_file():
+    config_file = folder / "config.yaml" if folder is not None else None
+    if config_file is not None and config_file.is_file():
         config = yaml.safe_load(config_file.read_text()) or {}
         config.pop("trainer", None)  # where it runs, not what it is
         return config
@@ -375,7 +375,7 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, int | float | str | bo
 class LastCheckpoint(ModelCheckpoint):
     """``checkpoints/last.ckpt`` after every training epoch (and SIGTERM's mid-epoch state, ``SaveOnInterrupt``):
     the one file that is "the last checkpoint". Always the same name, replaced in place (no ``last-v1.ckpt``);
-    ``--ckpt_path last`` resumes from it, and the configs' own ``ModelCheckpoint`` keeps the best by validation."""
+    ``--ckpt_path last`` resumes from it; ``BestCheckpoint`` keeps the best by validation."""
 
     def __init__(self) -> None:
         super().__init__(filename="last", save_top_k=1, monitor=None, enable_version_counter=False)

@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from ssvae_pl.files import atomic_output, write_error
+from ssvae_pl.files import atomic_output
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,10 +38,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise write_error(path.parent, err) from err
         remove_stale_temporaries(path)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ssvae_pl.checkpoint_io import read_checkpoint
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError, OutputError
-from ssvae_pl.files import atomic_output, write_error
+from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import class_names
 
 TOLERANCE = 1e-4  # largest absolute difference of a probability, exported model against the checkpoint
@@ -146,10 +146,6 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
     if existing and not overwrite:  # all three named at once (atomic_output would name the first)
         raise OutputError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
                           "--overwrite to replace them, or --output_dir another folder.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(folder, err) from err
     exported = ClassProbabilities(model.image_classifier()).eval()
     input_shape = tuple(model.hparams.input_shape)
     example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(1))  # traced; B stays free

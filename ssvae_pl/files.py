@@ -37,10 +37,10 @@ def atomic_output(path: str | Path, overwrite: bool, durable: bool = False,
     ``overwrite``: whether an existing ``path`` may be replaced; if not, an ``OutputError`` names the file and
     ``overwrite_flag``. ``durable``: the file is fsync'ed before it replaces ``path``, and the folder after, so
     that a power loss cannot undo the replacement (checkpoints). An ``OSError`` while writing (a full disk, a
-    read-only folder) becomes an ``OutputError`` naming ``path``."""
+    read-only folder) becomes an ``OutputError`` naming ``path``. The folder is created if need be."""
     path = Path(path)
-    if not overwrite and path.exists():
-        raise OutputError(f"{path} already exists; pass {overwrite_flag} to replace it, or write elsewhere.")
+    refuse_existing(path, overwrite, overwrite_flag)
+    make_folder(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield temporary
@@ -59,6 +59,20 @@ def atomic_output(path: str | Path, overwrite: bool, durable: bool = False,
             temporary.unlink(missing_ok=True)
         except OSError:  # a read-only folder: nothing was written there either
             pass
+
+
+def refuse_existing(path: str | Path, overwrite: bool, overwrite_flag: str = "--overwrite") -> None:
+    """An existing ``path`` that may not be replaced: one ``OutputError`` naming it and ``overwrite_flag``."""
+    if not overwrite and Path(path).exists():
+        raise OutputError(f"{path} already exists; pass {overwrite_flag} to replace it, or write elsewhere.")
+
+
+def make_folder(folder: str | Path) -> None:
+    """``mkdir -p``, with a folder that cannot be created (read-only, full, forbidden) as one ``OutputError``."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(folder, err) from err
 
 
 def write_error(path: str | Path, err: OSError) -> OutputError:

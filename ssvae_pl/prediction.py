@@ -15,8 +15,10 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from ssvae_pl.errors import ConfigError, OutputError
-from ssvae_pl.files import atomic_output, write_error
+from ssvae_pl.errors import ConfigError
+from ssvae_pl.files import atomic_output, refuse_existing
+
+OVERWRITE_FLAG = "--predictions.overwrite true"
 
 
 def class_predictions(logits_of: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
@@ -79,9 +81,7 @@ class PredictionCSVWriter(BasePredictionWriter):
             raise ConfigError("ssvae predict writes its CSV from one process; pass --trainer.devices 1.")
         if Path(self.output).is_dir():
             raise ConfigError(f"predictions.output: {self.output} is a folder; name the CSV file to write.")
-        if Path(self.output).exists() and not self.overwrite:  # refused before the images are predicted
-            raise OutputError(f"predictions.output: {self.output} already exists; pass --predictions.overwrite true "
-                              "to replace it, or name another file.")
+        refuse_existing(self.output, self.overwrite, OVERWRITE_FLAG)  # before the images are predicted
 
     def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any]) -> None:
@@ -98,11 +98,8 @@ class PredictionCSVWriter(BasePredictionWriter):
         labels = None if labels is None else [names[k] for k in labels]
         header = ["file", *(["label"] if labels is not None else []), "predicted", *(f"prob_{n}" for n in names)]
         path = Path(self.output)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise write_error(path.parent, err) from err
-        with atomic_output(path, self.overwrite, overwrite_flag="--predictions.overwrite true") as temporary, open(temporary, "w", newline="") as stream:
+        with atomic_output(path, self.overwrite, overwrite_flag=OVERWRITE_FLAG) as temporary, \
+                open(temporary, "w", newline="") as stream:
             writer = csv.writer(stream)
             writer.writerow(header)
             for i, (file, row) in enumerate(zip(files, probs.tolist())):

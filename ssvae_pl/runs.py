@@ -25,7 +25,7 @@ import yaml
 from lightning_fabric.utilities.rank_zero import _get_rank
 
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.files import write_error
+from ssvae_pl.files import make_folder
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.ckpt"
@@ -68,10 +68,9 @@ def read_config(folder: Path) -> dict | None:
                           "start a new run with --trainer.logger.init_args.version <new name>.") from None
 
 
-def check_same_run(folder: Path, current: dict) -> dict:
-    """The folder's saved config, when it defines the same run as ``current``; otherwise one error naming the first
-    setting that differs."""
-    saved = read_config(folder)
+def check_same_run(folder: Path, saved: dict, current: dict) -> None:
+    """Nothing, when the folder's ``saved`` config defines the same run as ``current``; otherwise one error naming
+    the first setting that differs."""
     diff = differences(run_defining(saved), run_defining(current))
     if diff:
         key, there, here = diff[0]
@@ -79,7 +78,6 @@ def check_same_run(folder: Path, current: dict) -> dict:
         raise ConfigError(f"the run folder {folder.resolve()} already holds a run with {what} ({key}: {there!r} "
                           f"there, {here!r} here); start a new run with --trainer.logger.init_args.version <new "
                           "name>, or resume that one with its own settings.")
-    return saved
 
 
 def tensorboard_args(trainer_config) -> Any | None:
@@ -170,12 +168,13 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
         return read_config(folder)
     if folder.is_dir():
         RunLock(folder).release()  # a fit writing there now: "in use", before anything else is said of it
-    if read_config(folder) is None:
+    saved = read_config(folder)
+    if saved is None:
         if ckpt == "last":
             raise ConfigError(f"--ckpt_path last: {folder.resolve()} holds no run to resume; start it without "
                               "--ckpt_path.")
         return None
-    saved = check_same_run(folder, current)
+    check_same_run(folder, saved, current)
     if ckpt is None and not _hpc_checkpoint_waiting(config.trainer):
         raise ConfigError(f"the run folder {folder.resolve()} already holds this run; continue it with --ckpt_path "
                           "last, or start another with --trainer.logger.init_args.version <new name>.")
@@ -200,10 +199,7 @@ _RESERVED: list[Path] = []
 def reserve_new_folder(parent: Path) -> Path:
     """A new ``version_<n>`` folder under ``parent``, created at once (``mkdir`` is atomic), so that fits started
     side by side never share one. A fit that fails before writing anything leaves none (``remove_unused``)."""
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(parent, err) from err
+    make_folder(parent)
     taken = [int(f.name.split("_", 1)[1]) for f in parent.glob("version_*") if f.name.split("_", 1)[1].isdigit()]
     number = max(taken, default=-1) + 1
     while True:
