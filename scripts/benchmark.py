@@ -8,6 +8,8 @@ For each model it times, after warm-up steps, the same model, batch and optimise
     reference   a hand-written loop: the same module's loss on batches indexed from in-memory tensors, Adam
     naive       (M2 only) the reference loop with the sum over classes done the naive way: the whole bound evaluated
                 once per class (the encoder's first layer re-reads the pixels K times)
+    uncached    (M1+M2 only) Trainer.fit with ``m1_cache: off``: M1's frozen encoder runs on every batch, where
+                ``lightning`` and ``reference`` draw z1 from q(z1|x) cached once (M1+M2's fast path)
 
 and prints images per second (labelled and unlabelled), milliseconds per step, the seconds one epoch over the 50,000
 unlabelled images would take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
@@ -17,6 +19,7 @@ the measured peak of a large matrix product on the same device and precision. Th
     python scripts/benchmark.py --precision bf16-mixed           # autocast to bfloat16
     python scripts/benchmark.py --device cuda --steps 200        # a GPU
     python scripts/benchmark.py --models m2 --batch-size 500 --json lightning_logs/benchmark/m2-b500.json
+    python scripts/benchmark.py --models m1m2 --vae-checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
 speed. On a machine shared with other work the numbers move: run it alone.
@@ -74,11 +77,12 @@ def matmul_peak(device: torch.device, precision: str, n: int) -> float:
 
 # ---- the models, their batches and their losses ------------------------------------------------------------------
 
-def make_model(name: str, num_train: int) -> pl.LightningModule:
+def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way: str = "") -> pl.LightningModule:
     if name == "vae":
         return VAE()  # the paper's M1: 784-600-600-50
-    model = M2(alpha=float(num_train), weighting="batch")  # configs/mnist/m2.yaml: 500 hidden units, z of 50
-    return model
+    if name == "m1m2":  # configs/mnist/m1m2.yaml's model; "uncached" runs M1's encoder at every step
+        return M2(vae_checkpoint=vae_checkpoint, alpha_per_label=5, m1_cache="off" if way == "uncached" else 1)
+    return M2(alpha=float(num_train), weighting="batch")  # configs/mnist/m2.yaml: 500 hidden units, z of 50
 
 
 def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False) -> torch.Tensor:
@@ -103,12 +107,18 @@ def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False) -
 
 
 class Batches:
-    """Random training batches indexed from the data module's uint8 tensors, made ready on ``device``."""
+    """Random training batches indexed from the data module's uint8 tensors, made ready on ``device``; for M1+M2's
+    fast path, from the cached posterior rows of M1 (``model._posterior_rows``) instead."""
 
-    def __init__(self, dm: SemiSupervisedDataModule, device: torch.device, labelled_batch: int, batch: int) -> None:
+    def __init__(self, dm: SemiSupervisedDataModule, device: torch.device, labelled_batch: int, batch: int,
+                 model: pl.LightningModule | None = None) -> None:
         unlabelled, labelled = dm.unlabelled_dataset(), dm.labelled_dataset()
         self.u = unlabelled.images.to(device)
         self.l_images, self.l_labels = labelled.images.to(device), labelled.labels.to(device)
+        if model is not None:  # the cache, as M2.on_fit_start builds it
+            model._cache_generator = torch.Generator(device).manual_seed(0)
+            self.u, self.l_images = (torch.cat([model._posterior_rows(to_model_input(chunk)) for chunk in t.split(1000)])
+                                     for t in (self.u, self.l_images))
         self.batch, self.labelled_batch, self.device = batch, labelled_batch, device
 
     def __call__(self) -> dict:
@@ -182,17 +192,20 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images = batch + labelled_batch
     rows = []
-    ways = ["reference", "lightning"] + (["naive"] if name == "m2" else [])
+    ways = ["reference", "lightning"] + {"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]
     for way in ways:
-        model = make_model(name, dm.num_train)
-        if name == "m2":
+        model = make_model(name, dm.num_train, args.vae_checkpoint, way)
+        if name != "vae":
             model.set_data_sizes(dm.hparams.num_labelled, dm.num_unlabelled, dm.num_train)
         model.to(device)
-        flops = step_flops(model, batches(), naive=way == "naive")
-        if way == "lightning":
+        if name == "m1m2" and way == "reference":  # M1's posterior cached once, as the fast path does
+            cached = Batches(dm, device, labelled_batch, batch, model)
+        way_batches = cached if name == "m1m2" and way != "uncached" else batches
+        flops = step_flops(model, way_batches(), naive=way == "naive")
+        if way in ("lightning", "uncached"):
             seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps)
         else:
-            seconds = time_reference(model, batches, device, args.precision, args.warmup, args.steps,
+            seconds = time_reference(model, way_batches, device, args.precision, args.warmup, args.steps,
                                      naive=way == "naive")
         rows.append({
             "model": name, "way": way, "device": str(device), "precision": args.precision,
@@ -226,7 +239,9 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=["vae", "m2"], default=["vae", "m2"])
+    parser.add_argument("--models", nargs="+", choices=["vae", "m2", "m1m2"], default=["vae", "m2"])
+    parser.add_argument("--vae-checkpoint", default=None, help="M1's checkpoint for m1m2 (its active dimensions "
+                        "set M2's size), e.g. lightning_logs/m1_vae/version_0/checkpoints/last.ckpt")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32-true")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -246,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is visible here; use --device cpu")
     if args.precision == "16-mixed" and device.type != "cuda":
         parser.error("--precision 16-mixed needs a GPU; on a CPU use bf16-mixed or 32-true")
+    if "m1m2" in args.models and not args.vae_checkpoint:
+        parser.error("--models m1m2 needs --vae-checkpoint <M1's checkpoint>")
     if min(args.steps, args.labelled_batch_size) <= 0 or args.warmup < 0:
         parser.error("--steps and --labelled-batch-size must be positive, --warmup >= 0")
     if args.threads:

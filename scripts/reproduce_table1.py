@@ -47,6 +47,10 @@ Profiles (--models, --labels, --seeds, --epochs override a profile's lists and e
             epoch) with epochs from EPOCHS["quick_colour"] (VAE 5, M1 classifier 10, M2 5, M1+M2 10)
                 python scripts/reproduce_table1.py --dataset svhn --profile quick
                 python scripts/reproduce_table1.py --dataset cifar10 --profile quick
+    cpu     mnist: m1, m2, m1m2 at 100, 600, 1000 and 3000 labels, seeds 0 1 2, each fit stopped by time
+            (CPU_TIMES: VAE 25 min, M1 classifier 3, M2 14, M1+M2 14): under 8 hours of 2 CPU cores; rerun the
+            same command to resume it in a later sitting
+                python scripts/reproduce_table1.py --profile cpu
     full    m1, m2, m1m2, seeds 0 1 2; epochs from EPOCHS["full"] (VAE 100, the config's own; M1 classifier 50;
             M2 300; M1+M2 300), meant for a GPU.
             mnist: 100, 600, 1000 and 3000 labels: 3 VAEs and 36 classifier runs
@@ -94,7 +98,12 @@ EPOCHS: dict[str, dict[str, int]] = {
     "full":  {"vae": 100, "m1": 50,       "m2": 300, "m1m2": 300},
     # the quick profile of the colour datasets (svhn, cifar10), each epoch cut short by QUICK_COLOUR
     "quick_colour": {"vae": 5, "m1": 10,  "m2": 5,   "m1m2": 10},
+    "cpu":   {"vae": -1,  "m1": -1,       "m2": -1,  "m1m2": -1},  # stopped by CPU_TIMES
 }
+# trainer.max_time of each fit in the cpu profile (days:hours:minutes:seconds): the whole MNIST table, 3 seeds x
+# 4 label budgets, in under 8 hours of 2 CPU cores: 3 x 25 min of VAE, 12 x (3 + 14 + 14) min of classifiers, and
+# about 20 s per test
+CPU_TIMES = {"vae": "00:00:25:00", "m1": "00:00:03:00", "m2": "00:00:14:00", "m1m2": "00:00:14:00"}
 # stacked right after the stage's own config on every fit of the colour datasets' quick profile: at most 100 training
 # and 20 validation batches an epoch (its max_epochs gives way to the script's --trainer.max_epochs)
 QUICK_COLOUR = "configs/presets/quick_colour.yaml"
@@ -111,6 +120,7 @@ class Profile:
     epochs: dict[str, int]
     extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     fit_configs: tuple[str, ...] = ()  # more `-c` files for every fit, right after the stage's own config
+    times: dict[str, str] = field(default_factory=dict)  # trainer.max_time of each stage's fit
 
 
 # the datasets, each with the configs configs/<dataset>/<CONFIGS[stage]>
@@ -124,6 +134,8 @@ PROFILES: dict[str, dict[str, Profile]] = {
         "quick": Profile(models=("m1", "m2", "m1m2"), labels=(100,), seeds=(0,), epochs=EPOCHS["quick"]),
         "full": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
                         epochs=EPOCHS["full"]),
+        "cpu": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
+                       epochs=EPOCHS["cpu"], times=CPU_TIMES),
     },
     **{dataset: {
         "quick": Profile(models=("m1", "m2", "m1m2"), labels=(labels,), seeds=(0,), epochs=EPOCHS["quick_colour"],
@@ -221,6 +233,7 @@ class Settings:
     trainer_args: tuple[str, ...]  # for every fit and test
     dataset: str = "mnist"  # the configs are configs/<dataset>/...
     fit_configs: tuple[str, ...] = ()  # more `-c` files for every fit, right after the stage's own config
+    times: dict[str, str] = field(default_factory=dict)  # trainer.max_time of each stage's fit
 
 
 def shown(path: Path) -> str:
@@ -252,6 +265,8 @@ def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, n
             "--trainer.enable_progress_bar", "false"]
     if subcommand == "fit":
         args += ["--trainer.max_epochs", str(settings.epochs[stage])]
+        if stage in settings.times:
+            args += ["--trainer.max_time", settings.times[stage]]
     args += settings.trainer_args
     if subcommand == "fit":
         args += settings.extra_args.get(stage, ())
@@ -568,7 +583,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help='extra `ssvae` arguments for one stage\'s fit, e.g. "m2=--model.init_args.alpha 5000"; '
                              "repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running anything")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.profile not in PROFILES[args.dataset]:
+        parser.error(f"--profile {args.profile} is for mnist only; {args.dataset} has "
+                     f"{', '.join(sorted(PROFILES[args.dataset]))}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -583,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(out=out, data_dir=args.data_dir.resolve(), epochs=parse_epochs(args.epochs, profile.epochs),
                         extra_args=parse_stage_args(args.stage_args, profile.extra_args),
                         trainer_args=tuple(shlex.split(args.trainer_args)), dataset=args.dataset,
-                        fit_configs=profile.fit_configs)
+                        fit_configs=profile.fit_configs, times=profile.times)
     runs = plan_runs(models, labels, seeds, settings)
     stages = unique_stages(runs)
     command = shlex.join(["python", "scripts/reproduce_table1.py", *argv])

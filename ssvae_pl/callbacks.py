@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.optim.swa_utils import get_ema_avg_fn
+from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssvae_pl.errors import ConfigError
@@ -46,6 +47,52 @@ class EpochTimer(pl.Callback):
     def _sync(pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class LatentProbe(pl.Callback):
+    """A cheap measure of a VAE's latents for the classifiers built on them: ``val/knn_acc``, the accuracy of the
+    k-nearest-neighbour vote (Euclidean, on the posterior means) of the labelled training images for each validation
+    image, logged after every validation of a fit. Other models, and data without labelled images, are skipped."""
+
+    def __init__(self, k: int = 5) -> None:
+        self.k = k
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ssvae_pl.data.datamodule import to_model_input
+        from ssvae_pl.models.vae import VAE
+
+        datamodule = getattr(trainer, "datamodule", None)
+        if not isinstance(pl_module, VAE) or trainer.sanity_checking or not hasattr(datamodule, "labelled_dataset") \
+                or not trainer.state.fn == "fit":
+            return
+        labelled = datamodule.labelled_dataset()
+        if labelled.labels is None or len(labelled) < self.k:
+            return
+        reference = pl_module.latent_means(to_model_input(labelled.images.to(pl_module.device))).float()
+        labels = labelled.labels.to(pl_module.device)
+        correct = total = 0
+        for x, y in datamodule.val_dataloader():
+            means = pl_module.latent_means(to_model_input(x.to(pl_module.device))).float()
+            nearest = torch.cdist(means, reference).topk(self.k, largest=False).indices  # (B, k)
+            votes = torch.nn.functional.one_hot(labels[nearest], pl_module.hparams.num_classes).sum(dim=1)
+            correct += int((votes.argmax(dim=1) == y.to(pl_module.device)).sum())
+            total += len(y)
+        if total:
+            pl_module.log("val/knn_acc", correct / total)
+
+
+class EMAWeights(WeightAveraging):
+    """An exponential moving average of the trainable weights (Polyak averaging), updated after every training step:
+    w_avg <- decay * w_avg + (1 - decay) * w. Validation, testing and every checkpoint's ``state_dict`` use the
+    average; the current weights travel in the checkpoint too, so a resumed fit continues both (Lightning's
+    ``WeightAveraging``). Buffers are not averaged (the models have no batch statistics)."""
+
+    def __init__(self, decay: float = 0.999) -> None:
+        if not 0 < decay < 1:
+            raise ConfigError(f"EMAWeights.decay must be between 0 and 1, got {decay}.")
+        super().__init__(avg_fn=get_ema_avg_fn(decay), use_buffers=False)
+        self.decay = decay
 
 
 def _count_images(batch) -> int:
@@ -669,7 +716,7 @@ class ResumeWithNewOptimizerSettings(pl.Callback):
 def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
     """The config's callbacks and plugins with the always-on pieces added where the config has none of their kind:
     the trust pieces (``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, the
-    ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer`` and the TensorBoard pictures (each skips a
+    ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer``, ``LatentProbe`` and the TensorBoard pictures (each skips a
     model that cannot draw it, and does nothing without a TensorBoard logger); plus
     ``ResumeWithNewOptimizerSettings`` when a resume changes the optimiser. A config that lists one of these with
     other settings (``NonFiniteGuard`` with ``action: skip``) keeps its own."""
@@ -679,8 +726,8 @@ def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
     callbacks = list(callbacks or [])
     # LastCheckpoint after BestCheckpoint (Lightning keeps checkpoint callbacks in this order, after the others), so
     # that last.ckpt holds the best-so-far state updated by this epoch's score
-    always_on = (NonFiniteGuard(), SaveOnInterrupt(), SeedEachEpoch(), EpochTimer(), GenerativeImages(), LatentSpace(),
-                 ConfusionMatrix(), HParamsWithMetrics(), BestCheckpoint(), LastCheckpoint())
+    always_on = (NonFiniteGuard(), SaveOnInterrupt(), SeedEachEpoch(), EpochTimer(), LatentProbe(), GenerativeImages(),
+                 LatentSpace(), ConfusionMatrix(), HParamsWithMetrics(), BestCheckpoint(), LastCheckpoint())
     callbacks += [piece for piece in always_on if not any(isinstance(callback, type(piece)) for callback in callbacks)]
     if optimizer_changes:
         callbacks.append(ResumeWithNewOptimizerSettings(optimizer_changes))

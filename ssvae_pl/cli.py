@@ -33,6 +33,7 @@ from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
 from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError, OutputError
 from ssvae_pl.files import atomic_output, write_error
+from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
@@ -146,6 +147,9 @@ class SSVAECLI(LightningCLI):
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
         callbacks, plugins = trainer_pieces(trainer_config.get("callbacks"), trainer_config.get("plugins"),
                                             self.optimizer_changes)
+        if trainer_config.get("precision") is None:  # none named: the processor's fastest
+            kwargs["precision"], why = best_precision(trainer_config.get("accelerator", "auto"))
+            rank_zero_info(f"precision {kwargs['precision']}: {why} (--trainer.precision chooses another)")
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -174,6 +178,9 @@ def optimizer_arguments_changed(saved: dict, current: dict) -> dict[str, object]
 HARMLESS_WARNINGS = (  # known and expected: the configs' optimizer replaces the models' own, by design
     r".*configure_optimizers` will be overridden by `SSVAECLI",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Precision bf16-mixed is not supported by the model summary",  # its size estimate, in fp32
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # M1's frozen encoder, by design
+    r"You're using the WeightAveraging callback, but loading a checkpoint outside",  # a test of the averaged weights
 )
 
 

@@ -33,14 +33,10 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return -F.binary_cross_entropy_with_logits(_flat32(logits), _flat32(x), reduction="none").sum(dim=1)
 
 
-def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                            dims: torch.Tensor | None = None) -> torch.Tensor:
-    """log N(x; mean, diag(std^2)) summed over dimensions: all of them, or those a bool mask ``dims`` (D,) marks."""
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, diag(std^2)) summed over dimensions."""
     x, mean, std = _flat32(x), _flat32(mean), _flat32(std)
-    log_density = -0.5 * (((x - mean) / std) ** 2 + 2.0 * std.log() + LOG_2PI)  # (B, D)
-    if dims is not None:
-        log_density = torch.where(dims, log_density, 0.0)
-    return log_density.sum(dim=1)
+    return (-0.5 * (((x - mean) / std) ** 2 + 2.0 * std.log() + LOG_2PI)).sum(dim=1)
 
 
 def discretized_logistic_log_likelihood(mean: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor,

@@ -373,7 +373,7 @@ def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Te
 class ImageClassifier(nn.Module):
     """Class logits of images (B, C, H, W) -> (B, K), from a trained model's networks, free of Lightning (to
     export): ``head`` on the images, or on the posterior means of a frozen ``encoder`` (M1's) when one is given,
-    0 in the dimensions it marks inactive (its ``latents``: ``models.vae.FrozenEncoder``)."""
+    in the dimensions it hands on (its ``latents``: ``models.vae.FrozenEncoder``)."""
 
     def __init__(self, head: Classifier, encoder: nn.Module | None = None) -> None:
         super().__init__()
@@ -383,4 +383,4 @@ class ImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
             return self.head(x)  # (B, K)
-        return self.head(self.encoder.latents(x))  # (B, K): the posterior means, 0 in the inactive dimensions
+        return self.head(self.encoder.latents(x))  # (B, K) from the posterior means (B, A)

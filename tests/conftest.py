@@ -123,7 +123,8 @@ def _quiet_lightning():
 
 @pytest.fixture(scope="session")
 def vae_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path) -> Path:
-    """A checkpoint of a small VAE (hidden [32], z of 4) fitted for 2 steps on the synthetic data by a Trainer."""
+    """A checkpoint of a small VAE (hidden [32], z of 4) fitted for 2 steps on the synthetic data by a Trainer, then
+    validated once (which measures its ``latent_mean_std``, as every fit with validation images does)."""
     from ssvae_pl.data.datamodule import SemiSupervisedDataModule
     from ssvae_pl.models import VAE
 
@@ -134,6 +135,7 @@ def vae_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: P
     model = VAE(hidden_dims=[32], latent_dim=4)
     trainer = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(root))
     trainer.fit(model, datamodule=dm)
+    quiet_trainer(limit_val_batches=1, default_root_dir=str(root)).validate(model, datamodule=dm)
     path = root / "vae.ckpt"
     trainer.save_checkpoint(path)
     return path

@@ -231,7 +231,7 @@ def test_conv_vae_checkpoint_loads_frozen_into_the_latent_classifier(conv_vae_ch
     assert clf.classifier.training and not any(m.training for m in clf.encoder.modules())
     state = torch.load(conv_vae_checkpoint, weights_only=True)["state_dict"]
     expected = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    actual = {k: v for k, v in clf.encoder.state_dict().items() if k != "active"}  # FrozenEncoder's own mask
+    actual = {k: v for k, v in clf.encoder.state_dict().items() if k != "active_dims"}  # FrozenEncoder's own
     assert actual.keys() == expected.keys() and all(torch.equal(actual[k], v) for k, v in expected.items())
     x = images(4)
     assert clf(x).shape == (4, K)
@@ -240,22 +240,6 @@ def test_conv_vae_checkpoint_loads_frozen_into_the_latent_classifier(conv_vae_ch
     restored.load_state_dict(clf.state_dict())
     clf.eval(), restored.eval()
     torch.testing.assert_close(restored(x), clf(x), rtol=0, atol=0)
-
-
-def test_a_vae_checkpoint_without_conv_channels_is_an_mlp(tmp_path: Path) -> None:
-    """A VAE checkpoint from before ``conv_channels`` existed (no such hparam) loads as the MLP it is."""
-    torch.manual_seed(0)
-    vae = VAE(hidden_dims=[16], latent_dim=4)
-    path = save_checkpoint(vae, tmp_path / "old.ckpt")
-    ckpt = torch.load(path, weights_only=True)
-    for key in ("conv_channels", "likelihood"):
-        del ckpt["hyper_parameters"][key]
-    torch.save(ckpt, path)
-    clf = LatentClassifier(vae_checkpoint=str(path))
-    assert clf.encoder.trunk is None and clf.hparams.vae_hparams["conv_channels"] == []
-    old_hparams = {k: v for k, v in clf.hparams.vae_hparams.items() if k != "conv_channels"}  # an old M2's
-    assert M2(vae_hparams=old_hparams, hidden_dims=[8], classifier_hidden_dims=[8], latent_dim=2).m1_encoder.trunk \
-        is None
 
 
 @pytest.mark.parametrize("kind", ["m2", "m1"])

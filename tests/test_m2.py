@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +16,8 @@ from ssvae_pl import elbo
 from ssvae_pl.callbacks import grid_figure_inches
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
-from ssvae_pl.models import M2
-from ssvae_pl.models.vae import FrozenEncoder, load_frozen_encoder
+from ssvae_pl.models import M2, VAE
+from ssvae_pl.models.vae import FrozenEncoder, active_dims, load_frozen_encoder
 from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder, ImageClassifier
 from test_cli import DEBUG, REPO, assert_one_line_user_error, data_args, ok, ssvae
 
@@ -48,7 +49,7 @@ def model_and_inputs(request, vae_checkpoint: Path):
     x = binary_images(6)
     if request.param == "m2":
         return tiny_m2(), x
-    model = tiny_m2(vae_checkpoint=str(vae_checkpoint))
+    model = tiny_m2(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=0)
     model.eval()  # features are the posterior means
     return model, model.features(x)
 
@@ -228,7 +229,7 @@ def m1m2_run(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path, v
                                   labelled_batch_size=50)
     dm.setup("fit")
     # the threshold between the spreads of M1's 4 posterior means (a VAE fitted for 2 steps): 2 of them active
-    spread = load_frozen_encoder(str(vae_copy))[0](dm.reference_images())[0].std(dim=0)
+    spread = load_frozen_encoder(str(vae_copy))[2]
     model = M2(vae_checkpoint=str(vae_copy), hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
                m1_active_threshold=spread.median().item())
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -239,16 +240,16 @@ def m1m2_run(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path, v
 
 def test_m1m2_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, m1m2_run) -> None:
     """M1's encoder comes frozen, stays in eval mode and bit-identical through training, while M2's nets move; M2
-    models M1's 4 latents with a Gaussian likelihood."""
+    models M1's 2 active latent dimensions with a Gaussian likelihood."""
     model, trainer, start, _, _ = m1m2_run
     assert trainer.global_step == 3 and model.likelihood == "gaussian"
-    assert model.hparams.vae_hparams["latent_dim"] == 4 and model.encoder.input_layer.in_features == 4
+    assert model.hparams.vae_hparams["latent_dim"] == 4 and model.encoder.input_layer.in_features == 2
     assert not model.m1_encoder.training and all(not p.requires_grad for p in model.m1_encoder.parameters())
     model.train()
     assert model.classifier.training and not any(m.training for m in model.m1_encoder.modules())
     ckpt_state = torch.load(vae_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     expected = {k.removeprefix("encoder."): v for k, v in ckpt_state.items() if k.startswith("encoder.")}
-    actual = {k: v for k, v in model.m1_encoder.state_dict().items() if k != "active"}  # M1+M2's own record
+    actual = {k: v for k, v in model.m1_encoder.state_dict().items() if k != "active_dims"}  # M1+M2's own
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
@@ -258,48 +259,93 @@ def test_m1m2_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, m1m2_run) -> No
         model.sample(torch.tensor([0]))
 
 
-def _encoder_with_a_dead_dimension() -> FrozenEncoder:
-    """M1's encoder of 3 latents whose 2nd posterior mean ignores the image (its weights zeroed), as a VAE's unused
-    dimensions do."""
+def test_m1_active_dimensions_are_handed_on_as_a_vector_of_their_number() -> None:
+    """``active_dims`` keeps the latent dimensions whose posterior mean varies by more than the threshold (0 keeps
+    them all); a frozen encoder hands on those dimensions only, sampled or not, as export's ImageClassifier does."""
+    assert active_dims(torch.tensor([0.5, 0.01, 0.2]), 0.1) == [0, 2]
+    assert active_dims(torch.tensor([0.5, 0.01, 0.2]), 0.0) == [0, 1, 2]
     torch.manual_seed(0)
-    encoder = FrozenEncoder(784, [16], 3, input_shape=(1, 28, 28))
-    with torch.no_grad():
-        encoder.net[-1].weight[1].zero_()
-    return encoder
-
-
-def test_m1_active_dimensions_are_found_and_the_others_left_out() -> None:
-    """``find_active`` keeps the latent dimensions whose posterior mean varies across images; the others are 0 in
-    every latent, sampled or not, in what export's ImageClassifier feeds the head too, and M1+M2's Gaussian
-    likelihood sums over the active dimensions only."""
-    encoder, x = _encoder_with_a_dead_dimension(), binary_images(200)
-    assert encoder.active.tolist() == [True, True, True]  # until found
-    assert encoder.find_active(x, threshold=0.1) == 2 and encoder.active.tolist() == [True, False, True]
+    encoder, x = FrozenEncoder(784, [16], 3, input_shape=(1, 28, 28), active_dims=[0, 2]), binary_images(200)
+    mean, std = encoder(x)
+    torch.testing.assert_close(encoder.posterior(x), (mean[:, [0, 2]], std[:, [0, 2]]))
     sampled, means = encoder.latents(x, sample=True), encoder.latents(x)
-    assert torch.all(sampled[:, 1] == 0) and torch.all(means[:, 1] == 0) and sampled[:, 0].std() > 0
-    assert torch.equal(means[:, [0, 2]], encoder(x)[0][:, [0, 2]])
-    head = torch.nn.Linear(3, 10)
+    assert sampled.shape == means.shape == (200, 2) and torch.equal(means, mean[:, [0, 2]])
+    assert not torch.equal(sampled, means)
+    head = torch.nn.Linear(2, 10)
     assert torch.allclose(ImageClassifier(head, encoder)(x), head(means))
-    assert encoder.find_active(x, threshold=0.0) == 3  # 0 keeps them all
-
-    h, mean, std = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5, 3) + 0.1
-    mask = torch.tensor([True, False, True])
-    expected = torch.distributions.Normal(mean[:, [0, 2]], std[:, [0, 2]]).log_prob(h[:, [0, 2]]).sum(dim=1)
-    assert torch.allclose(elbo.gaussian_log_likelihood(h, mean, std, dims=mask), expected, atol=1e-5)
 
 
-def test_m1m2_models_the_active_dimensions_and_older_checkpoints_keep_them_all(m1m2_run) -> None:
-    """Fitting M1+M2 finds M1's active dimensions on the data module's reference images and keeps the mask in
-    the checkpoint; an encoder state saved before the mask existed loads with every dimension active."""
+def test_m1m2_models_the_active_dimensions_the_vae_measured(m1m2_run, vae_checkpoint: Path) -> None:
+    """The VAE measures how much each latent dimension's posterior mean varies over its validation images
+    (``latent_mean_std``); M1+M2 models the dimensions above its threshold and keeps them in its hparams and its
+    checkpoint. A VAE fitted without validation images has no such measure: refused unless every dimension is
+    kept."""
     model, _, _, dm, _ = m1m2_run
-    expected = model.m1_encoder(dm.reference_images())[0].std(dim=0) > model.hparams.m1_active_threshold
-    assert torch.equal(model.m1_encoder.active, expected) and int(expected.sum()) == 2
-    assert "m1_encoder.active" in model.state_dict()
-    old = _encoder_with_a_dead_dimension()
-    fresh = FrozenEncoder(784, [16], 3, input_shape=(1, 28, 28))
-    fresh.active.zero_()
-    fresh.load_state_dict({k: v for k, v in old.state_dict().items() if k != "active"})
-    assert fresh.active.all()
+    vae = VAE.load_from_checkpoint(vae_checkpoint, map_location="cpu")
+    means = torch.cat([vae.latent_means(to_model_input(x)) for x, _ in dm.val_dataloader()])
+    torch.testing.assert_close(vae.latent_mean_std, means.std(dim=0))
+    expected = torch.nonzero(vae.latent_mean_std > model.hparams.m1_active_threshold).flatten()
+    assert model.m1_encoder.active_dims.tolist() == expected.tolist() == model.hparams.vae_hparams["active_dims"]
+    assert len(expected) == 2 and "m1_encoder.active_dims" in model.state_dict()
+    unmeasured = VAE(hidden_dims=[8], latent_dim=3)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(Path(vae_checkpoint).parent))
+    trainer.fit(unmeasured, datamodule=dm)
+    path = Path(vae_checkpoint).parent / "unmeasured.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ConfigError, match="m1_active_threshold 0"):
+        M2(vae_checkpoint=str(path))
+    assert M2(vae_checkpoint=str(path), m1_active_threshold=0).m1_encoder.out_dim == 3
+    with pytest.raises(ConfigError, match="none of the VAE's 4 latent dimensions"):
+        M2(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=100.0)
+
+
+@pytest.mark.parametrize("copies", [1, 3, "grey"])
+def test_m1m2_cached_posterior_trains_the_same_model(m1m2_run, copies) -> None:
+    """The fast path: q(z1|x) of every training image computed once and held by the data module; each step draws
+    z1 from it. With the same images and noise its loss equals the loss of today's path (M1's encoder at every
+    step); the rows hold one fixed binarisation per copy (the grey image for ``grey``), the same at every start."""
+    model, _, _, dm, _ = m1m2_run
+    model = M2(vae_hparams=model.hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
+               m1_cache=copies, m1_active_threshold=model.hparams.m1_active_threshold).eval()
+    model.set_data_sizes(100, 400, 500)
+    model.load_state_dict(m1m2_run[0].state_dict())
+    model._cache_generator = torch.Generator().manual_seed(0)
+    images = to_model_input(dm.labelled_dataset().images[:6])
+    rows = model._posterior_rows(images)
+    a = model.m1_encoder.out_dim
+    assert rows.shape == (6, 1 if copies == "grey" else copies, 2 * a)
+    model._cache_generator = torch.Generator().manual_seed(0)
+    assert torch.equal(rows, model._posterior_rows(images))
+    binarised = images if copies == "grey" else torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6)
+    batch_images = {"labelled": (binarised, y), "unlabelled": binarised}
+    batch_rows = {"labelled": (rows[:, :1], y), "unlabelled": rows[:, :1]}
+    model.train()
+    losses = []
+    for batch in (batch_images, batch_rows):
+        torch.manual_seed(1)
+        losses.append(model.loss_terms(batch)["loss"])
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.manual_seed(1)
+    drawn = model.features(rows)  # one of the copies per image, then z1 ~ N(mean, std^2)
+    assert drawn.shape == (6, a) and torch.isfinite(drawn).all()
+
+
+def test_m1m2_fit_caches_the_posterior_and_refuses_a_cache_too_large(m1m2_run, monkeypatch, tmp_path: Path) -> None:
+    """A fit of M1+M2 trains on the data module's cached rows, which it drops when the fit ends; a cache larger
+    than half the free memory is one ConfigError naming model.init_args.m1_cache."""
+    model, _, _, dm, vae_copy = m1m2_run
+    seen = []
+    model2 = M2(vae_hparams=model.hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
+                m1_cache=2)
+    model2.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["unlabelled"].shape)
+    quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(model2, datamodule=dm)
+    assert seen == [(100, 2, 2 * model.m1_encoder.out_dim)] * 2 and dm._train_features is None
+    monkeypatch.setattr("ssvae_pl.data.datamodule.free_memory", lambda device: 1000)
+    with pytest.raises(ConfigError, match="model.init_args.m1_cache"):
+        quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(model2, datamodule=dm)
+    with pytest.raises(ConfigError, match="model.m1_cache"):
+        M2(vae_hparams=model.hparams.vae_hparams, m1_cache=0)
 
 
 def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
@@ -370,3 +416,32 @@ def test_m1m2_config_debug_run_through_the_command(tmp_path: Path, shared_mnist_
     assert not any(tmp_path.iterdir())
     assert_one_line_user_error(ssvae(tmp_path, "fit", "-c", M1M2_CONFIG, "-c", DEBUG, *data, *TINY_M2),
                                "model.vae_checkpoint")
+
+
+def test_ema_weights_average_every_step_and_travel_in_the_checkpoint(make_dm, tmp_path: Path) -> None:
+    """EMAWeights: after the fit (and in its checkpoint's state_dict) the weights are w_avg, updated after every step
+    as decay * w_avg + (1 - decay) * w from the first step's weights on; the checkpoint keeps the current weights
+    too, for a resumed fit."""
+    from ssvae_pl.callbacks import EMAWeights
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.weights = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            self.weights.append(pl_module.classifier.net[0].weight.detach().clone())
+
+    record, decay = Record(), 0.9
+    model = tiny_m2()
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=str(tmp_path),
+                            callbacks=[record, EMAWeights(decay)])
+    trainer.fit(model, datamodule=make_dm(batch_size=100, labelled_batch_size=50))
+    average = record.weights[0]
+    for w in record.weights[1:]:
+        average = decay * average + (1 - decay) * w
+    torch.testing.assert_close(model.classifier.net[0].weight, average)
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    ckpt = torch.load(tmp_path / "ema.ckpt", weights_only=False)
+    torch.testing.assert_close(ckpt["state_dict"]["classifier.net.0.weight"], average)
+    with pytest.raises(ConfigError, match="decay"):
+        EMAWeights(1.0)

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -60,6 +60,17 @@ def to_model_input(batch: Any, dynamic: bool = False) -> Any:
         return torch.bernoulli(x) if dynamic else x
 
     return apply_to_collection(batch, torch.Tensor, lambda t: convert(t) if t.dtype == torch.uint8 else t)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts the page cache the kernel would give up
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _indices_on(device: torch.device, indices) -> torch.Tensor:
@@ -270,6 +281,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.split: Split | None = None
         self.pool_files: list[str] | None = None  # image_folder: each training image's path, in the pool's order
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
+        self._train_features: torch.Tensor | None = None  # cache_training_features, for one fit
         self._val_images = self._val_labels = None
         self._predict_images = self._predict_labels = None
         self.predict_files: list[str] | None = None  # predict_dir's images, relative to it; None: the test set
@@ -559,9 +571,38 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           collate_fn=_batch_as_is, num_workers=workers, persistent_workers=workers > 0)
 
+    def cache_training_features(self, features: Callable[[torch.Tensor], torch.Tensor], row_numel: int,
+                                device: torch.device, field: str) -> None:
+        """Train this fit on ``features`` of the training images instead of the images, computed once (on
+        ``device``) and held where the images are: ``features`` maps images as floats in [0, 1] (B, C, H, W) to
+        float32 rows (B, ...) of ``row_numel`` numbers. M1+M2 caches M1's posterior this way. Refused, naming
+        ``field``, when the rows would take more than half the free memory there; dropped when the fit ends."""
+        holder = self._holding_device()
+        need, free = len(self._train_images) * row_numel * 4, free_memory(holder)
+        if need > free // 2:
+            raise ConfigError(
+                f"{field}: the cache of {len(self._train_images)} training images would take {need / 2**30:.2f} GiB, "
+                f"more than half of the {free / 2**30:.2f} GiB free on {holder}; lower {field}, or turn the cache "
+                f"off with --{field} off.")
+        rows = []
+        for idx in torch.arange(len(self._train_images)).split(1000):
+            images = self._train_images[idx.to(self._train_images.device)]
+            if isinstance(images, FolderImages):
+                images = images.load()
+            rows.append(features(to_model_input(images.to(device))).to(holder))
+        self._train_features = torch.cat(rows)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._train_features = None
+
+    def _training_examples(self) -> torch.Tensor:
+        """What training batches are cut from: the images, or their cached features."""
+        return self._train_images if self._train_features is None else self._train_features
+
     def labelled_dataset(self) -> InMemoryImages:
         idx = self.split.labelled
-        images = self._train_images[idx]
+        images = self._training_examples()[idx]
         if isinstance(images, FolderImages):  # the labelled images are few: held in memory
             images = images.load()
         return InMemoryImages(images, self._train_labels[idx])
@@ -570,7 +611,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         idx = self.split.train
         if self.hparams.unlabelled == "rest":
             idx = idx[~torch.isin(idx, self.split.labelled)]
-        return InMemoryImages(self._train_images[idx])
+        return InMemoryImages(self._training_examples()[idx])
 
     def reference_images(self, count: int = 1000) -> torch.Tensor:
         """The first ``count`` unlabelled training images as evaluation sees them (floats in [0, 1]; one fixed

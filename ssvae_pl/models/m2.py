@@ -7,8 +7,9 @@ labelled and the unlabelled images at once; its inference network q(y|x) is the 
   An unlabelled image's bound sums over all K classes exactly (eq. 7); the encoder's first (dense) layer sees
   the image (or its conv features) once and the class as a per-class bias, so the K encodings cost one pass
   over the pixels.
-* M1+M2 (``vae_checkpoint``): the same model of z1 ~ q(z1|x), the latents of M1's frozen encoder, drawn afresh
-  at every training step (the posterior mean at evaluation), with a Gaussian p(z1|y,z2).
+* M1+M2 (``vae_checkpoint``): the same model of z1 ~ q(z1|x), the latents of M1's frozen encoder in its active
+  dimensions, drawn afresh at every training step from a posterior cached once per fit (``m1_cache``; the
+  posterior mean at evaluation), with a Gaussian p(z1|y,z2).
 """
 
 from __future__ import annotations
@@ -111,10 +112,17 @@ class M2(pl.LightningModule):
             latents (M1+M2). Not needed to test or predict from this model's own checkpoint, which carries it.
         vae_hparams: the frozen encoder's shape, filled in from ``vae_checkpoint``; kept in this model's
             checkpoint so that it stands on its own.
-        m1_active_threshold: M1+M2 models only M1's active latent dimensions: those whose posterior mean has a
-            standard deviation above this over the first 1000 unlabelled training images, found when fitting
-            starts (``FrozenEncoder.find_active``; the paper's code: 0.1). The others are the prior's noise for
-            every image: the classifier and q(z|x,y) see 0 there and p(z1|y,z) leaves them out. 0 keeps them all.
+        m1_active_threshold: M1+M2 models only M1's active latent dimensions, as a vector of their number A: those
+            whose posterior mean has a standard deviation above this over the VAE's validation images (the VAE's
+            ``latent_mean_std``; the paper's code: 0.1 over 1000 training images). The others are the prior's noise
+            for every image. 0 keeps them all.
+        m1_cache: M1+M2: q(z1|x) of every training image is computed once when fitting starts and held in memory
+            (on the GPU when training there), and each step draws z1 afresh from it. An integer S: the posteriors
+            of S fixed binarisations of each image, one of them picked at random per step; ``grey``: of the grey
+            image; ``off``: M1's encoder runs at every step on the batch as the data module yields it (a fresh
+            binarisation under ``data.binarize: dynamic``).
+        m1_classifier_input: M1+M2: what q(y|x) sees while training: the z1 drawn for M2 (``sample``), or the mean
+            of q(z1|x) (``mean``), which it sees at evaluation either way.
         class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
             that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
@@ -141,6 +149,8 @@ class M2(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         conv_channels: Sequence[int] = (),
         m1_active_threshold: float = ACTIVE_UNIT_STD,
+        m1_cache: int | Literal["grey", "off"] = "grey",
+        m1_classifier_input: Literal["sample", "mean"] = "sample",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -150,19 +160,19 @@ class M2(pl.LightningModule):
             raise ConfigError(f"model.alpha must be >= 0, got {alpha}.")
         if alpha_per_label is not None and not 0 <= alpha_per_label < float("inf"):
             raise ConfigError(f"model.alpha_per_label must be >= 0, got {alpha_per_label}.")
+        if m1_cache not in ("grey", "off") and not (isinstance(m1_cache, int) and m1_cache > 0):
+            raise ConfigError(f"model.m1_cache must be a positive number of binarised copies, grey or off, got "
+                              f"{m1_cache!r}.")
         if not 0 <= m1_active_threshold < float("inf"):
             raise ConfigError(f"model.m1_active_threshold must be >= 0 (0 keeps all of M1's latent dimensions), got "
                               f"{m1_active_threshold}.")
-        self.m1_encoder = None
-        if vae_checkpoint is not None or vae_hparams is not None:  # M1+M2
-            self.m1_encoder, vae_hparams = frozen_encoder(vae_checkpoint, vae_hparams, input_shape)
-            self.hparams["vae_hparams"] = vae_hparams  # this checkpoint then stands on its own
+        m1m2 = vae_checkpoint is not None or vae_hparams is not None
         if likelihood == "auto":
-            likelihood = "bernoulli" if self.m1_encoder is None else "gaussian"
-        elif likelihood in ("bernoulli", "discretized_logistic") and self.m1_encoder is not None:
+            likelihood = "gaussian" if m1m2 else "bernoulli"
+        elif likelihood in ("bernoulli", "discretized_logistic") and m1m2:
             raise ConfigError(f"model.likelihood={likelihood!r} cannot model M1's real-valued latents; use "
                               "'gaussian' or 'auto' with model.vae_checkpoint.")
-        elif likelihood == "gaussian" and self.m1_encoder is None:  # what configs/mnist/m1m2.yaml asks for
+        elif likelihood == "gaussian" and not m1m2:  # what configs/mnist/m1m2.yaml asks for
             raise ConfigError(
                 "model.vae_checkpoint is required for M1+M2 (model.likelihood='gaussian' models M1's latents): "
                 "pass the VAE's checkpoint, e.g. "
@@ -172,12 +182,20 @@ class M2(pl.LightningModule):
             raise ConfigError(f"model.likelihood={likelihood!r} is not one of 'auto', 'bernoulli', 'gaussian', "
                               "'discretized_logistic'.")
         conv_channels = list(conv_channels)
-        if conv_channels and self.m1_encoder is not None:
+        if conv_channels and m1m2:
             raise ConfigError("model.init_args.conv_channels applies to images, but M1+M2 models M1's latents; "
                               "leave it empty ([]) and train the VAE with conv_channels instead.")
+        self.m1_encoder = None
+        if m1m2:
+            self.m1_encoder, vae_hparams = frozen_encoder(vae_checkpoint, vae_hparams, input_shape,
+                                                          m1_active_threshold)
+            self.hparams["vae_hparams"] = vae_hparams  # this checkpoint then stands on its own
+            rank_zero_info(f"M1+M2 models {self.m1_encoder.out_dim} of M1's {self.m1_encoder.latent_dim} latent "
+                           f"dimensions, those whose posterior mean varies by more than model.m1_active_threshold="
+                           f"{m1_active_threshold} over the VAE's validation images.")
         self.likelihood = likelihood
         # what M2 models: the images, or M1's latents
-        in_dim = math.prod(input_shape) if self.m1_encoder is None else vae_hparams["latent_dim"]
+        in_dim = math.prod(input_shape) if self.m1_encoder is None else self.m1_encoder.out_dim
         decoder_dims = list(reversed(list(hidden_dims)))
         conv = dict(conv_channels=conv_channels, input_shape=input_shape) if conv_channels else {}
         self.classifier = Classifier(in_dim, classifier_hidden_dims, num_classes, activation, **conv)
@@ -213,18 +231,6 @@ class M2(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "num_unlabelled"):
             self.set_data_sizes(datamodule.num_labelled, datamodule.num_unlabelled, datamodule.num_train)
-            if self.m1_encoder is not None:  # a resumed run then restores the same mask from its checkpoint
-                images = datamodule.reference_images().to(self.device)
-                active = self.m1_encoder.find_active(images, self.hparams.m1_active_threshold)
-                if active == 0:
-                    raise ConfigError(
-                        f"model.vae_checkpoint: none of the VAE's {self.m1_encoder.latent_dim} latent dimensions "
-                        f"varies across images by more than model.m1_active_threshold="
-                        f"{self.hparams.m1_active_threshold}, so M1+M2 has nothing to model; train the VAE longer, or "
-                        "lower model.m1_active_threshold (0 keeps every dimension).")
-                rank_zero_info(f"M1+M2 models {active} of M1's {self.m1_encoder.latent_dim} latent dimensions: the "
-                               f"others' posterior means vary by less than model.m1_active_threshold="
-                               f"{self.hparams.m1_active_threshold} (std over {len(images)} training images).")
         elif stage == "fit" and (self.num_labelled is None or self.hparams.num_train is None):
             raise ConfigError("M2 needs the numbers of labelled and unlabelled training images: fit it with "
                               "SemiSupervisedDataModule, or call model.set_data_sizes(...) first.")
@@ -265,12 +271,50 @@ class M2(pl.LightningModule):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """What M2 models: the images themselves (floats in [0, 1]; uint8 ones converted by ``unit_images``), or z1
-        of M1's frozen encoder, drawn from q(z1|x) while training and its mean otherwise."""
-        x = unit_images(x)
+        of M1's frozen encoder (its active dimensions, (B, A)), drawn from q(z1|x) while training and its mean
+        otherwise."""
+        return self.training_inputs(x)[0]
+
+    def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what M2 models, what its classifier q(y|x) sees) for a batch: the images twice; for M1+M2, z1 (see
+        ``features``) and z1 again, or the posterior mean with ``m1_classifier_input: mean``. M1+M2's training
+        batches may hold cached posteriors instead of images (``m1_cache``): rows (B, S, 2A) of S copies of
+        [mean, std], one of which is drawn per image."""
         if self.m1_encoder is None:
-            return x
-        with torch.no_grad():
-            return self.m1_encoder.latents(x, sample=self.training)  # (B, Z1), 0 in the inactive dimensions
+            x = unit_images(x)
+            return x, x
+        if x.dim() == 3:  # cached rows of q(z1|x)
+            copies = x.shape[1]
+            rows = x[:, 0] if copies == 1 else x[torch.arange(len(x), device=x.device),
+                                                  torch.randint(copies, (len(x),), device=x.device)]
+            mean, std = rows.chunk(2, dim=-1)  # (B, A) each
+        else:
+            with torch.no_grad():
+                mean, std = self.m1_encoder.posterior(unit_images(x))
+        z1 = elbo.reparameterize(mean, std) if self.training else mean
+        return z1, mean if self.hparams.m1_classifier_input == "mean" else z1
+
+    @torch.no_grad()
+    def _posterior_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The cache's rows for images x (floats in [0, 1]): [mean, std] of q(z1|x) for the grey images, or for
+        ``m1_cache`` fixed binarisations of them (a generator of its own, so every rank and every resumption draws
+        the same ones): (B, S, 2A)."""
+        if self.hparams.m1_cache == "grey":
+            return torch.cat(self.m1_encoder.posterior(x), dim=-1).float().unsqueeze(1)
+        copies = [torch.bernoulli(x, generator=self._cache_generator) for _ in range(self.hparams.m1_cache)]
+        return torch.stack([torch.cat(self.m1_encoder.posterior(b), dim=-1).float() for b in copies], dim=1)
+
+    def on_fit_start(self) -> None:
+        """M1+M2: q(z1|x) of every training image computed once (M1's encoder is frozen) and held by the data
+        module in place of the images (``m1_cache``), unless it is ``off``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.m1_encoder is None or self.hparams.m1_cache == "off" \
+                or not hasattr(datamodule, "cache_training_features"):
+            return
+        copies = 1 if self.hparams.m1_cache == "grey" else self.hparams.m1_cache
+        self._cache_generator = torch.Generator(self.device).manual_seed(0)
+        datamodule.cache_training_features(self._posterior_rows, copies * 2 * self.m1_encoder.out_dim, self.device,
+                                           "model.init_args.m1_cache")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K) of q(y|x) for images (B, C, H, W), floats in [0, 1] or the loaders' uint8."""
@@ -288,7 +332,7 @@ class M2(pl.LightningModule):
             mean, log_scale = self.decoder(z, y)  # (B, C, H, W), (B, C, H, W)
             return elbo.discretized_logistic_log_likelihood(mean, log_scale, h)
         mean, std = self.decoder(z, y)  # (B, D), (B, D)
-        return elbo.gaussian_log_likelihood(h, mean, std, dims=self.m1_encoder.active)  # M1's active dimensions
+        return elbo.gaussian_log_likelihood(h, mean, std)  # over M1's active dimensions
 
     def labelled_bound(self, h: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """L(x, y) of eq. 6 as a bound, one z sample: h (B, ...), y (B,) -> (B,). ``eps`` (B, Z) fixes the noise."""
@@ -319,10 +363,10 @@ class M2(pl.LightningModule):
                    eps_unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-example terms of a training batch and the loss; ``eps_*`` fix the reparameterisation noise."""
         x_l, y_l = batch["labelled"]
-        h_l, h_u = self.features(x_l), self.features(batch["unlabelled"])
+        (h_l, c_l), (h_u, c_u) = self.training_inputs(x_l), self.training_inputs(batch["unlabelled"])
         bound_l = self.labelled_bound(h_l, y_l, eps_labelled)  # (B_l,)
-        classification = F.cross_entropy(self.classifier(h_l).float(), y_l, reduction="none")  # (B_l,) -log q(y|x)
-        bound_u = self.unlabelled_bound(h_u, eps_unlabelled)  # (B_u,)
+        classification = F.cross_entropy(self.classifier(c_l).float(), y_l, reduction="none")  # (B_l,) -log q(y|x)
+        bound_u = self.unlabelled_bound(h_u, eps_unlabelled, self.classifier(c_u))  # (B_u,)
         w_l, w_u, w_c = self.objective_weights(len(y_l), len(bound_u))
         # J^alpha / N (eq. 9, per datapoint) = [sum_l -L(x,y) + sum_u -U(x) + alpha E_l[-log q(y|x)]] / N,
         # each sum estimated by its batch mean times the number of images it runs over.

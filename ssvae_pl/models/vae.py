@@ -15,10 +15,8 @@ from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
 
-# The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt. A checkpoint
-# written before conv_channels existed lacks it: that encoder is an MLP, conv_channels = [].
+# The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt.
 ENCODER_HPARAMS = ("input_shape", "hidden_dims", "latent_dim", "activation", "min_std", "conv_channels")
-OPTIONAL_ENCODER_HPARAMS = {"conv_channels": []}
 # A latent dimension is active (in use) when its posterior mean varies across images with a standard deviation above
 # this (Burda et al. 2016's variance of 0.01; the SSDGM code's 0.1).
 ACTIVE_UNIT_STD = 0.1
@@ -28,49 +26,52 @@ class FrozenEncoder(GaussianEncoder):
     """M1's encoder as a fixed feature map inside another model: no gradients (so DDP never registers it), and eval
     mode whatever its parent asks (Lightning switches the whole model to train mode every epoch).
 
-    ``active`` (a buffer, kept in the checkpoint) marks the latent dimensions that carry information about the
-    image. A VAE leaves many of its latent dimensions unused: their posterior is the prior N(0, 1) for every
-    image, so a sample of them is pure noise (with z of 50, M1 on MNIST uses about a dozen). ``find_active`` marks
-    those whose posterior mean varies across images (Burda et al. 2016's active units; the paper's own code keeps
-    the dimensions whose mean has a standard deviation over 1000 training images above 0.1). ``latents`` gives the
-    active dimensions and zeros in the others. All dimensions are active until ``find_active`` is called.
+    ``active_dims`` (a buffer of indices, kept in the checkpoint) lists the latent dimensions it hands on: M1's
+    active units for M1+M2 (``active_dims``), every dimension otherwise. ``posterior`` and ``latents`` return those
+    dimensions only, as vectors of that size.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, active_dims: Sequence[int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("active", torch.ones(self.latent_dim, dtype=torch.bool))
+        dims = range(self.latent_dim) if active_dims is None else active_dims
+        self.register_buffer("active_dims", torch.as_tensor(list(dims), dtype=torch.int64))
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.active_dims)
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         return super().train(False)
 
-    @torch.no_grad()
-    def find_active(self, images: torch.Tensor, threshold: float) -> int:
-        """Mark as active the dimensions whose posterior mean has a standard deviation over ``images`` (floats in
-        [0, 1]) above ``threshold`` (0: every dimension); returns how many are."""
-        means = torch.cat([self(batch)[0].float() for batch in images.split(500)])  # (N, Z)
-        self.active.copy_(means.std(dim=0) > threshold if threshold > 0 else torch.ones_like(self.active))
-        return int(self.active.sum())
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of q(z1|x) in the handed-on dimensions, for images x (floats in [0, 1]): (B, A) each."""
+        mean, std = self(x)
+        return mean[:, self.active_dims], std[:, self.active_dims]
 
     def latents(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """z1 for images x: the posterior mean, or a draw from q(z1|x) (``sample``), with 0 in the inactive
-        dimensions: (B, Z)."""
-        mean, std = self(x)
-        z = elbo.reparameterize(mean, std) if sample else mean
-        return z * self.active.to(z.dtype)
+        """z1 for images x: the posterior mean, or a draw from q(z1|x) (``sample``): (B, A)."""
+        mean, std = self.posterior(x)
+        return elbo.reparameterize(mean, std) if sample else mean
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a VAE's encoder, or a model saved before ``active`` existed: every dimension active, as they then were
-        state_dict.setdefault(prefix + "active", torch.ones_like(self.active))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+def active_dims(latent_mean_std: torch.Tensor, threshold: float) -> list[int]:
+    """M1's active units (Burda et al. 2016): the dimensions whose posterior mean varies across images with a
+    standard deviation above ``threshold``; 0 keeps them all."""
+    if threshold <= 0:
+        return list(range(len(latent_mean_std)))
+    return torch.nonzero(latent_mean_std > threshold).flatten().tolist()
 
 
 def build_encoder(input_shape: Sequence[int], hidden_dims: Sequence[int], latent_dim: int, activation: Activation,
-                  min_std: float, conv_channels: Sequence[int] = (), frozen: bool = False) -> GaussianEncoder:
-    encoder_class = FrozenEncoder if frozen else GaussianEncoder
-    return encoder_class(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std,
-                         conv_channels=list(conv_channels), input_shape=input_shape)
+                  min_std: float, conv_channels: Sequence[int] = (), frozen: bool = False,
+                  active_dims: Sequence[int] | None = None) -> GaussianEncoder:
+    shape = dict(conv_channels=list(conv_channels), input_shape=input_shape)
+    if frozen:
+        return FrozenEncoder(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std,
+                             active_dims=active_dims, **shape)
+    return GaussianEncoder(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std, **shape)
 
 
 class VAE(pl.LightningModule):
@@ -108,8 +109,9 @@ class VAE(pl.LightningModule):
             ELBO; ``train/kl_weight`` logs beta.
 
     ``val/active_units`` counts the latent dimensions whose posterior mean has a standard deviation above
-    ``ACTIVE_UNIT_STD`` across the validation images (Burda et al. 2016): the ones the model uses, and what M1+M2 models (``M2``'s
-    ``m1_active_threshold``).
+    ``ACTIVE_UNIT_STD`` across the validation images (Burda et al. 2016): the ones the model uses. The standard
+    deviations are kept in the checkpoint (``latent_mean_std``); M1+M2 models the dimensions above its
+    ``m1_active_threshold``.
     """
 
     def __init__(
@@ -141,6 +143,9 @@ class VAE(pl.LightningModule):
         self.encoder = build_encoder(input_shape, hidden_dims, latent_dim, activation, min_std, conv_channels)
         decoder_class = BernoulliDecoder if likelihood == "bernoulli" else DiscretizedLogisticDecoder
         self.decoder = decoder_class(latent_dim, list(reversed(hidden_dims)), input_shape, activation, conv_channels)
+        # the standard deviation of each latent dimension's posterior mean over the validation images, measured at
+        # every validation (NaN until then): which dimensions the model uses, for M1+M2's active_dims
+        self.register_buffer("latent_mean_std", torch.full((latent_dim,), float("nan")))
         check_compile(compile)
         self._training_terms = compiled(self.forward, compile)
 
@@ -215,7 +220,8 @@ class VAE(pl.LightningModule):
         count, total, squares = self.all_gather(self._mean_moments).reshape(-1, 3, self.hparams.latent_dim).sum(0)
         if count[0] > 1:
             variance = (squares - total.square() / count) / (count - 1)
-            self.log("val/active_units", (variance > ACTIVE_UNIT_STD**2).sum().float())  # the same on every rank
+            self.latent_mean_std.copy_(variance.clamp_min(0).sqrt())  # the same on every rank
+            self.log("val/active_units", (self.latent_mean_std > ACTIVE_UNIT_STD).sum().float())
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._log_terms("test", *self._evaluation_terms(batch[0]))
@@ -248,8 +254,9 @@ class VAE(pl.LightningModule):
         return self.decode_mean(self.latent_means(x))
 
 
-def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple[FrozenEncoder, dict[str, Any]]:
-    """The encoder of a VAE checkpoint, frozen (``FrozenEncoder``), and the hparams that shape it.
+def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint"
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+    """A VAE checkpoint's encoder weights, the hparams that shape the encoder, and its ``latent_mean_std``.
 
     Raises ``CheckpointError`` naming ``field`` and the file when it is missing, unreadable or not a VAE.
     """
@@ -261,42 +268,62 @@ def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint") -> tuple
     hparams, state = ckpt.get("hyper_parameters", {}), ckpt["state_dict"]
     class_path = hparams.get("_class_path", "")
     encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    if (class_path and class_path.rsplit(".", 1)[-1] != "VAE") or not encoder_state or not all(
-        k in hparams for k in ENCODER_HPARAMS if k not in OPTIONAL_ENCODER_HPARAMS
-    ):
+    if (class_path and class_path.rsplit(".", 1)[-1] != "VAE") or not encoder_state \
+            or not all(k in hparams for k in ENCODER_HPARAMS) or "latent_mean_std" not in state:
         raise CheckpointError(
             f"{field}: {path} is not a VAE checkpoint (it holds {class_path or 'no VAE hyperparameters'}); {retrain}."
         )
-    encoder_hparams = {k: hparams.get(k, OPTIONAL_ENCODER_HPARAMS.get(k)) for k in ENCODER_HPARAMS}
+    encoder_hparams = {k: hparams[k] for k in ENCODER_HPARAMS}
     for key in ("input_shape", "hidden_dims", "conv_channels"):
         encoder_hparams[key] = list(encoder_hparams[key] or [])
-    encoder = build_encoder(**encoder_hparams, frozen=True)
-    try:
-        encoder.load_state_dict(encoder_state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{field}: {path} does not match its own hyperparameters: {str(err)[:200]}") from None
-    return encoder, encoder_hparams
+    return encoder_state, encoder_hparams, state["latent_mean_std"]
 
 
-def frozen_encoder(
-    vae_checkpoint: str | None, vae_hparams: dict[str, Any] | None, input_shape: Sequence[int]
-) -> tuple[FrozenEncoder, dict[str, Any]]:
-    """M1's frozen encoder for a model built on it (the latent classifier, M1+M2).
+def frozen_encoder(vae_checkpoint: str | None, vae_hparams: dict[str, Any] | None, input_shape: Sequence[int],
+                   active_threshold: float | None = None) -> tuple[FrozenEncoder, dict[str, Any]]:
+    """M1's frozen encoder for a model built on it (the latent classifier, M1+M2), and the hparams that rebuild it.
 
     Rebuilt from ``vae_hparams`` when that model is restored from its own checkpoint (the weights come with its
-    state dict, so the VAE file is not needed), else loaded from ``vae_checkpoint``. The VAE must have seen images
-    of ``input_shape``.
+    state dict, so the VAE file is not needed), else loaded from ``vae_checkpoint``. With ``active_threshold``
+    (M1+M2) it hands on M1's active dimensions only (``active_dims``; recorded in the hparams as ``active_dims``),
+    judged by the VAE's ``latent_mean_std``. The VAE must have seen images of ``input_shape``.
     """
-    from ssvae_pl.errors import CheckpointError
+    from ssvae_pl.errors import CheckpointError, ConfigError
 
+    field = "model.vae_checkpoint"
     if vae_hparams is not None:
+        _check_input_shape(vae_hparams, input_shape, field)
         encoder = build_encoder(**vae_hparams, frozen=True)
     else:
-        encoder, vae_hparams = load_frozen_encoder(vae_checkpoint)
-    if list(vae_hparams["input_shape"]) != list(input_shape):
-        raise CheckpointError(
-            f"model.vae_checkpoint: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
-            f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
-        )
+        state, vae_hparams, spread = load_frozen_encoder(vae_checkpoint, field)
+        _check_input_shape(vae_hparams, input_shape, field)
+        if active_threshold is not None:
+            if active_threshold > 0 and not bool(torch.isfinite(spread).all()):
+                raise ConfigError(
+                    f"{field}: {vae_checkpoint} carries no measure of which latent dimensions M1 uses (it was fitted "
+                    "without validation images); refit it with data.val_size > 0, or keep every dimension with "
+                    "--model.init_args.m1_active_threshold 0.")
+            vae_hparams["active_dims"] = active_dims(spread, active_threshold)
+            if not vae_hparams["active_dims"]:
+                raise ConfigError(
+                    f"{field}: none of the VAE's {len(spread)} latent dimensions varies across images by more than "
+                    f"model.m1_active_threshold={active_threshold} (largest: {spread.max().item():.3g}), so M1+M2 "
+                    "has nothing to model; train the VAE longer, or lower model.m1_active_threshold (0 keeps every "
+                    "dimension).")
+        encoder = build_encoder(**vae_hparams, frozen=True)
+        try:
+            encoder.load_state_dict({**state, "active_dims": encoder.active_dims})
+        except RuntimeError as err:
+            raise CheckpointError(f"{field}: {vae_checkpoint} does not match its own hyperparameters: "
+                                  f"{str(err)[:200]}") from None
     return encoder, vae_hparams
 
+
+def _check_input_shape(vae_hparams: dict[str, Any], input_shape: Sequence[int], field: str) -> None:
+    if list(vae_hparams["input_shape"]) != list(input_shape):
+        from ssvae_pl.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{field}: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
+            f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
+        )

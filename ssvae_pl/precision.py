@@ -1,0 +1,42 @@
+"""The precision a run gets when its config names none: the fastest one the processor computes natively.
+
+bf16 autocast roughly doubles a CPU's matrix-product rate where the processor has bf16 instructions
+(``avx512_bf16`` or ``amx_bf16`` among its flags) and is many times slower than fp32 where it has not; GPUs that
+support bf16 gain as well. The bounds are reduced in fp32 either way (``elbo``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def uses_cuda(accelerator: object = "auto") -> bool:
+    """Whether a Trainer with this ``accelerator`` setting trains on a CUDA GPU."""
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    return torch.cuda.is_available() and any(key in name for key in ("auto", "gpu", "cuda"))
+
+
+def best_precision(accelerator: object = "auto") -> tuple[str, str]:
+    """(Lightning's precision, why): ``bf16-mixed`` on a GPU that supports bf16 and on a CPU with bf16
+    instructions, ``32-true`` elsewhere."""
+    if uses_cuda(accelerator):
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{torch.cuda.get_device_name()} supports bf16"
+        return "32-true", f"{torch.cuda.get_device_name()} has no bf16"
+    found = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
+    if found:
+        return "bf16-mixed", f"this CPU has {' and '.join(found)}"
+    return "32-true", "this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
