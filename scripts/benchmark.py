@@ -19,7 +19,8 @@ the measured peak of a large matrix product on the same device and precision. Th
     python scripts/benchmark.py --precision bf16-mixed           # autocast to bfloat16
     python scripts/benchmark.py --device cuda --steps 200        # a GPU
     python scripts/benchmark.py --models m2 --batch-size 500 --json lightning_logs/benchmark/m2-b500.json
-    python scripts/benchmark.py --models m1m2 --vae-checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt
+    python scripts/benchmark.py --models m1m2 --vae-checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt \
+        --precision bf16-mixed
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
 speed. On a machine shared with other work the numbers move: run it alone.
@@ -81,7 +82,8 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
     if name == "vae":
         return VAE()  # the paper's M1: 784-600-600-50
     if name == "m1m2":  # configs/mnist/m1m2.yaml's model; "uncached" runs M1's encoder at every step
-        return M2(vae_checkpoint=vae_checkpoint, alpha_per_label=5, m1_cache="off" if way == "uncached" else 1)
+        return M2(vae_checkpoint=vae_checkpoint, hidden_dims=[300], classifier_hidden_dims=[300], latent_dim=10,
+                  alpha_per_label=5, m1_cache="off" if way == "uncached" else "grey")
     return M2(alpha=float(num_train), weighting="batch")  # configs/mnist/m2.yaml: 500 hidden units, z of 50
 
 

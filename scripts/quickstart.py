@@ -45,9 +45,8 @@ def main(extra: list[str]) -> None:
           "--model.init_args.vae_checkpoint", str(vae_ckpt), "--trainer.logger.init_args.version", version,
           *quiet, *extra)
     clf_ckpt = LOGS / "m1_classifier" / version / "checkpoints" / "last.ckpt"
-    ssvae("test", "test", "-c", "configs/mnist/m1_classifier.yaml", "--ckpt_path", str(clf_ckpt),
-          "--trainer.logger.init_args.version", f"{version}-test", *quiet, *extra)
-    accuracy = read_scalars(LOGS / "m1_classifier" / f"{version}-test")["test/acc"]
+    ssvae("test", "test", "-c", "configs/mnist/m1_classifier.yaml", "--ckpt_path", str(clf_ckpt), *quiet, *extra)
+    accuracy = read_scalars(LOGS / "m1_classifier" / version)["test/acc"]  # the test logs beside its checkpoint
     print(f"\nMNIST test accuracy with 100 labels: {accuracy:.4f}")
     print(f"TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {LOGS.relative_to(ROOT)}")
 

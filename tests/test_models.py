@@ -102,6 +102,26 @@ def test_kl_warmup_weighs_the_kl_term_by_a_rising_beta_and_validation_counts_act
     assert trainer.callback_metrics["val/active_units"].item() == int((means.var(dim=0) > 0.01).sum())
 
 
+def test_latent_probe_logs_the_knn_vote_of_the_labelled_images(tmp_path: Path, shared_mnist_dir: Path) -> None:
+    """``LatentProbe``: val/knn_acc is the accuracy, on every validation image, of the majority class among the k
+    labelled training images nearest to it by posterior mean."""
+    from ssvae_pl.callbacks import LatentProbe
+
+    torch.manual_seed(0)
+    dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=50,
+                                  labelled_batch_size=20)
+    vae = VAE(hidden_dims=[32], latent_dim=4)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[LatentProbe(k=3)],
+                            default_root_dir=str(tmp_path))
+    trainer.fit(vae, datamodule=dm)
+    labelled = dm.labelled_dataset()
+    reference = vae.latent_means(to_model_input(labelled.images))
+    x, y = (torch.cat(parts) for parts in zip(*dm.val_dataloader()))
+    nearest = torch.cdist(vae.latent_means(to_model_input(x)), reference).topk(3, largest=False).indices
+    votes = torch.nn.functional.one_hot(labelled.labels[nearest], 10).sum(dim=1).argmax(dim=1)
+    assert trainer.callback_metrics["val/knn_acc"].item() == pytest.approx((votes == y).float().mean().item())
+
+
 @pytest.fixture
 def classifier_run(tmp_path: Path, shared_mnist_dir: Path, vae_checkpoint: Path):
     """A LatentClassifier on the session's VAE checkpoint, fitted for 3 steps; returns (model, trainer, start)."""

@@ -56,7 +56,7 @@ def test_m1_runs_write_their_pictures(tmp_path: Path, cli_data: Path) -> None:
     vae_run = tmp_path / "lightning_logs" / "m1_vae" / "version_0"
     vae_tags = read_tags(vae_run)
     assert vae_tags["images"] == {"images/reconstructions", "images/prior_samples", "latent/pca"}
-    assert {"hparams/val_elbo", "val/elbo"} <= vae_tags["scalars"] and HPARAMS <= vae_tags["hparams"]
+    assert {"hparams/val_elbo", "val/elbo", "val/knn_acc"} <= vae_tags["scalars"] and HPARAMS <= vae_tags["hparams"]
 
     ok(ssvae(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data, *SHORT_FIT,
              "--model.vae_checkpoint", str(vae_run / "checkpoints" / "last.ckpt")))
