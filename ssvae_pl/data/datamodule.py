@@ -613,14 +613,6 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             idx = idx[~torch.isin(idx, self.split.labelled)]
         return InMemoryImages(self._training_examples()[idx])
 
-    def reference_images(self, count: int = 1000) -> torch.Tensor:
-        """The first ``count`` unlabelled training images as evaluation sees them (floats in [0, 1]; one fixed
-        binary sample when binarising), on the CPU: a fixed set for statistics of the data, the same on every rank
-        and at every start (M1+M2 finds M1's active latent dimensions on it)."""
-        unlabelled = self.unlabelled_dataset()
-        images = unlabelled.__getitems__(list(range(min(count, len(unlabelled)))))
-        return to_model_input(self._fixed_sample(images.cpu(), seed_offset=3))
-
     def labelled_stream(self, rank: int = 0) -> LabelledStream:
         """The labelled half of the training batches, for the process of global rank ``rank``."""
         hp, labelled = self.hparams, self.labelled_dataset()

@@ -121,8 +121,6 @@ class M2(pl.LightningModule):
             of S fixed binarisations of each image, one of them picked at random per step; ``grey``: of the grey
             image; ``off``: M1's encoder runs at every step on the batch as the data module yields it (a fresh
             binarisation under ``data.binarize: dynamic``).
-        m1_classifier_input: M1+M2: what q(y|x) sees while training: the z1 drawn for M2 (``sample``), or the mean
-            of q(z1|x) (``mean``), which it sees at evaluation either way.
         class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
             that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
         compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
@@ -150,7 +148,6 @@ class M2(pl.LightningModule):
         conv_channels: Sequence[int] = (),
         m1_active_threshold: float = ACTIVE_UNIT_STD,
         m1_cache: int | Literal["grey", "off"] = "grey",
-        m1_classifier_input: Literal["sample", "mean"] = "sample",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -272,17 +269,10 @@ class M2(pl.LightningModule):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """What M2 models: the images themselves (floats in [0, 1]; uint8 ones converted by ``unit_images``), or z1
         of M1's frozen encoder (its active dimensions, (B, A)), drawn from q(z1|x) while training and its mean
-        otherwise."""
-        return self.training_inputs(x)[0]
-
-    def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what M2 models, what its classifier q(y|x) sees) for a batch: the images twice; for M1+M2, z1 (see
-        ``features``) and z1 again, or the posterior mean with ``m1_classifier_input: mean``. M1+M2's training
-        batches may hold cached posteriors instead of images (``m1_cache``): rows (B, S, 2A) of S copies of
-        [mean, std], one of which is drawn per image."""
+        otherwise. M1+M2's training batches may hold cached posteriors instead of images (``m1_cache``): rows
+        (B, S, 2A) of S copies of [mean, std], one of which is drawn from per image."""
         if self.m1_encoder is None:
-            x = unit_images(x)
-            return x, x
+            return unit_images(x)
         if x.dim() == 3:  # cached rows of q(z1|x)
             copies = x.shape[1]
             rows = x[:, 0] if copies == 1 else x[torch.arange(len(x), device=x.device),
@@ -291,8 +281,7 @@ class M2(pl.LightningModule):
         else:
             with torch.no_grad():
                 mean, std = self.m1_encoder.posterior(unit_images(x))
-        z1 = elbo.reparameterize(mean, std) if self.training else mean
-        return z1, mean if self.hparams.m1_classifier_input == "mean" else z1
+        return elbo.reparameterize(mean, std) if self.training else mean
 
     @torch.no_grad()
     def _posterior_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -363,10 +352,10 @@ class M2(pl.LightningModule):
                    eps_unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-example terms of a training batch and the loss; ``eps_*`` fix the reparameterisation noise."""
         x_l, y_l = batch["labelled"]
-        (h_l, c_l), (h_u, c_u) = self.training_inputs(x_l), self.training_inputs(batch["unlabelled"])
+        h_l, h_u = self.features(x_l), self.features(batch["unlabelled"])
         bound_l = self.labelled_bound(h_l, y_l, eps_labelled)  # (B_l,)
-        classification = F.cross_entropy(self.classifier(c_l).float(), y_l, reduction="none")  # (B_l,) -log q(y|x)
-        bound_u = self.unlabelled_bound(h_u, eps_unlabelled, self.classifier(c_u))  # (B_u,)
+        classification = F.cross_entropy(self.classifier(h_l).float(), y_l, reduction="none")  # (B_l,) -log q(y|x)
+        bound_u = self.unlabelled_bound(h_u, eps_unlabelled)  # (B_u,)
         w_l, w_u, w_c = self.objective_weights(len(y_l), len(bound_u))
         # J^alpha / N (eq. 9, per datapoint) = [sum_l -L(x,y) + sum_u -U(x) + alpha E_l[-log q(y|x)]] / N,
         # each sum estimated by its batch mean times the number of images it runs over.
