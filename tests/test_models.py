@@ -150,7 +150,7 @@ def test_latent_classifier_keeps_the_vae_encoder_frozen(vae_checkpoint: Path, cl
     assert trainer.global_step == 3
     assert not model.encoder.training and all(not p.requires_grad for p in model.encoder.parameters())
     expected = encoder_state_of(vae_checkpoint)
-    actual = {k: v for k, v in model.encoder.state_dict().items() if k != "active"}  # FrozenEncoder's own mask
+    actual = {k: v for k, v in model.encoder.state_dict().items() if k != "active_dims"}  # FrozenEncoder's own
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key

@@ -167,7 +167,7 @@ def tiny(name: str, vae_checkpoint: Path):
         return VAE(hidden_dims=[16], latent_dim=3)
     if name == "latent_classifier":
         return LatentClassifier(vae_checkpoint=str(vae_checkpoint), hidden_dims=[8])
-    m1m2 = dict(vae_checkpoint=str(vae_checkpoint)) if name == "m1m2" else {}
+    m1m2 = dict(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=0) if name == "m1m2" else {}
     return M2(hidden_dims=[16], classifier_hidden_dims=[8], latent_dim=3, **m1m2)
 
 
