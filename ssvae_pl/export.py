@@ -7,8 +7,10 @@ encoder (its posterior mean) and the classifier head; for M2, q(y|x); for M1+M2,
 Both files take float32 images (B, C, H, W) in [0, 1] (MNIST: (B, 1, 28, 28), a light digit on black, binarised
 or grey as in training) under the name ``images``, and return class probabilities (B, K), softmax applied, under
 ``probabilities``; B is free. The files are ``<stem>.torchscript.pt`` and ``<stem>.onnx``, <stem> the checkpoint's
-name, in ``--output_dir`` (default: the checkpoint's folder), with ``<stem>.classes.json`` beside them: the class
-names in the order of the outputs (an image folder's sub-folder names) and the input shape.
+name, in ``--output_dir`` (default: the checkpoint's folder), with ``<stem>.json`` beside them: the class names in
+the order of the outputs (an image folder's sub-folder names), the input shape, and the ``preprocessing`` that
+``ssvae predict`` gives an image file (``data/preprocess.py``: mode, invert, pad or crop, size, / 255), which the
+README's ONNX Runtime snippet follows.
 
 Before they are put in place, each file is loaded back (``torch.jit.load``; ONNX Runtime) and must give the
 checkpoint's probabilities within ``--atol`` on seeded batches of 1 and 64 images (another size than the one
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from ssvae_pl.checkpoint_io import read_checkpoint
+from ssvae_pl.data.datamodule import preprocessing_of
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError, OutputError
 from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import class_names
@@ -51,14 +54,19 @@ class ClassProbabilities(nn.Module):
         return self.logits(images).softmax(dim=-1)
 
 
-def load_classifier(ckpt_path: str) -> pl.LightningModule:
-    """The LatentClassifier or M2 (M1+M2) of a checkpoint, in eval mode. Raises ``CheckpointError`` naming the
-    file when it is missing, unreadable, or of a model that does not classify (a VAE)."""
+def read_classifier_checkpoint(ckpt_path: str) -> dict:
+    return read_checkpoint(ckpt_path, "--ckpt_path", "pass a LatentClassifier or M2 checkpoint, e.g. "
+                           "lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt")
+
+
+def load_classifier(ckpt_path: str, ckpt: dict | None = None) -> pl.LightningModule:
+    """The LatentClassifier or M2 (M1+M2) of a checkpoint (``ckpt``: the file's contents, when already read), in
+    eval mode. Raises ``CheckpointError`` naming the file when it is missing, unreadable, or of a model that does
+    not classify (a VAE)."""
     from ssvae_pl.models import M2, LatentClassifier
 
     classifiers = {"LatentClassifier": LatentClassifier, "M2": M2}
-    ckpt = read_checkpoint(ckpt_path, "--ckpt_path", "pass a LatentClassifier or M2 checkpoint, e.g. "
-                           "lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt")
+    ckpt = read_classifier_checkpoint(ckpt_path) if ckpt is None else ckpt
     hparams, state = dict(ckpt.get("hyper_parameters", {})), ckpt["state_dict"]
     name = hparams.get("_class_path", "").rsplit(".", 1)[-1]
     if not name and any(k.startswith("classifier.") for k in state):  # saved by a plain Trainer: by its weights
@@ -137,11 +145,12 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
         import onnxruntime
     except ImportError:
         raise ConfigError("ssvae export needs onnx, onnxscript and onnxruntime: pip install -e '.[export]'") from None
-    model = load_classifier(ckpt_path)
+    ckpt = read_classifier_checkpoint(ckpt_path)
+    model = load_classifier(ckpt_path, ckpt)
     folder = Path(output_dir) if output_dir is not None else Path(ckpt_path).parent
     stem = Path(ckpt_path).stem
     targets = {"torchscript": folder / f"{stem}.torchscript.pt", "onnx": folder / f"{stem}.onnx",
-               "classes": folder / f"{stem}.classes.json"}
+               "json": folder / f"{stem}.json"}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:  # all three named at once (atomic_output would name the first)
         raise OutputError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
@@ -161,12 +170,13 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
         session = onnxruntime.InferenceSession(str(temporary["onnx"]), providers=["CPUExecutionProvider"])
         results["onnx"] = largest_difference(lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], model,
                                              batches, "ONNX", atol)
-        # what the outputs mean, beside them: output k is the probability of class_names[k]
-        k = int(exported(example).shape[-1])
-        names = class_names(model, None, k)
-        temporary["classes"].write_text(json.dumps({"class_names": names, "input_shape": list(input_shape),
-                                                    "input": INPUT_NAME, "output": OUTPUT_NAME}, indent=2) + "\n")
-        results["classes"] = None
+        # what the outputs mean and how a file becomes an input, beside them: output k is class_names[k]
+        names = class_names(model, None, int(exported(example).shape[-1]))
+        preprocessing = preprocessing_of(input_shape, ckpt.get("datamodule_hyper_parameters") or {})
+        temporary["json"].write_text(json.dumps({
+            "class_names": names, "input_shape": list(input_shape), "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "preprocessing": preprocessing.spec()}, indent=2) + "\n")
+        results["json"] = None
     return {kind: (targets[kind], difference) for kind, difference in results.items()}
 
 
@@ -197,7 +207,8 @@ def main(args: list[str] | None = None) -> None:
     sizes = ", ".join(str(b) for b in CHECK_BATCH_SIZES)
     for kind, (path, difference) in written.items():
         if difference is None:
-            print(f"wrote {path} (the class names, in the order of the outputs, and the input shape)")
+            print(f"wrote {path} (the class names, in the order of the outputs, and how an image file becomes an "
+                  "input: the preprocessing of `ssvae predict`)")
             continue
         print(f"wrote {path} ({kind}): matches the checkpoint on batches of {sizes} images, largest difference "
               f"in a probability {difference:.2g} (tolerance {options.atol:g})")

@@ -255,7 +255,7 @@ def test_export_of_a_conv_m2_and_a_conv_m1_classifier(tmp_path: Path, conv_vae_c
         model = LatentClassifier(vae_checkpoint=str(conv_vae_checkpoint), input_shape=(3, 32, 32), hidden_dims=[16])
     ckpt = save_checkpoint(model, tmp_path / f"{kind}.ckpt")
     written = export_classifier(str(ckpt), str(tmp_path / "out"))
-    assert sorted(written) == ["classes", "onnx", "torchscript"] and written.pop("classes")[0].is_file()
+    assert sorted(written) == ["json", "onnx", "torchscript"] and written.pop("json")[0].is_file()
     assert all(path.is_file() and difference <= TOLERANCE for path, difference in written.values())
 
 

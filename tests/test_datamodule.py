@@ -147,6 +147,29 @@ def test_unlabelled_images_all_or_rest(make_dm, synthetic_mnist) -> None:
     assert not (unlabelled_rows[:, None] == labelled_rows[None]).all(-1).any()
 
 
+def test_cached_features_cover_the_training_split_only(make_dm, synthetic_mnist) -> None:
+    """``cache_training_features``: the labelled and unlabelled datasets yield the features of their own images,
+    and the feature function never sees a validation image."""
+    raw_images = torch.from_numpy(synthetic_mnist[1][sources.TRAIN_IMAGES]).unsqueeze(1)
+    dm = make_dm(binarize="none", num_labelled=50)
+    dm.setup("fit")
+    seen = []
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x.flatten(1)
+
+    dm.cache_training_features(features, 784, torch.device("cpu"), "model.init_args.m1_cache")
+    seen = torch.cat(seen).flatten(1)
+    assert len(seen) == N_TRAIN - VAL_SIZE
+    val_rows = to_model_input(raw_images[dm.split.val]).flatten(1)
+    assert not (seen[:, None] == val_rows[None]).all(-1).any()
+    assert torch.equal(dm.labelled_dataset().images, to_model_input(raw_images[dm.split.labelled]).flatten(1))
+    assert torch.equal(dm.unlabelled_dataset().images, to_model_input(raw_images[dm.split.train]).flatten(1))
+    dm.teardown("fit")
+    assert torch.equal(dm.unlabelled_dataset().images, raw_images[dm.split.train])
+
+
 def test_exposed_numbers_and_seeded_labelled_subset(make_dm) -> None:
     """num_classes and input_shape are exposed; the labelled subset depends on ``seed`` alone."""
     dm = make_dm(seed=0)

@@ -6,10 +6,13 @@ One run goes through the real entry point; the others call ``export_classifier``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import quiet_trainer
 from ssvae_pl import export
@@ -17,6 +20,8 @@ from ssvae_pl.data import sources
 from ssvae_pl.errors import CheckpointError, ExportError
 from ssvae_pl.export import export_classifier, load_classifier, load_torchscript
 from test_cli import assert_one_line_user_error, ok, ssvae
+from test_predict import predict, read_csv
+from test_python_api import readme_python
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -63,12 +68,14 @@ def test_ssvae_export_of_a_latent_classifier(tmp_path: Path, classifier_checkpoi
     result = ssvae(tmp_path, "export", "--ckpt_path", str(classifier_checkpoint), "--output_dir", str(tmp_path / "x"))
     ok(result)
     files = {"torchscript": tmp_path / "x" / "last.torchscript.pt", "onnx": tmp_path / "x" / "last.onnx"}
-    classes = tmp_path / "x" / "last.classes.json"
+    classes = tmp_path / "x" / "last.json"
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted(p.name for p in [*files.values(), classes])
     assert result.stdout.count("matches the checkpoint") == 2
     assert_exports_match(files, classifier_checkpoint, test_images)
     meaning = json.loads(classes.read_text())  # output k is the probability of class_names[k]
     assert meaning["class_names"] == [str(k) for k in range(10)] and meaning["input_shape"] == [1, 28, 28]
+    assert meaning["preprocessing"] | {"invert": "auto", "mode": "L", "resize": "pad", "size": [28, 28]} \
+        == meaning["preprocessing"]
 
     kept = {kind: path.read_bytes() for kind, path in files.items()}
     again = ssvae(tmp_path, "export", "--ckpt_path", str(classifier_checkpoint), "--output_dir", str(tmp_path / "x"))
@@ -81,7 +88,7 @@ def test_export_of_m2_and_m1_m2(tmp_path: Path, make_dm, vae_checkpoint: Path, t
     """M2's q(y|x), and M1+M2's q(y|x) on M1's frozen encoder, as exported files; --overwrite replaces them."""
     m2 = fit_m2(make_dm, tmp_path / "m2")
     files = {kind: path for kind, (path, _) in export_classifier(str(m2)).items()}
-    assert files.pop("classes") == m2.parent / "m2.classes.json"
+    assert files.pop("json") == m2.parent / "m2.json"
     assert files == {"torchscript": m2.parent / "m2.torchscript.pt", "onnx": m2.parent / "m2.onnx"}
     assert_exports_match(files, m2, test_images)
 
@@ -91,10 +98,10 @@ def test_export_of_m2_and_m1_m2(tmp_path: Path, make_dm, vae_checkpoint: Path, t
     out = tmp_path / "exported"
     export_classifier(str(m1m2), str(out))
     written = export_classifier(str(m1m2), str(out), overwrite=True)
-    written.pop("classes")
+    written.pop("json")
     assert all(difference <= TOLERANCE for _, difference in written.values())
     assert_exports_match({kind: path for kind, (path, _) in written.items()}, m1m2, test_images)
-    assert sorted(p.name for p in out.iterdir()) == ["m2.classes.json", "m2.onnx", "m2.torchscript.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["m2.json", "m2.onnx", "m2.torchscript.pt"]
 
 
 def test_a_mismatch_is_an_error_and_writes_nothing(tmp_path: Path, classifier_checkpoint: Path, monkeypatch) -> None:
@@ -117,3 +124,36 @@ def test_checkpoints_that_cannot_be_exported_are_one_clear_error(tmp_path: Path,
             export_classifier(str(path), str(tmp_path / "out"))
         assert str(path) in str(raised.value)
     assert not (tmp_path / "out").exists()
+
+
+def user_images(folder: Path, digits: np.ndarray) -> None:
+    """The user's PNGs: the digits at other sizes and aspect ratios, half of them dark on light, in L and RGB."""
+    folder.mkdir()
+    sizes = [(28, 28), (56, 40), (33, 71), (100, 100), (20, 24)]
+    for i, digit in enumerate(digits):
+        image = Image.fromarray(255 - digit if i % 2 else digit).resize(sizes[i % len(sizes)], Image.BICUBIC)
+        image.convert("RGB" if i % 3 == 0 else "L").save(folder / f"{i:02d}.png")
+
+
+def test_the_readme_onnx_snippet_predicts_as_ssvae_predict(tmp_path: Path, classifier_checkpoint: Path,
+                                                           shared_mnist_dir: Path, synthetic_mnist) -> None:
+    """The exported ONNX file and ``<stem>.json``, used by the README's ONNX Runtime snippet with Pillow and NumPy
+    alone, give ``ssvae predict``'s classes and probabilities on images of other sizes and polarities."""
+    user_images(tmp_path / "my_images", synthetic_mnist[1][sources.TEST_IMAGES][:20])
+    export_classifier(str(classifier_checkpoint), str(tmp_path / "exported"))
+    result = predict(tmp_path, shared_mnist_dir, classifier_checkpoint, tmp_path / "predictions.csv",
+                     "--data.predict_dir", str(tmp_path / "my_images"))
+    ok(result)
+    _, rows = read_csv(tmp_path / "predictions.csv")
+
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(readme_python("onnxruntime"), "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert [f.name for f in namespace["files"]] == [row["file"] for row in rows]
+    expected = np.array([[float(row[f"prob_{k}"]) for k in range(10)] for row in rows])
+    np.testing.assert_allclose(namespace["probs"], expected, rtol=0, atol=TOLERANCE)
+    assert namespace["probs"].argmax(axis=1).tolist() == [int(row["predicted"]) for row in rows]

@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import quiet_trainer
 from ssvae_pl.data import sources
-from ssvae_pl.data.image_folder import Transform, find_images, load_image_folder, to_model_input_shape
+from ssvae_pl.data.image_folder import find_images, load_image_folder
+from ssvae_pl.data.preprocess import Preprocessing
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import PredictionCSVWriter
@@ -126,44 +127,44 @@ def test_images_of_other_sizes_and_colours_become_mnist_like(synthetic_mnist) ->
     """A dark digit on white paper, of another size, in RGB, becomes a (1, 28, 28) light digit on black: inverted by
     ``auto`` (its border is light), padded to a square (the aspect ratio kept), resized."""
     digit = synthetic_mnist[1][sources.TEST_IMAGES][0]  # (28, 28) uint8, light block on a dark background
-    scan = torch.from_numpy(np.array(dark_on_light(digit, (56, 40), "RGB"))).permute(2, 0, 1)[:1]  # (1, 40, 56)
+    scan = dark_on_light(digit, (56, 40), "RGB").convert("L")
     for invert in ("auto", True):
-        converted = to_model_input_shape(scan, (1, 28, 28), invert)
-        assert converted.shape == (1, 28, 28) and converted.dtype == torch.uint8
-        assert converted[0, :3].float().mean() < 80  # dark background, as MNIST
-        assert converted.float().max() > 170  # the light digit
-    kept = to_model_input_shape(scan, (1, 28, 28), invert=False)
-    assert kept[0, :3].float().mean() > 170  # left as it was: light paper
+        converted = Preprocessing((1, 28, 28), invert).prepare(scan)
+        pixels = np.asarray(converted, dtype=np.float64)
+        assert converted.size == (28, 28) and converted.mode == "L"
+        assert pixels[:3].mean() < 80  # dark background, as MNIST
+        assert pixels.max() > 170  # the light digit
+    kept = np.asarray(Preprocessing((1, 28, 28), invert=False).prepare(scan), dtype=np.float64)
+    assert kept[:3].mean() > 170  # left as it was: light paper
     # the padding keeps a square digit square: a 20 x 10 white bar on black stays twice as tall as wide
-    bar = torch.zeros(1, 40, 80, dtype=torch.uint8)
-    bar[:, 10:30, 35:45] = 255
-    rows, cols = (to_model_input_shape(bar, (1, 28, 28), invert="auto")[0] > 127).nonzero(as_tuple=True)
+    bar = np.zeros((40, 80), dtype=np.uint8)
+    bar[10:30, 35:45] = 255
+    rows, cols = (np.asarray(Preprocessing((1, 28, 28), "auto").prepare(Image.fromarray(bar))) > 127).nonzero()
     assert (rows.max() - rows.min() + 1) / (cols.max() - cols.min() + 1) == pytest.approx(2, abs=0.5)
 
 
-def test_a_folder_of_the_test_images_predicts_as_the_test_set(tmp_path: Path, make_dm, synthetic_mnist) -> None:
-    """The synthetic test images written as PNGs give exactly the test set's predict batches: the same pixels,
-    binarised once with the same seed. Non-square files of other modes go through the same way."""
+def test_a_folder_of_the_test_images_predicts_them_grey(tmp_path: Path, make_dm, synthetic_mnist) -> None:
+    """The synthetic test images written as PNGs are read back exactly, and predicted as they are (x / 255), not
+    binarised, even when the model trained on binarised images: an image's input depends on that image alone, the
+    same alone as among others, as the exports record it."""
     test_images = synthetic_mnist[1][sources.TEST_IMAGES]
     for i, image in enumerate(test_images):
         Image.fromarray(image).save(tmp_path / f"{i:04d}.png")
-    images, names = load_image_folder(tmp_path, Transform((1, 28, 28), invert="auto"))
+    images, names = load_image_folder(tmp_path, Preprocessing((1, 28, 28), invert="auto"))
     assert names == [f"{i:04d}.png" for i in range(len(test_images))]
     assert torch.equal(images[:, 0], torch.from_numpy(test_images))
 
-    def predict_batches(**options) -> torch.Tensor:
-        dm = make_dm(binarize="dynamic", **options)
+    def predict_batches(folder: Path) -> torch.Tensor:
+        dm = make_dm(binarize="dynamic", predict_dir=str(folder))
         dm.setup("predict")
-        batches = [dm.on_after_batch_transfer(b, 0) for b in dm.predict_dataloader()]
-        return torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in batches])
+        return torch.cat([dm.on_after_batch_transfer(b, 0) for b in dm.predict_dataloader()])
 
-    from_folder, from_test_set = predict_batches(predict_dir=str(tmp_path)), predict_batches()
-    assert set(from_folder.unique().tolist()) == {0.0, 1.0}  # binarised
-    assert torch.equal(from_folder, from_test_set)
-    dm = make_dm(binarize="dynamic")
-    dm.setup("test")
-    evaluated = torch.cat([dm.on_after_batch_transfer(b, 0)[0] for b in dm.test_dataloader()])
-    assert torch.equal(from_test_set, evaluated)  # what `ssvae test` evaluates
+    from_folder = predict_batches(tmp_path)
+    torch.testing.assert_close(from_folder[:, 0], torch.from_numpy(test_images).float() / 255, rtol=0, atol=0)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (tmp_path / "0007.png").rename(alone / "0007.png")
+    assert torch.equal(predict_batches(alone)[0], from_folder[7])
 
 
 def test_the_writer_writes_m2_predictions_of_a_folder(tmp_path: Path, make_dm, user_folder: Path) -> None:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -33,8 +33,9 @@ from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
-from ssvae_pl.data.image_folder import (FolderImages, Invert, OnError, Resize, Transform, class_folders,
-                                        image_folder_pool, labelled_folder, load_image_folder)
+from ssvae_pl.data.image_folder import (FolderImages, OnError, class_folders, image_folder_pool, labelled_folder,
+                                        load_image_folder)
+from ssvae_pl.data.preprocess import Invert, Preprocessing, Resize
 from ssvae_pl.data.labelled import Split, check_label_budget, make_split
 from ssvae_pl.data.sources import DATASETS, ensure_raw_files, load_split
 from ssvae_pl.errors import ConfigError
@@ -169,6 +170,16 @@ def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, ...] | None
     return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
+def preprocessing_of(input_shape: Sequence[int], data_hparams: Mapping[str, Any]) -> Preprocessing:
+    """The ``Preprocessing`` of a data module's settings (``data.invert``, ``data.resize``), also as a checkpoint
+    records them for ``ssvae export``. ``invert: auto`` judges each image by its border for the MNIST-like
+    datasets; the user's own folders (``image_folder``) are taken as they are."""
+    invert = data_hparams.get("invert", "auto")
+    if invert == "auto" and data_hparams.get("dataset", "mnist") == IMAGE_FOLDER:
+        invert = False
+    return Preprocessing(tuple(input_shape), invert, data_hparams.get("resize", "pad"))
+
+
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """A class-balanced labelled subset, chosen by ``seed``, beside the unlabelled training images.
 
@@ -199,9 +210,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         download: whether to try torchvision's download before the offline sources.
         check_md5: verify the raw files against the official md5 sums.
         predict_dir: a folder of images to predict (recursively; png, jpg, bmp, ...; any size or colour) instead
-            of the test set. Each becomes a test image's like: grey, in MNIST's polarity (see ``invert``), padded
-            to a square and resized to ``input_shape``, then binarised once with a fixed seed unless ``binarize``
-            is ``none``.
+            of the test set. Each becomes an input as ``preprocessing()`` says (grey, in MNIST's polarity: see
+            ``invert``; padded to a square and resized to ``input_shape``), not binarised, as ``ssvae export``
+            records it.
         invert: polarity of the ``predict_dir`` images: ``auto`` inverts an image whose border is brighter than
             mid-grey (a dark digit on light paper) into MNIST's light digit on black; ``true`` inverts them all,
             ``false`` none.
@@ -282,6 +293,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.pool_files: list[str] | None = None  # image_folder: each training image's path, in the pool's order
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
         self._train_features: torch.Tensor | None = None  # cache_training_features, for one fit
+        self._feature_row: torch.Tensor | None = None  # image index -> row of _train_features
         self._val_images = self._val_labels = None
         self._predict_images = self._predict_labels = None
         self.predict_files: list[str] | None = None  # predict_dir's images, relative to it; None: the test set
@@ -371,13 +383,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def is_image_folder(self) -> bool:
         return self.info is None
 
-    def _transform(self) -> Transform:
-        """How the files of ``image_folder`` and ``predict_dir`` become inputs. ``invert: auto`` judges each image
-        by its border for the MNIST-like datasets; the user's own folders are taken as they are."""
-        invert = self.hparams.invert
-        if invert == "auto" and self.is_image_folder:
-            invert = False
-        return Transform(self.input_shape, invert, self.hparams.resize)
+    def preprocessing(self) -> Preprocessing:
+        """How the files of ``image_folder`` and ``predict_dir`` become inputs (``preprocess.py``)."""
+        return preprocessing_of(self.input_shape, self.hparams)
 
     @property
     def num_train(self) -> int:
@@ -463,7 +471,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             train_images, train_labels = load_split(hp.dataset, hp.data_dir, train=True, **load)
             test_images, test_labels = load_split(hp.dataset, hp.data_dir, train=False, **load)
             return train_images, train_labels, self._fixed_sample(test_images, seed_offset=2), test_labels
-        images, labels, _, self.pool_files = image_folder_pool(hp.labelled_dir, hp.unlabelled_dir, self._transform(),
+        images, labels, _, self.pool_files = image_folder_pool(hp.labelled_dir, hp.unlabelled_dir, self.preprocessing(),
                                                                hp.on_error, hp.in_memory)
         return images, labels, *(self._read_test_folder() if hp.test_dir is not None else (None, None))
 
@@ -472,7 +480,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.test_dir is None:
             self._require_test_set()
-        images, labels = labelled_folder(hp.test_dir, self._class_names, self._transform(), hp.on_error)
+        images, labels = labelled_folder(hp.test_dir, self._class_names, self.preprocessing(), hp.on_error)
         return self._fixed_sample(images, seed_offset=2), labels
 
     def _require_test_set(self) -> None:
@@ -492,8 +500,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         hp = self.hparams
         if self._predict_images is None:
             if hp.predict_dir is not None:
-                images, self.predict_files = load_image_folder(hp.predict_dir, self._transform(), hp.on_error)
-                self._predict_images = self._fixed_sample(images, seed_offset=2)  # as the test set
+                # grey, not binarised: one image's prediction depends on that image alone, as in the exports
+                self._predict_images, self.predict_files = load_image_folder(hp.predict_dir, self.preprocessing(),
+                                                                             hp.on_error)
             elif self._test_images is not None:  # already set up to fit or test
                 self._predict_images, self._predict_labels = self._test_images, self._test_labels
             elif self.is_image_folder:  # its test_dir alone
@@ -575,34 +584,40 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                                 device: torch.device, field: str) -> None:
         """Train this fit on ``features`` of the training images instead of the images, computed once (on
         ``device``) and held where the images are: ``features`` maps images as floats in [0, 1] (B, C, H, W) to
-        float32 rows (B, ...) of ``row_numel`` numbers. M1+M2 caches M1's posterior this way. Refused, naming
+        float32 rows (B, ...) of ``row_numel`` numbers. Only the training split's images (labelled ones included)
+        are read; validation images never enter the cache. M1+M2 caches M1's posterior this way. Refused, naming
         ``field``, when the rows would take more than half the free memory there; dropped when the fit ends."""
         holder = self._holding_device()
-        need, free = len(self._train_images) * row_numel * 4, free_memory(holder)
+        used = torch.unique(torch.cat([self.split.train, self.split.labelled]))
+        need, free = len(used) * row_numel * 4, free_memory(holder)
         if need > free // 2:
             raise ConfigError(
-                f"{field}: the cache of {len(self._train_images)} training images would take {need / 2**30:.2f} GiB, "
+                f"{field}: the cache of {len(used)} training images would take {need / 2**30:.2f} GiB, "
                 f"more than half of the {free / 2**30:.2f} GiB free on {holder}; lower {field}, or turn the cache "
                 f"off with --{field} off.")
         rows = []
-        for idx in torch.arange(len(self._train_images)).split(1000):
+        for idx in used.split(1000):
             images = self._train_images[idx.to(self._train_images.device)]
             if isinstance(images, FolderImages):
                 images = images.load()
             rows.append(features(to_model_input(images.to(device))).to(holder))
         self._train_features = torch.cat(rows)
+        self._feature_row = torch.full((len(self._train_images),), -1, dtype=torch.long)
+        self._feature_row[used] = torch.arange(len(used))
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
-            self._train_features = None
+            self._train_features = self._feature_row = None
 
-    def _training_examples(self) -> torch.Tensor:
-        """What training batches are cut from: the images, or their cached features."""
-        return self._train_images if self._train_features is None else self._train_features
+    def _training_examples(self, idx: torch.Tensor) -> torch.Tensor | FolderImages:
+        """The training examples at ``idx``: the images, or their cached features."""
+        if self._train_features is None:
+            return self._train_images[idx]
+        return self._train_features[self._feature_row[idx].to(self._train_features.device)]
 
     def labelled_dataset(self) -> InMemoryImages:
         idx = self.split.labelled
-        images = self._training_examples()[idx]
+        images = self._training_examples(idx)
         if isinstance(images, FolderImages):  # the labelled images are few: held in memory
             images = images.load()
         return InMemoryImages(images, self._train_labels[idx])
@@ -611,7 +626,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         idx = self.split.train
         if self.hparams.unlabelled == "rest":
             idx = idx[~torch.isin(idx, self.split.labelled)]
-        return InMemoryImages(self._training_examples()[idx])
+        return InMemoryImages(self._training_examples(idx))
 
     def labelled_stream(self, rank: int = 0) -> LabelledStream:
         """The labelled half of the training batches, for the process of global rank ``rank``."""

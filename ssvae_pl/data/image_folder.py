@@ -1,16 +1,9 @@
 """The user's own images, from folders: to train on (``data.dataset: image_folder``) and to predict
 (``ssvae predict --data.predict_dir my_images/``).
 
-An image of any size, mode or format becomes what the model's inputs are: uint8 (C, H, W) of the model's input
-shape. The data module then scales it to [0, 1] on the device (and binarises it if ``data.binarize`` asks).
-On the way, each image is
-
-1. read with Pillow (transparency composited over white, as on a page), converted to grey (C = 1) or RGB (C = 3);
-2. inverted when its polarity is not the model's (``invert``: ``auto`` decides by the border's brightness, for
-   MNIST's light digit on black);
-3. fitted to the model's aspect ratio (``resize``): ``pad`` to a square with its border's colour, so a digit keeps
-   its shape; ``crop`` the centre square (photos); or ``stretch``;
-4. resized to H x W with antialiasing (torchvision).
+An image of any size, mode or format becomes uint8 (C, H, W) of the model's input shape by ``Preprocessing``
+(``preprocess.py``: read, invert, pad or crop, resize). The data module then scales it to [0, 1] on the device
+(and, for training, binarises it if ``data.binarize`` asks).
 
 Training folders (``image_folder_pool``): ``labelled_dir`` holds one sub-folder per class, as torchvision's
 ``ImageFolder`` reads it (the classes are the sorted sub-folder names); ``unlabelled_dir`` any tree of images.
@@ -32,17 +25,15 @@ import torch
 from PIL import Image
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torchvision.datasets.folder import find_classes
-from torchvision.transforms.v2 import functional as TF
 
 from ssvae_pl.data.labelled import UNLABELLED
+from ssvae_pl.data.preprocess import Preprocessing
 from ssvae_pl.errors import ConfigError, ImageReadError
 
 # What Pillow reads; other files in the folder (notes, CSVs) are not images and are left alone.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm",
                     ".pnm")
-Invert = bool | Literal["auto"]
 OnError = Literal["skip", "fail"]
-Resize = Literal["pad", "crop", "stretch"]
 IN_MEMORY_LIMIT_BYTES = 4 * 2**30  # in_memory: auto holds a training pool of up to 4 GiB of uint8 pixels in memory
 
 
@@ -71,74 +62,7 @@ def find_images(folder: str | Path, field: str = "data.predict_dir") -> list[Pat
     return files
 
 
-def read_image(path: Path, channels: int = 1) -> torch.Tensor:
-    """The pixels of an image file as uint8 (C, H, W): grey for C = 1, RGB for C = 3. Raises ``ImageReadError``
-    naming the file when Pillow cannot decode it."""
-    try:
-        with Image.open(path) as image:
-            if "A" in image.getbands() or "transparency" in image.info:  # over a white page
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            image = image.convert("L" if channels == 1 else "RGB")  # decodes the whole file
-    except Exception as err:  # Pillow's decoders raise many kinds: OSError, SyntaxError, ValueError, ...
-        raise ImageReadError(f"{path} cannot be read as an image ({type(err).__name__}: {str(err)[:120]})") from None
-    return TF.pil_to_tensor(image)  # (C, H, W) uint8
-
-
-def border_brightness(image: torch.Tensor) -> float:
-    """Mean grey level (0-255) of the outer band of an image (C, H, W), 1/14 of its shorter side wide (2 pixels
-    of 28): the background, where a digit is centred as in MNIST."""
-    return image[:, ~_inner_mask(image)].float().mean().item()
-
-
-def to_model_input_shape(image: torch.Tensor, shape: Sequence[int], invert: Invert = "auto",
-                         resize: Resize = "pad") -> torch.Tensor:
-    """uint8 (C, h, w) of any size -> uint8 ``shape`` (C, H, W). ``invert``: ``True``, ``False``, or ``auto``:
-    invert when the border is brighter than mid-grey (a dark digit on light paper, into MNIST's polarity).
-    ``resize``: ``pad`` to the target's aspect ratio with the border's colour (a digit keeps its shape), ``crop``
-    the centre to it (photos), or ``stretch``."""
-    if invert == "auto":
-        invert = border_brightness(image) > 127.5
-    if invert:
-        image = TF.invert(image)
-    height, width = image.shape[-2:]
-    target_h, target_w = shape[-2:]
-    if resize != "stretch" and height * target_w != width * target_h:  # the target's aspect ratio first
-        if resize == "pad":
-            new_h, new_w = max(height, -(-width * target_h // target_w)), max(width, -(-height * target_w // target_h))
-            background = [round(v) for v in image[:, ~_inner_mask(image)].float().mean(dim=1).tolist()]
-            left, top = (new_w - width) // 2, (new_h - height) // 2
-            image = TF.pad(image, [left, top, new_w - width - left, new_h - height - top],
-                           fill=background[0] if len(background) == 1 else background)
-        else:
-            new_h, new_w = min(height, width * target_h // target_w), min(width, height * target_w // target_h)
-            image = TF.center_crop(image, [new_h, new_w])
-    if tuple(image.shape[-2:]) != (target_h, target_w):
-        image = TF.resize(image, [target_h, target_w], antialias=True)
-    return image
-
-
-def _inner_mask(image: torch.Tensor) -> torch.Tensor:
-    """True inside the border band of ``border_brightness``."""
-    width = max(1, min(image.shape[-2:]) // 14)
-    inner = torch.zeros(image.shape[-2:], dtype=torch.bool)
-    inner[width:-width, width:-width] = True
-    return inner
-
-
 # ---- training folders ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Transform:
-    """How a file becomes a model input: ``shape`` (C, H, W), ``invert``, ``resize`` (see the module docstring)."""
-
-    shape: tuple[int, int, int]
-    invert: Invert = False
-    resize: Resize = "pad"
-
-    def __call__(self, path: Path) -> torch.Tensor:
-        return to_model_input_shape(read_image(path, channels=self.shape[0]), self.shape, self.invert, self.resize)
 
 
 @dataclass
@@ -148,14 +72,14 @@ class FolderImages:
     wherever it would use a uint8 (N, C, H, W) tensor."""
 
     files: list[Path]
-    transform: Transform
+    preprocessing: Preprocessing
     device: torch.device = field(default=torch.device("cpu"))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index) -> FolderImages:
-        return FolderImages([self.files[i] for i in torch.as_tensor(index).flatten().tolist()], self.transform)
+        return FolderImages([self.files[i] for i in torch.as_tensor(index).flatten().tolist()], self.preprocessing)
 
     def to(self, device) -> FolderImages:
         """Files stay on disk (and batches in host memory until Lightning moves them)."""
@@ -163,12 +87,12 @@ class FolderImages:
 
     def load(self) -> torch.Tensor:
         """The images as uint8 (N, C, H, W); an unreadable file raises ``ImageReadError`` naming it."""
-        return torch.stack([self.transform(path) for path in self.files])
+        return torch.stack([self.preprocessing(path) for path in self.files])
 
 
-def _try(transform: Transform, path: Path) -> torch.Tensor | str:
+def _try(preprocessing: Preprocessing, path: Path) -> torch.Tensor | str:
     try:
-        return transform(path)
+        return preprocessing(path)
     except ImageReadError as err:
         return str(err)
 
@@ -194,7 +118,7 @@ def _report_unreadable(problems: list[str], field: str, on_error: OnError, use: 
     rank_zero_warn(f"{field}: skipped {len(problems)} file(s) that cannot be used: {shown}")
 
 
-def read_training_images(files: list[Path], transform: Transform, field: str, on_error: OnError,
+def read_training_images(files: list[Path], preprocessing: Preprocessing, field: str, on_error: OnError,
                          decode: bool = True, use: str = "train on") -> tuple[torch.Tensor | FolderImages, list[Path]]:
     """The usable ones of ``files`` and their images: decoded into one uint8 tensor (``decode``, in threads:
     Pillow's decoders release the GIL), or left on disk as ``FolderImages`` after a header check of each. Files
@@ -204,26 +128,26 @@ def read_training_images(files: list[Path], transform: Transform, field: str, on
     candidates = [path for path in files if is_image_file(path)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         if decode:
-            results = list(pool.map(lambda path: _try(transform, path), candidates))
+            results = list(pool.map(lambda path: _try(preprocessing, path), candidates))
         else:
             results = list(pool.map(_check_header, candidates))
     kept = [path for path, result in zip(candidates, results) if not isinstance(result, str)]
     problems += [result for result in results if isinstance(result, str)]
     _report_unreadable(problems, field, on_error, use)
     if not decode:
-        return FolderImages(kept, transform), kept
+        return FolderImages(kept, preprocessing), kept
     images = [result for result in results if not isinstance(result, str)]
-    return (torch.stack(images) if images else torch.empty(0, *transform.shape, dtype=torch.uint8)), kept
+    return (torch.stack(images) if images else torch.empty(0, *preprocessing.shape, dtype=torch.uint8)), kept
 
 
-def load_image_folder(folder: str | Path, transform: Transform,
+def load_image_folder(folder: str | Path, preprocessing: Preprocessing,
                       on_error: OnError = "fail") -> tuple[torch.Tensor, list[str]]:
-    """Every image under ``folder`` (``data.predict_dir``) as uint8 (N, C, H, W), made by ``transform`` as the
+    """Every image under ``folder`` (``data.predict_dir``) as uint8 (N, C, H, W), made by ``preprocessing`` as the
     training images are, with the paths relative to ``folder``. Unreadable images are reported as the training
     folders' are (one error listing them all, or one warning with ``on_error: skip``); a folder with no readable
     image at all is an error either way."""
     files = find_images(folder)
-    images, kept = read_training_images(files, transform, "data.predict_dir", on_error, use="predict")
+    images, kept = read_training_images(files, preprocessing, "data.predict_dir", on_error, use="predict")
     if not kept:
         raise ConfigError(f"data.predict_dir: none of the {len(files)} images in {folder} can be read.")
     return images, [path.relative_to(Path(folder)).as_posix() for path in kept]
@@ -263,7 +187,7 @@ def _check_every_class(labels: list[int], class_names: Sequence[str], folder: Pa
                           "image; every class needs labelled images (add some, or remove the folder).")
 
 
-def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | None, transform: Transform,
+def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | None, preprocessing: Preprocessing,
                       on_error: OnError, in_memory: bool | Literal["auto"] = "auto"
                       ) -> tuple[torch.Tensor | FolderImages, torch.Tensor, list[str], list[str]]:
     """The training pool of an image folder dataset: its labelled images (class by class) then its unlabelled
@@ -281,10 +205,10 @@ def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | Non
         unlabelled_files = _files_under(unlabelled_root)
     all_files = files + unlabelled_files
     if in_memory == "auto":
-        in_memory = len(all_files) * transform.shape[0] * transform.shape[1] * transform.shape[2] \
+        in_memory = len(all_files) * preprocessing.shape[0] * preprocessing.shape[1] * preprocessing.shape[2] \
             <= IN_MEMORY_LIMIT_BYTES
     decode = bool(in_memory)
-    images, kept = read_training_images(all_files, transform, "data.labelled_dir / data.unlabelled_dir",
+    images, kept = read_training_images(all_files, preprocessing, "data.labelled_dir / data.unlabelled_dir",
                                         on_error, decode)
     label_of = dict(zip(files, labels))
     kept_labels = [label_of.get(path, UNLABELLED) for path in kept]
@@ -294,7 +218,7 @@ def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | Non
     return images, torch.tensor(kept_labels, dtype=torch.int64), class_names, names
 
 
-def labelled_folder(folder: str | Path, class_names: Sequence[str], transform: Transform, on_error: OnError,
+def labelled_folder(folder: str | Path, class_names: Sequence[str], preprocessing: Preprocessing, on_error: OnError,
                     field: str = "data.test_dir") -> tuple[torch.Tensor, torch.Tensor]:
     """A folder of labelled images (one sub-folder per class) in memory, labelled by ``class_names`` (the
     training classes): a sub-folder that is not one of them is an error. A class may be absent."""
@@ -304,7 +228,7 @@ def labelled_folder(folder: str | Path, class_names: Sequence[str], transform: T
         raise ConfigError(f"{field}: the class folder(s) {unknown} of {folder} are not classes of "
                           f"data.labelled_dir ({', '.join(class_names)}); rename or remove them.")
     files, labels = _labelled_files(Path(folder), class_names, field)
-    images, kept = read_training_images(files, transform, field, on_error, decode=True)
+    images, kept = read_training_images(files, preprocessing, field, on_error, decode=True)
     if not kept:
         raise ConfigError(f"{field}: {folder} holds no usable image.")
     label_of = dict(zip(files, labels))

@@ -14,6 +14,8 @@ labelled and the unlabelled images at once; its inference network q(y|x) is the 
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, Literal, Sequence
 
@@ -284,13 +286,13 @@ class M2(pl.LightningModule):
         return elbo.reparameterize(mean, std) if self.training else mean
 
     @torch.no_grad()
-    def _posterior_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _posterior_rows(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The cache's rows for images x (floats in [0, 1]): [mean, std] of q(z1|x) for the grey images, or for
-        ``m1_cache`` fixed binarisations of them (a generator of its own, so every rank and every resumption draws
-        the same ones): (B, S, 2A)."""
+        ``m1_cache`` fixed binarisations of them drawn with ``generator`` (one seeded per fit, so every rank and
+        every resumption draws the same ones): (B, S, 2A)."""
         if self.hparams.m1_cache == "grey":
             return torch.cat(self.m1_encoder.posterior(x), dim=-1).float().unsqueeze(1)
-        copies = [torch.bernoulli(x, generator=self._cache_generator) for _ in range(self.hparams.m1_cache)]
+        copies = [torch.bernoulli(x, generator=generator) for _ in range(self.hparams.m1_cache)]
         return torch.stack([torch.cat(self.m1_encoder.posterior(b), dim=-1).float() for b in copies], dim=1)
 
     def on_fit_start(self) -> None:
@@ -301,8 +303,8 @@ class M2(pl.LightningModule):
                 or not hasattr(datamodule, "cache_training_features"):
             return
         copies = 1 if self.hparams.m1_cache == "grey" else self.hparams.m1_cache
-        self._cache_generator = torch.Generator(self.device).manual_seed(0)
-        datamodule.cache_training_features(self._posterior_rows, copies * 2 * self.m1_encoder.out_dim, self.device,
+        rows = functools.partial(self._posterior_rows, generator=torch.Generator(self.device).manual_seed(0))
+        datamodule.cache_training_features(rows, copies * 2 * self.m1_encoder.out_dim, self.device,
                                            "model.init_args.m1_cache")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""How an image file of any size, mode or format becomes a model input: one ``Preprocessing`` for the user's
+training folders, ``ssvae predict``'s folder and the exports (``ssvae export`` writes its ``spec()`` beside the
+model, and the README's ONNX Runtime snippet follows it with Pillow and NumPy alone).
+
+1. Read with Pillow, transparency composited over white (a page), converted to grey (``L``, C = 1) or ``RGB``.
+2. Inverted when ``invert`` is true, or when it is ``auto`` and the border band (1/14 of the shorter side, at least
+   one pixel: 2 of 28) is brighter than 127.5 on average: MNIST's digits are light on black.
+3. Fitted to H x W, bilinear and antialiased (Pillow): ``pad`` resizes to fit and pads with the border band's mean
+   colour, rounded (``ImageOps.pad``; a digit keeps its shape); ``crop`` takes the centre (``ImageOps.fit``;
+   photos); ``stretch`` resizes.
+4. uint8 (C, H, W); the model's input is that divided by 255, float32 (the data module does it on the device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ssvae_pl.errors import ImageReadError
+
+Invert = bool | Literal["auto"]
+Resize = Literal["pad", "crop", "stretch"]
+MODES = {1: "L", 3: "RGB"}
+
+
+def read_image(path: Path, mode: str = "L") -> Image.Image:
+    """Step 1: the file as a Pillow image of ``mode``; ``ImageReadError`` naming the file when Pillow cannot."""
+    try:
+        with Image.open(path) as image:
+            if "A" in image.getbands() or "transparency" in image.info:  # over a white page
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            return image.convert(mode)  # decodes the whole file
+    except Exception as err:  # Pillow's decoders raise many kinds: OSError, SyntaxError, ValueError, ...
+        raise ImageReadError(f"{path} cannot be read as an image ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def border_colour(image: Image.Image) -> np.ndarray:
+    """Mean of each channel over the outer band of ``image``, 1/14 of its shorter side wide (at least 1 pixel):
+    the background, where a digit is centred as in MNIST. (C,) float64 in [0, 255]."""
+    pixels = np.asarray(image, dtype=np.float64).reshape(image.height, image.width, -1)
+    band = max(1, min(image.height, image.width) // 14)
+    inner = pixels[band:-band, band:-band]
+    outer_count = pixels.shape[0] * pixels.shape[1] - inner.shape[0] * inner.shape[1]
+    return (pixels.sum(axis=(0, 1)) - inner.sum(axis=(0, 1))) / max(1, outer_count)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Steps 1-4 for the model input ``shape`` (C, H, W): ``prepare`` a Pillow image, or call it on a file."""
+
+    shape: tuple[int, int, int]
+    invert: Invert = False
+    resize: Resize = "pad"
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """Steps 2 and 3 on an image of the right mode."""
+        if self.invert is True or (self.invert == "auto" and border_colour(image).mean() > 127.5):
+            image = ImageOps.invert(image)
+        size = (self.shape[2], self.shape[1])  # Pillow's (W, H)
+        if image.size == size:
+            return image
+        if self.resize == "pad":
+            fill = tuple(round(v) for v in border_colour(image))
+            return ImageOps.pad(image, size, Image.BILINEAR, color=fill[0] if len(fill) == 1 else fill)
+        if self.resize == "crop":
+            return ImageOps.fit(image, size, Image.BILINEAR)
+        return image.resize(size, Image.BILINEAR)
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        """The file as uint8 (C, H, W)."""
+        image = self.prepare(read_image(path, MODES[self.shape[0]]))
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1).copy()) \
+            .permute(2, 0, 1).contiguous()
+
+    def spec(self) -> dict[str, Any]:
+        """The steps as JSON, for the exports: what a program without this package does to a file."""
+        return {"mode": MODES[self.shape[0]], "invert": self.invert, "resize": self.resize,
+                "size": [self.shape[2], self.shape[1]], "scale": "pixel / 255", "layout": "(B, C, H, W) float32",
+                "border_band": "min(width, height) // 14, at least 1", "resample": "bilinear (Pillow)"}
