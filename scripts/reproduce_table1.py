@@ -47,6 +47,9 @@ Profiles (--models, --labels, --seeds, --epochs override a profile's lists and e
             epoch) with epochs from EPOCHS["quick_colour"] (VAE 5, M1 classifier 10, M2 5, M1+M2 10)
                 python scripts/reproduce_table1.py --dataset svhn --profile quick
                 python scripts/reproduce_table1.py --dataset cifar10 --profile quick
+    hour    mnist: m1m2 at 100 labels, seeds 0 1 2, each seed one hour of 2 CPU cores (HOUR_TIMES: VAE 25 min,
+            M1+M2 35), the shipped configs and nothing but time limits; rerun to resume in a later sitting
+                python scripts/reproduce_table1.py --profile hour --docs docs/results.md
     cpu     mnist: m1, m2, m1m2 at 100, 600, 1000 and 3000 labels, seeds 0 1 2, each fit stopped by time
             (CPU_TIMES: VAE 25 min, M1 classifier 3, M2 14, M1+M2 14): under 8 hours of 2 CPU cores; rerun the
             same command to resume it in a later sitting
@@ -104,6 +107,8 @@ EPOCHS: dict[str, dict[str, int]] = {
 # 4 label budgets, in under 8 hours of 2 CPU cores: 3 x 25 min of VAE, 12 x (3 + 14 + 14) min of classifiers, and
 # about 20 s per test
 CPU_TIMES = {"vae": "00:00:25:00", "m1": "00:00:03:00", "m2": "00:00:14:00", "m1m2": "00:00:14:00"}
+# the hour profile: M1+M2 at 100 labels in one hour of 2 CPU cores per seed, 25 min of M1's VAE then 35 of M2
+HOUR_TIMES = {"vae": "00:00:25:00", "m1m2": "00:00:35:00"}
 # stacked right after the stage's own config on every fit of the colour datasets' quick profile: at most 100 training
 # and 20 validation batches an epoch (its max_epochs gives way to the script's --trainer.max_epochs)
 QUICK_COLOUR = "configs/presets/quick_colour.yaml"
@@ -136,6 +141,7 @@ PROFILES: dict[str, dict[str, Profile]] = {
                         epochs=EPOCHS["full"]),
         "cpu": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
                        epochs=EPOCHS["cpu"], times=CPU_TIMES),
+        "hour": Profile(models=("m1m2",), labels=(100,), seeds=(0, 1, 2), epochs=EPOCHS["cpu"], times=HOUR_TIMES),
     },
     **{dataset: {
         "quick": Profile(models=("m1", "m2", "m1m2"), labels=(labels,), seeds=(0,), epochs=EPOCHS["quick_colour"],
@@ -313,9 +319,7 @@ def load_cache(path: Path) -> dict[str, dict]:
 
 def write_json(path: Path, data) -> None:
     """Write ``data`` as JSON atomically: an interrupted write never leaves a broken file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def command_line(stage: Stage) -> str:
@@ -519,6 +523,28 @@ def plot(summary: dict[str, dict[int, Cell]], path: Path, dataset: str = "mnist"
     plt.close(fig)
 
 
+def render_docs(docs: Path, key: str, table: str, machine: str, records: list[dict]) -> None:
+    """Put ``table`` (table1.md's text, its title a level down), the machine and each run's fit time into ``docs``
+    between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what
+    they held; appended at the end when they are not there yet."""
+    begin, end = f"<!-- reproduce_table1 {key} -->", f"<!-- /reproduce_table1 {key} -->"
+    times = ", ".join(f"{r['model']} seed {r['seed']} n{r['num_labelled']}: fit {r['fit_seconds'] / 60:.0f} min, "
+                      f"test error {r['test_error']:.2f} %" for r in records)
+    body = "\n".join([begin, "#" + table.strip(), "", f"Machine: {machine}. Runs: {times}.", end])
+    text = docs.read_text() if docs.is_file() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    write_text_atomically(docs, text)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 # ---- the command line ------------------------------------------------------------------------------------------
 
 
@@ -582,6 +608,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE=ARGS",
                         help='extra `ssvae` arguments for one stage\'s fit, e.g. "m2=--model.init_args.alpha 5000"; '
                              "repeatable")
+    parser.add_argument("--docs", type=Path, metavar="MARKDOWN",
+                        help="also render the table, the machine and the runs' times into this file (e.g. "
+                             "docs/results.md), between markers named after the sweep")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     args = parser.parse_args(argv)
     if args.profile not in PROFILES[args.dataset]:
@@ -636,6 +665,11 @@ def main(argv: list[str] | None = None) -> int:
         "paper": {m: {str(n): {"mean": v[0], "std": v[1]} for n, v in by_n.items()}
                   for m, by_n in PAPER[args.dataset].items()},
     })
+    if args.docs is not None:
+        from ssvae_pl.precision import describe_machine
+
+        render_docs(args.docs, folder, table, describe_machine(), records)
+        print(f"Rendered the table into {shown(args.docs)}")
     print(f"\n{table}")
     print(f"Wrote {shown(out / 'table1.md')}, {shown(out / 'table1.png')}, {shown(out / 'table1.json')}")
     return 0

@@ -23,6 +23,23 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
+def describe_machine() -> str:
+    """One line for a measurement's record: the processor, its cores, its bf16 flags, and the GPUs."""
+    import os
+    import platform
+
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    bf16 = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
+    cpu = f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores, " + \
+        (f"flags {' '.join(bf16)}" if bf16 else "no bf16 flags (avx512_bf16, amx_bf16)")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return cpu + ("; " + ", ".join(gpus) if gpus else "; no GPU")
+
+
 def uses_cuda(accelerator: object = "auto") -> bool:
     """Whether a Trainer with this ``accelerator`` setting trains on a CUDA GPU."""
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()

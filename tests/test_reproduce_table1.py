@@ -123,6 +123,36 @@ def test_dry_run_overrides_and_quick_profile(tmp_path: Path, capsys) -> None:
     assert option(commands[1], "--model.init_args.alpha") is None  # stage args go to the fit only
 
 
+def test_hour_profile_is_the_one_hour_m1m2_recipe_per_seed(tmp_path: Path, capsys) -> None:
+    """--profile hour: per seed, the VAE for 25 minutes and M1+M2 at 100 labels for 35, stopped by time alone
+    (max_epochs -1), then the test of M1+M2's last checkpoint."""
+    commands = dry_run_commands(capsys, "--profile", "hour", "--out", str(tmp_path))
+    assert [(c[0], option(c, "-c").split("/")[-1], option(c, "--data.seed")) for c in commands] == [
+        (kind, config, str(seed)) for seed in (0, 1, 2)
+        for kind, config in (("fit", "m1_vae.yaml"), ("fit", "m1m2.yaml"), ("test", "m1m2.yaml"))]
+    fits = [c for c in commands if c[0] == "fit"]
+    assert [option(c, "--trainer.max_time") for c in fits] == ["00:00:25:00", "00:00:35:00"] * 3
+    assert {option(c, "--trainer.max_epochs") for c in fits} == {"-1"}
+    assert option(commands[1], "--model.init_args.vae_checkpoint") == str(tmp_path / "m1_vae/seed0/checkpoints/last.ckpt")
+
+
+def test_render_docs_replaces_its_own_section_only(tmp_path: Path) -> None:
+    """--docs: the table, the machine and the runs go between the sweep's markers; a second rendering replaces
+    them and leaves the rest of the file as it was; a file without the markers gets the section at its end."""
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nintro\n")
+    records = [{"model": "m1m2", "seed": 0, "num_labelled": 100, "fit_seconds": 2100.0, "test_error": 3.2}]
+    table1.render_docs(docs, "hour", "# MNIST test error\n\n| a |\n", "AMD EPYC, 2 cores", records)
+    first = docs.read_text()
+    assert first.startswith("# Results\n\nintro\n\n<!-- reproduce_table1 hour -->\n## MNIST test error")
+    assert "Machine: AMD EPYC, 2 cores. Runs: m1m2 seed 0 n100: fit 35 min, test error 3.20 %." in first
+    docs.write_text(first + "\n## Later section\n")
+    table1.render_docs(docs, "hour", "# MNIST test error\n\n| b |\n", "AMD EPYC, 2 cores", records)
+    second = docs.read_text()
+    assert "| b |" in second and "| a |" not in second and second.endswith("\n## Later section\n")
+    assert second.count("<!-- reproduce_table1 hour -->") == 1
+
+
 FABRICATED = [  # (model, labels, seed, test error %)
     ("m2", 100, 0, 10.0), ("m2", 100, 1, 12.0), ("m2", 100, 2, 14.0),
     ("m1m2", 100, 0, 4.0), ("m1m2", 100, 1, 5.0),
