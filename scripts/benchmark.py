@@ -8,6 +8,8 @@ For each model it times, after warm-up steps, the same model, batch and optimise
     reference   a hand-written loop: the same module's loss on batches indexed from in-memory tensors, Adam
     naive       (M2 only) the reference loop with the sum over classes done the naive way: the whole bound evaluated
                 once per class (the encoder's first layer re-reads the pixels K times)
+    compiled    Trainer.fit with ``model.compile: true``: the training loss through torch.compile (inductor); its
+                compilation happens in the warm-up steps
     uncached    (M1+M2 only) Trainer.fit with ``m1_cache: off``: M1's frozen encoder runs on every batch, where
                 ``lightning`` and ``reference`` draw z1 from q(z1|x) cached once (M1+M2's fast path)
 
@@ -79,12 +81,13 @@ def matmul_peak(device: torch.device, precision: str, n: int) -> float:
 # ---- the models, their batches and their losses ------------------------------------------------------------------
 
 def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way: str = "") -> pl.LightningModule:
+    compile = way == "compiled"  # torch.compile of the training loss (model.compile), inductor
     if name == "vae":
-        return VAE()  # the paper's M1: 784-600-600-50
+        return VAE(compile=compile)  # the paper's M1: 784-600-600-50
     if name == "m1m2":  # configs/mnist/m1m2.yaml's model; "uncached" runs M1's encoder at every step
         return M2(vae_checkpoint=vae_checkpoint, hidden_dims=[300], classifier_hidden_dims=[300], latent_dim=10,
-                  alpha_per_label=5, m1_cache="off" if way == "uncached" else "grey")
-    return M2(alpha=float(num_train), weighting="batch")  # configs/mnist/m2.yaml: 500 hidden units, z of 50
+                  alpha_per_label=5, m1_cache="off" if way == "uncached" else "grey", compile=compile)
+    return M2(alpha=float(num_train), weighting="batch", compile=compile)  # configs/mnist/m2.yaml: 500 units, z 50
 
 
 def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False) -> torch.Tensor:
@@ -118,9 +121,9 @@ class Batches:
         self.u = unlabelled.images.to(device)
         self.l_images, self.l_labels = labelled.images.to(device), labelled.labels.to(device)
         if model is not None:  # the cache, as M2.on_fit_start builds it
-            model._cache_generator = torch.Generator(device).manual_seed(0)
-            self.u, self.l_images = (torch.cat([model._posterior_rows(to_model_input(chunk)) for chunk in t.split(1000)])
-                                     for t in (self.u, self.l_images))
+            generator = torch.Generator(device).manual_seed(0)
+            self.u, self.l_images = (torch.cat([model._posterior_rows(to_model_input(chunk), generator)
+                                                for chunk in t.split(1000)]) for t in (self.u, self.l_images))
         self.batch, self.labelled_batch, self.device = batch, labelled_batch, device
 
     def __call__(self) -> dict:
@@ -188,13 +191,13 @@ def time_lightning(model, dm, device, precision, warmup: int, steps: int) -> flo
 
 def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.device, peak: float) -> list[dict]:
     torch.manual_seed(0)
-    labelled_batch = 0 if name == "vae" else args.labelled_batch_size
+    labelled_batch = 0 if name == "vae" else args.labelled_batch_size or {"m2": 100, "m1m2": 20}[name]
     batch = args.batch_size or (100 if name == "vae" else 200)
     dm.hparams.batch_size, dm.hparams.labelled_batch_size = batch, max(labelled_batch, 1)
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images = batch + labelled_batch
     rows = []
-    ways = ["reference", "lightning"] + {"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]
+    ways = ["reference", "lightning", "compiled"] + {"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]
     for way in ways:
         model = make_model(name, dm.num_train, args.vae_checkpoint, way)
         if name != "vae":
@@ -204,7 +207,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             cached = Batches(dm, device, labelled_batch, batch, model)
         way_batches = cached if name == "m1m2" and way != "uncached" else batches
         flops = step_flops(model, way_batches(), naive=way == "naive")
-        if way in ("lightning", "uncached"):
+        if way in ("lightning", "uncached", "compiled"):
             seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps)
         else:
             seconds = time_reference(model, way_batches, device, args.precision, args.warmup, args.steps,
@@ -220,7 +223,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     for row in rows:
         row["vs_reference"] = row["images_per_s"] / reference
     if name == "m2":
-        naive = rows[-1]["images_per_s"]
+        naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
         for row in rows:
             row["vs_naive"] = row["images_per_s"] / naive
     return rows
@@ -248,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32-true")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="unlabelled images per step (default: 100 for the VAE, 200 for M2, as the configs)")
-    parser.add_argument("--labelled-batch-size", type=int, default=100, help="M2's labelled images per step")
+    parser.add_argument("--labelled-batch-size", type=int, default=None,
+                        help="labelled images per step (default: the configs', 100 for m2 and 20 for m1m2)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per way (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--precision 16-mixed needs a GPU; on a CPU use bf16-mixed or 32-true")
     if "m1m2" in args.models and not args.vae_checkpoint:
         parser.error("--models m1m2 needs --vae-checkpoint <M1's checkpoint>")
-    if min(args.steps, args.labelled_batch_size) <= 0 or args.warmup < 0:
+    if min(args.steps, args.labelled_batch_size or 1) <= 0 or args.warmup < 0:
         parser.error("--steps and --labelled-batch-size must be positive, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -111,6 +111,35 @@ def test_interval_and_bounded_image_counts(tmp_path: Path, make_dm) -> None:
     assert len(rows) == 64 + 6 and len(rows[0].split("\t")) == 3  # two validation batches of 64, cut to 70
 
 
+def test_confusion_matrix_counts_the_validation_predictions_without_another_forward(make_dm) -> None:
+    """The confusion matrix is built from what ``validation_step`` predicted: no second pass of the model over the
+    validation images; its counts are those predictions against the labels."""
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
+    calls = []
+    forward = model.forward
+    model.forward = lambda x: calls.append(len(x)) or forward(x)
+    matrix = ConfusionMatrix(every_n_epochs=1)
+    kept = []
+    original = ConfusionMatrix.on_validation_epoch_end
+
+    def keep(self, trainer, pl_module):
+        kept.append(self.matrix.compute().clone())
+        original(self, trainer, pl_module)
+
+    matrix.on_validation_epoch_end = keep.__get__(matrix)
+    dm = make_dm()
+    quiet_trainer(callbacks=[matrix], logger=False).validate(model, datamodule=dm)
+    assert calls == []
+    x, y = zip(*dm.val_dataloader())
+    model.forward = forward
+    with torch.no_grad():
+        predicted = torch.cat([model(dm.on_after_batch_transfer((b, t), 0)[0]).argmax(-1) for b, t in zip(x, y)])
+    expected = torch.zeros(10, 10, dtype=torch.long)
+    expected.index_put_((torch.cat(y), predicted), torch.ones_like(predicted), accumulate=True)
+    assert torch.equal(kept[0].cpu(), expected)
+
+
 def test_vae_prior_samples_grid(tmp_path: Path, make_dm) -> None:
     """The VAE's prior samples: a num_samples x num_samples grid."""
     torch.manual_seed(0)

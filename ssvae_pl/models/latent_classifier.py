@@ -121,18 +121,20 @@ class LatentClassifier(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _evaluate(self, stage: str, batch, metric: MulticlassAccuracy) -> None:
+    def _evaluate(self, stage: str, batch, metric: MulticlassAccuracy) -> dict[str, torch.Tensor]:
+        """Loss and accuracy of one evaluation batch; returns the predicted classes (for the callbacks)."""
         x, y = batch
         logits = self(x)
         metric(logits, y)
         self.log(f"{stage}/loss", F.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(y))
+        return {"pred": logits.argmax(dim=-1)}
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate("val", batch, self.val_acc)
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate("val", batch, self.val_acc)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate("test", batch, self.test_acc)
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate("test", batch, self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return class_predictions(self, batch)

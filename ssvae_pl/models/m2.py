@@ -374,7 +374,8 @@ class M2(pl.LightningModule):
                  batch_size=len(terms["elbo_unlabelled"]))
         return terms["loss"]
 
-    def _evaluate(self, stage: str, batch, batch_idx: int, metric: MulticlassAccuracy) -> None:
+    def _evaluate(self, stage: str, batch, batch_idx: int, metric: MulticlassAccuracy) -> dict[str, torch.Tensor]:
+        """Accuracy and the bound of one evaluation batch; returns the predicted classes (for the callbacks)."""
         x, y = batch
         h = self.features(x)
         logits = self.classifier(h)
@@ -388,12 +389,13 @@ class M2(pl.LightningModule):
             bits = elbo.bits_per_dim(bound, math.prod(self.hparams.input_shape))
             self.log(f"{stage}/bits_per_dim", bits.mean(), sync_dist=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(y))
+        return {"pred": logits.argmax(dim=-1)}
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate("val", batch, batch_idx, self.val_acc)
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate("val", batch, batch_idx, self.val_acc)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate("test", batch, batch_idx, self.test_acc)
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate("test", batch, batch_idx, self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return class_predictions(self, batch)
