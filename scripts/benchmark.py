@@ -86,7 +86,7 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
         return VAE(compile=compile)  # the paper's M1: 784-600-600-50
     if name == "m1m2":  # configs/mnist/m1m2.yaml's model; "uncached" runs M1's encoder at every step
         return M2(vae_checkpoint=vae_checkpoint, hidden_dims=[300], classifier_hidden_dims=[300], latent_dim=10,
-                  alpha_per_label=5, m1_cache="off" if way == "uncached" else "grey", compile=compile)
+                  alpha_per_label=2, m1_cache="off" if way == "uncached" else "grey", compile=compile)
     return M2(alpha=float(num_train), weighting="batch", compile=compile)  # configs/mnist/m2.yaml: 500 units, z 50
 
 

@@ -136,7 +136,7 @@ def test_classification_term_sees_labelled_examples_only() -> None:
 def test_alpha_per_label_keeps_each_labelled_examples_weight_at_every_budget() -> None:
     """``alpha_per_label``: alpha = alpha_per_label * N_l, so the classification weight of each labelled example
     (alpha / N_l under ``weighting: batch``) does not shrink as labels are added; a given ``alpha`` wins."""
-    model = tiny_m2(alpha_per_label=5.0, weighting="batch")  # N_l = 100: alpha 500, as configs/mnist/m1m2.yaml
+    model = tiny_m2(alpha_per_label=5.0, weighting="batch")  # N_l = 100: alpha 500
     assert model.alpha == pytest.approx(500.0)
     assert model.objective_weights(100, 100)[2] == pytest.approx(0.5 * 5.0)
     model.set_data_sizes(num_labelled=300, num_unlabelled=500)
