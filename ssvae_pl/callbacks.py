@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.optim.swa_utils import get_ema_avg_fn
 from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -86,13 +85,26 @@ class EMAWeights(WeightAveraging):
     """An exponential moving average of the trainable weights (Polyak averaging), updated after every training step:
     w_avg <- decay * w_avg + (1 - decay) * w. Validation, testing and every checkpoint's ``state_dict`` use the
     average; the current weights travel in the checkpoint too, so a resumed fit continues both (Lightning's
-    ``WeightAveraging``). Buffers are not averaged (the models have no batch statistics)."""
+    ``WeightAveraging``). Buffers are not averaged (the models have no batch statistics).
+
+    The update is one foreach product over the trainable weights; frozen ones (M1's encoder in M1+M2, 26 times
+    M2's own weights) never change, so their average stays their value and they are left out."""
 
     def __init__(self, decay: float = 0.999) -> None:
         if not 0 < decay < 1:
             raise ConfigError(f"EMAWeights.decay must be between 0 and 1, got {decay}.")
-        super().__init__(avg_fn=get_ema_avg_fn(decay), use_buffers=False)
+        super().__init__(multi_avg_fn=self._update, use_buffers=False)
         self.decay = decay
+        self._frozen: set[int] = set()  # data_ptr of the frozen weights, where the training runs
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._frozen = {p.data_ptr() for p in pl_module.parameters() if not p.requires_grad}
+
+    @torch.no_grad()
+    def _update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _num_averaged) -> None:
+        pairs = [(a, c) for a, c in zip(averaged, current) if c.data_ptr() not in self._frozen]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1 - self.decay)
 
 
 def _count_images(batch) -> int:

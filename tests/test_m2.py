@@ -443,3 +443,23 @@ def test_ema_weights_average_every_step_and_travel_in_the_checkpoint(make_dm, tm
     torch.testing.assert_close(ckpt["state_dict"]["classifier.net.0.weight"], average)
     with pytest.raises(ConfigError, match="decay"):
         EMAWeights(1.0)
+
+
+def test_ema_weights_leave_the_frozen_encoder_out_of_the_update(m1m2_run, make_dm, tmp_path: Path) -> None:
+    """M1+M2 with EMAWeights: the per-step update touches M2's trainable weights only (one foreach product), and
+    the averaged model still holds M1's frozen encoder unchanged."""
+    from ssvae_pl.callbacks import EMAWeights
+
+    model = M2(vae_hparams=m1m2_run[0].hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16],
+               latent_dim=3, m1_active_threshold=m1m2_run[0].hparams.m1_active_threshold)
+    encoder = {k: v.clone() for k, v in model.m1_encoder.state_dict().items()}
+    ema, updated = EMAWeights(0.9), []
+    lerp = torch._foreach_lerp_
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[ema])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "_foreach_lerp_", lambda a, c, w: updated.append(sum(t.numel() for t in a)) or lerp(a, c, w))
+        trainer.fit(model, datamodule=make_dm(batch_size=100, labelled_batch_size=50))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert updated == [trainable, trainable]  # steps 2 and 3 (the first copies the weights)
+    for key, value in model.m1_encoder.state_dict().items():
+        assert torch.equal(value, encoder[key]), key
