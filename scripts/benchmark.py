@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import logging
-import platform
 import sys
 import time
 import warnings
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
 from ssvae_pl.models import M2, VAE  # noqa: E402
+from ssvae_pl.precision import describe_machine  # noqa: E402
 
 NUM_UNLABELLED = 50_000  # MNIST's training images after the 10,000 held out: one epoch
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -280,16 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     dm.prepare_data()
     dm.setup("fit")
     peak = matmul_peak(device, args.precision, args.peak_size or (8192 if device.type == "cuda" else 2048))
-    cpu = platform.processor() or platform.machine()
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}, "
-          f"{torch.get_num_threads()} threads), precision {args.precision}, torch {torch.__version__}, "
-          f"pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s\n")
+    machine = describe_machine()
+    print(f"device {device} ({machine}; {torch.get_num_threads()} threads), precision {args.precision}, torch "
+          f"{torch.__version__}, pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s\n")
     rows = [row for name in args.models for row in benchmark(name, args, dm, device, peak)]
     print_table(rows)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"argv": sys.argv, "machine": machine, "rows": rows}, indent=1))
     tmp.replace(out)
     print(f"\nwritten: {out}")
 

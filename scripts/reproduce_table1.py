@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -540,9 +539,11 @@ def render_docs(docs: Path, key: str, table: str, machine: str, records: list[di
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``path`` replaced in one step by ``text`` (ssvae_pl.files.atomic_output)."""
+    from ssvae_pl.files import atomic_output
+
+    with atomic_output(path, overwrite=True) as temporary:
+        temporary.write_text(text)
 
 
 # ---- the command line ------------------------------------------------------------------------------------------

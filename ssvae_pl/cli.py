@@ -147,11 +147,12 @@ class SSVAECLI(LightningCLI):
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
         callbacks, plugins = trainer_pieces(trainer_config.get("callbacks"), trainer_config.get("plugins"),
                                             self.optimizer_changes)
-        if trainer_config.get("precision") is None and self.subcommand == "predict":  # the exports' numbers
-            kwargs["precision"] = "32-true"
-        elif trainer_config.get("precision") is None:  # none named: the processor's fastest
-            kwargs["precision"], why = best_precision(trainer_config.get("accelerator", "auto"))
-            rank_zero_info(f"precision {kwargs['precision']}: {why} (--trainer.precision chooses another)")
+        if trainer_config.get("precision") is None:  # none named
+            if self.subcommand == "predict":  # predictions in float32, as the exports compute them
+                kwargs["precision"] = "32-true"
+            else:  # the processor's fastest
+                kwargs["precision"], why = best_precision(trainer_config.get("accelerator", "auto"))
+                rank_zero_info(f"precision {kwargs['precision']}: {why} (--trainer.precision chooses another)")
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:

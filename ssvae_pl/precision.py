@@ -14,13 +14,18 @@ import torch
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> set[str]:
-    """The processor's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+def _cpuinfo(field: str) -> list[str]:
+    """The values of ``field`` in Linux's /proc/cpuinfo, one per processor (none elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        return []
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == field]
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    return {flag for flags in _cpuinfo("flags") for flag in flags.split()}
 
 
 def describe_machine() -> str:
@@ -28,11 +33,7 @@ def describe_machine() -> str:
     import os
     import platform
 
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
+    names = _cpuinfo("model name")
     bf16 = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
     cpu = f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores, " + \
         (f"flags {' '.join(bf16)}" if bf16 else "no bf16 flags (avx512_bf16, amx_bf16)")

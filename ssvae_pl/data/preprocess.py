@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ssvae_pl.errors import ImageReadError
 
@@ -74,9 +75,7 @@ class Preprocessing:
 
     def __call__(self, path: Path) -> torch.Tensor:
         """The file as uint8 (C, H, W)."""
-        image = self.prepare(read_image(path, MODES[self.shape[0]]))
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1).copy()) \
-            .permute(2, 0, 1).contiguous()
+        return pil_to_tensor(self.prepare(read_image(path, MODES[self.shape[0]])))
 
     def spec(self) -> dict[str, Any]:
         """The steps as JSON, for the exports: what a program without this package does to a file."""

@@ -15,7 +15,6 @@ labelled and the unlabelled images at once; its inference network q(y|x) is the 
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Any, Literal, Sequence
 
