@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.inputs import unit_images
+from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier, ImageClassifier
 from ssvae_pl.prediction import check_class_names, class_predictions
@@ -82,6 +83,7 @@ class LatentClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._step_scalars = StepScalars()
 
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,16 +112,20 @@ class LatentClassifier(pl.LightningModule):
         x, y = batch["labelled"]
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
-        self.train_acc(logits, y)
-        self.log("train/classification", loss, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        self.train_acc.update(logits, y)
+        scalars = {"train/classification": loss}
         hp = self.hparams
         if hp.unlabelled_objective != "none" and self.current_epoch >= hp.warmup_epochs:
             unlabelled = self.unlabelled_loss(self(batch["unlabelled"]))
-            self.log("train/unlabelled", unlabelled, on_step=True, on_epoch=True, batch_size=len(batch["unlabelled"]))
+            scalars["train/unlabelled"] = unlabelled
             loss = loss + hp.unlabelled_weight * unlabelled
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self._step_scalars.add(self, {**scalars, "train/loss": loss})
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._step_scalars.log_epoch(self)
+        self.log("train/acc", self.train_acc.compute())
+        self.train_acc.reset()
 
     def _evaluate(self, stage: str, batch, metric: MulticlassAccuracy) -> dict[str, torch.Tensor]:
         """Loss and accuracy of one evaluation batch; returns the predicted classes (for the callbacks)."""

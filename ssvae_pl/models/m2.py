@@ -28,6 +28,7 @@ from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
 from ssvae_pl.models.inputs import unit_images
+from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import ACTIVE_UNIT_STD, frozen_encoder
 from ssvae_pl.nets import (
     Activation,
@@ -215,6 +216,7 @@ class M2(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         check_compile(compile)
         self._training_loss = compiled(self.loss_terms, compile)
+        self._step_scalars = StepScalars()
 
     # ---- the numbers of the objective --------------------------------------------------------------------------
 
@@ -367,11 +369,12 @@ class M2(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self._training_loss(batch)
-        for name in ("elbo_labelled", "elbo_unlabelled", "classification"):
-            self.log(f"train/{name}", terms[name].mean(), on_step=True, on_epoch=True, batch_size=len(terms[name]))
-        self.log("train/loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=len(terms["elbo_unlabelled"]))
+        self._step_scalars.add(self, {f"train/{name}": terms[name] for name in
+                                      ("elbo_labelled", "elbo_unlabelled", "classification", "loss")})
         return terms["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        self._step_scalars.log_epoch(self)
 
     def _evaluate(self, stage: str, batch, batch_idx: int, metric: MulticlassAccuracy) -> dict[str, torch.Tensor]:
         """Accuracy and the bound of one evaluation batch; returns the predicted classes (for the callbacks)."""

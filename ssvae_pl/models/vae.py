@@ -13,6 +13,7 @@ from ssvae_pl import elbo
 from ssvae_pl.prediction import check_class_names
 from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
 from ssvae_pl.models.inputs import unit_images
+from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
 
 # The hyperparameters that fix the encoder's shape: what a frozen copy of it needs to be rebuilt.
@@ -148,6 +149,7 @@ class VAE(pl.LightningModule):
         self.register_buffer("latent_mean_std", torch.zeros(latent_dim))
         check_compile(compile)
         self._training_terms = compiled(self.forward, compile)
+        self._step_scalars = StepScalars(progress_bar="train/elbo")
 
     def log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per example: (B,)."""
@@ -186,10 +188,9 @@ class VAE(pl.LightningModule):
         return terms, ("elbo", "recon", "kl", "bits_per_dim")
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], names: Sequence[str]) -> None:
-        on_step = stage == "train"
         for name in names:
-            self.log(f"{stage}/{name}", terms[name].mean(), on_step=on_step, on_epoch=True,
-                     prog_bar=name == "elbo", sync_dist=not on_step, batch_size=len(terms[name]))
+            self.log(f"{stage}/{name}", terms[name].mean(), prog_bar=name == "elbo", sync_dist=True,
+                     batch_size=len(terms[name]))
 
     def kl_weight(self) -> float:
         """beta of the KL warm-up at this training step: global step / (kl_warmup_epochs x batches per epoch),
@@ -201,11 +202,14 @@ class VAE(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self._training_terms(batch["unlabelled"])  # every training image, labelled or not
-        self._log_terms("train", terms, ("elbo", "recon", "kl"))
+        self._step_scalars.add(self, {f"train/{name}": terms[name] for name in ("elbo", "recon", "kl")})
         beta = self.kl_weight()
-        if self.hparams.kl_warmup_epochs > 0:
+        if self.hparams.kl_warmup_epochs > 0 and beta < 1.0:
             self.log("train/kl_weight", beta, on_step=True, on_epoch=False)
         return -terms["elbo"].mean() if beta == 1.0 else -(terms["recon"] - beta * terms["kl"]).mean()
+
+    def on_train_epoch_end(self) -> None:
+        self._step_scalars.log_epoch(self)
 
     def on_validation_epoch_start(self) -> None:
         self._mean_moments = torch.zeros(3, self.hparams.latent_dim, dtype=torch.float64, device=self.device)

@@ -1,0 +1,99 @@
+"""The training loop's own pieces: training scalars logged at Lightning's cadence without a ``self.log`` per step
+(``StepScalars``), and the learning rate annealed over the run's budget, time or epochs (``BudgetAnnealing``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import quiet_trainer
+from ssvae_pl.errors import ConfigError
+from ssvae_pl.models import M2
+from ssvae_pl.schedule import BudgetAnnealing, budget_progress
+
+STEPS, EVERY = 6, 3
+
+
+class StepLosses(pl.Callback):
+    """Each training step's loss and learning rate, as the loop saw them."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_training_scalars_are_written_every_n_steps_and_as_epoch_means_with_few_log_calls(
+        tmp_path: Path, make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """M2's four training scalars: ``<name>_step`` is the value of every ``log_every_n_steps``-th step, and
+    ``<name>_epoch`` the mean over the epoch's steps, while ``self.log`` runs only when a value is written (four
+    calls at every step before: about 5% of an M1+M2 step on a CPU)."""
+    calls: list[str] = []
+    log = pl.LightningModule.log
+    monkeypatch.setattr(pl.LightningModule, "log", lambda self, name, *a, **k: (calls.append(name),
+                                                                                log(self, name, *a, **k))[1])
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3)
+    seen = StepLosses()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=STEPS, limit_val_batches=0, log_every_n_steps=EVERY,
+                            logger=TensorBoardLogger(str(tmp_path), name="m2", version="v"), callbacks=[seen])
+    trainer.fit(model, datamodule=make_dm())
+
+    train_calls = [name for name in calls if name.startswith("train/")]
+    assert len(train_calls) == 4 * (STEPS // EVERY) + 4, train_calls  # the writes, then the epoch means
+    (events_file,) = (tmp_path / "m2" / "v").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = events.Scalars("train/loss_step")
+    assert [event.value for event in steps] == pytest.approx([seen.losses[i] for i in range(EVERY - 1, STEPS, EVERY)],
+                                                             rel=1e-6)
+    (epoch,) = events.Scalars("train/loss_epoch")
+    assert epoch.value == pytest.approx(sum(seen.losses) / STEPS, rel=1e-5)
+    for name in ("elbo_labelled", "elbo_unlabelled", "classification"):
+        assert len(events.Scalars(f"train/{name}_step")) == STEPS // EVERY
+        assert len(events.Scalars(f"train/{name}_epoch")) == 1
+
+
+def test_budget_annealing_follows_a_half_cosine_over_the_last_part_of_the_epochs(make_dm) -> None:
+    """With ``max_epochs`` as the budget, the rate stays at its base until the last ``fraction`` of the steps, then
+    falls along (1 + cos(pi u)) / 2."""
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[8], classifier_hidden_dims=[8], latent_dim=2)
+    seen = StepLosses()
+    annealing = BudgetAnnealing(fraction=0.5)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=0,
+                            callbacks=[annealing, seen])
+    trainer.fit(model, datamodule=make_dm())
+    base = 3e-3  # M2's configure_optimizers
+    progress = [(epoch + batch / 4) / 2 for epoch in range(2) for batch in range(4)]
+    expected = [base * (1.0 if p <= 0.5 else 0.5 * (1 + math.cos(math.pi * (p - 0.5) / 0.5))) for p in progress]
+    assert seen.rates == pytest.approx(expected, rel=1e-9)
+    assert annealing.state_dict() == {"factor": pytest.approx(expected[-1] / base)}
+
+
+def test_budget_progress_follows_max_time_when_it_ends_the_run_first() -> None:
+    """With ``max_time`` set, progress is the share of the time elapsed, unless the epochs run out sooner."""
+    trainer = pl.Trainer(max_epochs=-1, max_time={"minutes": 10}, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False)
+    timer = next(c for c in trainer.callbacks if isinstance(c, pl.callbacks.Timer))
+    timer.time_elapsed = lambda stage="train": 150.0  # 2.5 of 10 minutes
+    assert budget_progress(trainer) == pytest.approx(0.25)
+    assert BudgetAnnealing(0.3).factor_at(0.25) == 1.0
+    assert BudgetAnnealing(0.3).factor_at(0.85) == pytest.approx(0.5)
+    assert BudgetAnnealing(0.3).factor_at(1.0) == 0.0
+
+
+def test_budget_annealing_rejects_a_fraction_outside_0_1() -> None:
+    with pytest.raises(ConfigError, match="fraction"):
+        BudgetAnnealing(fraction=0)
