@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ssvae_pl.softplus import softplus
+
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
 
@@ -29,8 +31,10 @@ def reparameterize(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) = sum_d [x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)], from logits for stability."""
-    return -F.binary_cross_entropy_with_logits(_flat32(logits), _flat32(x), reduction="none").sum(dim=1)
+    """log p(x|z) = sum_d [x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)] = sum_d [x_d l_d - softplus(l_d)],
+    from the logits l for stability."""
+    logits, x = _flat32(logits), _flat32(x)
+    return (x * logits - softplus(logits)).sum(dim=1)
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

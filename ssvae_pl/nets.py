@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssvae_pl.softplus import Softplus, softplus
+
 Activation = Literal["softplus", "relu", "tanh", "elu", "gelu"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "softplus": nn.Softplus,
+    "softplus": Softplus,  # nn.Softplus's kernel is slow on CPUs (ssvae_pl/softplus.py)
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
@@ -39,7 +41,7 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: Activ
 def gaussian_parameters(output: torch.Tensor, min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) from a network's output of 2 * D units: std = softplus(.) + min_std, so it is always positive."""
     mean, raw_std = output.chunk(2, dim=-1)  # (..., D), (..., D)
-    return mean, F.softplus(raw_std) + min_std
+    return mean, softplus(raw_std) + min_std
 
 
 # ---- convolutional networks (``conv_channels``): 28x28 grey and 32x32 colour images --------------------------------
