@@ -12,10 +12,15 @@ For each model it times, after warm-up steps, the same model, batch and optimise
                 compilation happens in the warm-up steps
     uncached    (M1+M2 only) Trainer.fit with ``m1_cache: off``: M1's frozen encoder runs on every batch, where
                 ``lightning`` and ``reference`` draw z1 from q(z1|x) cached once (M1+M2's fast path)
+    fit         ``ssvae fit`` of the shipped config (configs/mnist/m1_vae.yaml, m2.yaml, m1m2.yaml) for two epochs,
+                as a user runs it: validation, checkpoints, the TensorBoard pictures and every callback; the second
+                epoch's time, validation included (``epoch s``), and its training part (``ms/step``)
 
 and prints images per second (labelled and unlabelled), milliseconds per step, the seconds one epoch over the 50,000
-unlabelled images would take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
-the measured peak of a large matrix product on the same device and precision. The table is also written as JSON.
+training images would take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
+the measured peak of a large matrix product on the same device and precision. The limit of an epoch is its training
+FLOPs over that peak (``limit s``), and ``x limit`` how many times the limit an epoch takes. The table is also
+written as JSON, and ``--docs`` renders it into a marked section of a Markdown file (docs/results.md).
 
     python scripts/benchmark.py                                  # CPU, fp32, both models
     python scripts/benchmark.py --precision bf16-mixed           # autocast to bfloat16
@@ -23,6 +28,7 @@ the measured peak of a large matrix product on the same device and precision. Th
     python scripts/benchmark.py --models m2 --batch-size 500 --json lightning_logs/benchmark/m2-b500.json
     python scripts/benchmark.py --models m1m2 --vae-checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt \
         --precision bf16-mixed
+    python scripts/benchmark.py --models vae m2 --fit --precision bf16-mixed --docs docs/results.md
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
 speed. On a machine shared with other work the numbers move: run it alone.
@@ -34,13 +40,17 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,8 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
 from ssvae_pl.models import M2, VAE  # noqa: E402
 from ssvae_pl.precision import describe_machine  # noqa: E402
+from ssvae_pl.results import read_series, replace_marked_section  # noqa: E402
 
-NUM_UNLABELLED = 50_000  # MNIST's training images after the 10,000 held out: one epoch
+CONFIGS = {"vae": "configs/mnist/m1_vae.yaml", "m2": "configs/mnist/m2.yaml", "m1m2": "configs/mnist/m1m2.yaml"}
+REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -189,10 +201,32 @@ def time_lightning(model, dm, device, precision, warmup: int, steps: int) -> flo
     return (clock.end - clock.start) / clock.steps
 
 
+def time_fit(name: str, args, device: torch.device) -> tuple[float, float]:
+    """``ssvae fit`` of the shipped config for two epochs in a fresh process, as a user runs it: (seconds of the
+    second epoch's training loop, seconds of the whole second epoch with its validation and callbacks)."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "ssvae_pl.cli", "fit", "-c", CONFIGS[name], "--trainer.max_epochs", "2",
+                   "--trainer.precision", args.precision, "--data.data_dir", args.data_dir,
+                   "--trainer.logger.init_args.save_dir", folder, "--trainer.enable_progress_bar", "false"]
+        if name == "m1m2":
+            command += ["--model.init_args.vae_checkpoint", args.vae_checkpoint]
+        for key, value in args.data_options.items():
+            command += [f"--data.{key}", json.dumps(value)]
+        if device.type == "cuda":
+            command += ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"benchmark: `{' '.join(command)}` failed:\n{done.stderr[-2000:]}")
+        (run,) = Path(folder).glob("*/version_0")
+        training, elapsed = read_series(run, "time/epoch_seconds"), read_series(run, "time/elapsed_seconds")
+    return training[1], elapsed[1] - elapsed[0]
+
+
 def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.device, peak: float) -> list[dict]:
     torch.manual_seed(0)
     labelled_batch = 0 if name == "vae" else args.labelled_batch_size or {"m2": 100, "m1m2": 20}[name]
-    batch = args.batch_size or (100 if name == "vae" else 200)
+    batch = args.batch_size or (500 if name == "vae" else 200)
     dm.hparams.batch_size, dm.hparams.labelled_batch_size = batch, max(labelled_batch, 1)
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images = batch + labelled_batch
@@ -216,12 +250,20 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             "model": name, "way": way, "device": str(device), "precision": args.precision,
             "batch": f"{batch}+{labelled_batch}" if labelled_batch else str(batch),
             "images_per_s": images / seconds, "ms_per_step": 1e3 * seconds,
-            "epoch_s": NUM_UNLABELLED / batch * seconds, "gflop_per_step": flops / 1e9,
+            "epoch_s": dm.num_train / batch * seconds, "gflop_per_step": flops / 1e9,
             "gflop_per_s": flops / seconds / 1e9, "peak_gflop_per_s": peak,
         })
+    if args.fit:
+        training, whole = time_fit(name, args, device)
+        steps = dm.num_train / batch
+        rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / whole,
+                     "ms_per_step": 1e3 * training / steps, "epoch_s": whole, "train_epoch_s": training,
+                     "gflop_per_s": rows[0]["gflop_per_step"] * steps / whole})
     reference = rows[0]["images_per_s"]
     for row in rows:
         row["vs_reference"] = row["images_per_s"] / reference
+        row["limit_epoch_s"] = dm.num_train / batch * rows[0]["gflop_per_step"] / peak
+        row["vs_limit"] = row["epoch_s"] / row["limit_epoch_s"]
     if name == "m2":
         naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
         for row in rows:
@@ -229,16 +271,16 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    header = (f"{'model':5} {'way':10} {'batch':8} {'images/s':>9} {'ms/step':>8} {'epoch s':>8} "
-              f"{'GFLOP/s':>8} {'peak':>7} {'x ref':>6} {'x naive':>7}")
-    print(header)
-    print("-" * len(header))
+def table_lines(rows: list[dict]) -> list[str]:
+    """The table as Markdown: one row per model and way."""
+    lines = ["| model | way | batch | images/s | ms/step | epoch s | GFLOP/s | peak | limit s | x limit | x ref "
+             "| x naive |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        naive = f"{r['vs_naive']:7.2f}" if "vs_naive" in r else " " * 7
-        print(f"{r['model']:5} {r['way']:10} {r['batch']:8} {r['images_per_s']:9.0f} {r['ms_per_step']:8.1f} "
-              f"{r['epoch_s']:8.1f} {r['gflop_per_s']:8.1f} {r['peak_gflop_per_s']:7.1f} {r['vs_reference']:6.2f} "
-              f"{naive}")
+        naive = f"{r['vs_naive']:.2f}" if "vs_naive" in r else ""
+        lines.append(f"| {r['model']} | {r['way']} | {r['batch']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+                     f"{r['epoch_s']:.1f} | {r['gflop_per_s']:.1f} | {r['peak_gflop_per_s']:.0f} | "
+                     f"{r['limit_epoch_s']:.1f} | {r['vs_limit']:.2f} | {r['vs_reference']:.2f} | {naive} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32-true")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="unlabelled images per step (default: 100 for the VAE, 200 for M2, as the configs)")
+                        help="unlabelled images per step (default: the configs', 500 for the VAE, 200 for M2)")
     parser.add_argument("--labelled-batch-size", type=int, default=None,
                         help="labelled images per step (default: the configs', 100 for m2 and 20 for m1m2)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per way (default: 30)")
@@ -259,8 +301,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-size", type=int, default=None, help="n of the n^3 peak product (default: 2048 "
                         "on a CPU, 8192 on a GPU)")
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="another data setting (a YAML value), for the data module and the fits, e.g. "
+                             "val_size=100; repeatable")
+    parser.add_argument("--fit", action="store_true", help="also time a full `ssvae fit` epoch of each model's "
+                        "shipped config (the `fit` way; with --batch-size, only the other ways take it)")
     parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
+    parser.add_argument("--docs", default=None, metavar="MARKDOWN", help="render the table, the command and the "
+                        "machine into MARKDOWN between <!-- benchmark PRECISION DEVICE --> markers")
     args = parser.parse_args(argv)
+    try:
+        args.data_options = {key: yaml.safe_load(value) for key, _, value in
+                             (option.partition("=") for option in args.data_option) if key and _}
+    except yaml.YAMLError as error:
+        parser.error(f"--data-option: {error}")
+    if len(args.data_options) != len(args.data_option):
+        parser.error("--data-option takes KEY=VALUE, e.g. val_size=100")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -276,21 +332,29 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    dm = SemiSupervisedDataModule(dataset="mnist", data_dir=args.data_dir, num_labelled=100, device="cpu")
+    dm = SemiSupervisedDataModule(dataset="mnist", data_dir=args.data_dir, num_labelled=100, device="cpu",
+                                  **args.data_options)
     dm.prepare_data()
     dm.setup("fit")
     peak = matmul_peak(device, args.precision, args.peak_size or (8192 if device.type == "cuda" else 2048))
     machine = describe_machine()
-    print(f"device {device} ({machine}; {torch.get_num_threads()} threads), precision {args.precision}, torch "
-          f"{torch.__version__}, pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s\n")
+    setting = (f"device {device} ({machine}; {torch.get_num_threads()} threads), precision {args.precision}, torch "
+               f"{torch.__version__}, pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s")
+    print(setting + "\n")
     rows = [row for name in args.models for row in benchmark(name, args, dm, device, peak)]
-    print_table(rows)
+    lines = table_lines(rows)
+    print("\n".join(lines))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"argv": sys.argv, "machine": machine, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"argv": sys.argv, "machine": machine, "setting": setting, "rows": rows}, indent=1))
     tmp.replace(out)
     print(f"\nwritten: {out}")
+    if args.docs:
+        command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        replace_marked_section(Path(args.docs), f"benchmark {args.precision} {device.type}",
+                               "\n".join([f"`{command}`", "", f"Machine: {setting}.", "", *lines]))
+        print(f"rendered into {args.docs}")
 
 
 if __name__ == "__main__":

@@ -526,16 +526,12 @@ def render_docs(docs: Path, key: str, table: str, machine: str, records: list[di
     """Put ``table`` (table1.md's text, its title a level down), the machine and each run's fit time into ``docs``
     between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what
     they held; appended at the end when they are not there yet."""
-    begin, end = f"<!-- reproduce_table1 {key} -->", f"<!-- /reproduce_table1 {key} -->"
+    from ssvae_pl.results import replace_marked_section
+
     times = ", ".join(f"{r['model']} seed {r['seed']} n{r['num_labelled']}: fit {r['fit_seconds'] / 60:.0f} min, "
                       f"test error {r['test_error']:.2f} %" for r in records)
-    body = "\n".join([begin, "#" + table.strip(), "", f"Machine: {machine}. Runs: {times}.", end])
-    text = docs.read_text() if docs.is_file() else ""
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    write_text_atomically(docs, text)
+    replace_marked_section(docs, f"reproduce_table1 {key}",
+                           "\n".join(["#" + table.strip(), "", f"Machine: {machine}. Runs: {times}."]))
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""Reading a run back from its TensorBoard event files (used by scripts/ and tests)."""
+"""Reading a run back from its TensorBoard event files, and writing measured tables into the docs (used by scripts/
+and tests)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def read_tags(log_dir: str | Path) -> dict[str, set[str]]:
         tags["images"] |= set(events.Tags()["images"])
         tags["hparams"] |= set(events.PluginTagToContent("hparams"))
     return tags
+
+
+def read_series(log_dir: str | Path, tag: str) -> list[float]:
+    """Every logged value of the scalar ``tag`` under ``log_dir``, in step order."""
+    events = [event for acc in _accumulators(log_dir) if tag in acc.Tags()["scalars"] for event in acc.Scalars(tag)]
+    return [event.value for event in sorted(events, key=lambda event: event.step)]
+
+
+def replace_marked_section(markdown: Path, key: str, body: str) -> None:
+    """``body`` into ``markdown`` between the lines ``<!-- KEY -->`` and ``<!-- /KEY -->``, replacing what they held,
+    or appended at the end with its markers; the file is replaced in one step."""
+    from ssvae_pl.files import atomic_output
+
+    begin, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    section = f"{begin}\n{body.strip()}\n{end}"
+    text = markdown.read_text() if markdown.is_file() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with atomic_output(markdown, overwrite=True) as temporary:
+        temporary.write_text(text)

@@ -1,0 +1,51 @@
+"""scripts/benchmark.py end to end on the synthetic MNIST: every way of every model, the full `ssvae fit` epoch,
+the limit columns, the JSON and the rendered docs section (a smoke test: the figures themselves are measured on
+real data, alone on a machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path: Path, shared_mnist_dir: Path,
+                                                                         vae_checkpoint: Path) -> None:
+    checkpoint = torch.load(vae_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"]["latent_mean_std"][:2] = 1.0  # two of the tiny VAE's dimensions count as active
+    active_vae = tmp_path / "vae.ckpt"
+    torch.save(checkpoint, active_vae)
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nkept\n")
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "scripts/benchmark.py", "--models", "vae", "m2", "m1m2", "--fit",
+               "--vae-checkpoint", str(active_vae), "--steps", "2", "--warmup", "1", "--batch-size", "50",
+               "--labelled-batch-size", "10", "--threads", "1", "--peak-size", "128",
+               "--data-dir", str(shared_mnist_dir), "--data-option", "val_size=100", "--data-option", "download=false",
+               "--data-option", "check_md5=false", "--json", str(out), "--docs", str(docs)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows = json.loads(out.read_text())["rows"]
+    ways = {(row["model"], row["way"]) for row in rows}
+    assert ways == {("vae", w) for w in ("reference", "lightning", "compiled", "fit")} \
+        | {("m2", w) for w in ("reference", "lightning", "compiled", "naive", "fit")} \
+        | {("m1m2", w) for w in ("reference", "lightning", "compiled", "uncached", "fit")}
+    for row in rows:
+        assert row["ms_per_step"] > 0 and row["limit_epoch_s"] > 0
+        assert abs(row["vs_limit"] - row["epoch_s"] / row["limit_epoch_s"]) < 1e-9
+    fit = next(row for row in rows if row["way"] == "fit" and row["model"] == "m2")
+    assert 0 < fit["train_epoch_s"] <= fit["epoch_s"]  # the whole epoch holds its training loop
+
+    text = docs.read_text()
+    assert text.startswith("# Results\n\nkept\n")
+    assert "<!-- benchmark 32-true cpu -->" in text and "<!-- /benchmark 32-true cpu -->" in text
+    assert "python scripts/benchmark.py --models vae m2 m1m2 --fit" in text
+    assert text.count("| m2 | fit |") == 1 and "Machine: device cpu" in text
