@@ -29,6 +29,7 @@ written as JSON, and ``--docs`` renders it into a marked section of a Markdown f
     python scripts/benchmark.py --models m1m2 --vae-checkpoint lightning_logs/m1_vae/version_0/checkpoints/last.ckpt \
         --precision bf16-mixed
     python scripts/benchmark.py --models vae m2 --fit --precision bf16-mixed --docs docs/results.md
+    python scripts/benchmark.py --models vae m2 --tiny --steps 200        # framework work per step
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
 speed. On a machine shared with other work the numbers move: run it alone.
@@ -92,14 +93,21 @@ def matmul_peak(device: torch.device, precision: str, n: int) -> float:
 
 # ---- the models, their batches and their losses ------------------------------------------------------------------
 
-def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way: str = "") -> pl.LightningModule:
+def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way: str = "",
+               tiny: bool = False) -> pl.LightningModule:
+    """The configs' model, or with ``tiny`` the same model one unit wide everywhere (hidden layers and z), whose step
+    is almost all framework and launch overhead: the proxy of host work per step."""
     compile = way == "compiled"  # torch.compile of the training loss (model.compile), inductor
+    sizes = {"hidden_dims": [1], "latent_dim": 1} if tiny else {}
     if name == "vae":
-        return VAE(compile=compile)  # the paper's M1: 784-600-600-50
+        return VAE(compile=compile, **sizes)  # the paper's M1: 784-600-600-50
+    if tiny:
+        sizes["classifier_hidden_dims"] = [1]
     if name == "m1m2":  # configs/mnist/m1m2.yaml's model; "uncached" runs M1's encoder at every step
-        return M2(vae_checkpoint=vae_checkpoint, hidden_dims=[300], classifier_hidden_dims=[300], latent_dim=10,
-                  alpha_per_label=2, m1_cache="off" if way == "uncached" else "grey", compile=compile)
-    return M2(alpha=float(num_train), weighting="batch", compile=compile)  # configs/mnist/m2.yaml: 500 units, z 50
+        return M2(vae_checkpoint=vae_checkpoint, alpha_per_label=2, m1_cache="off" if way == "uncached" else "grey",
+                  compile=compile, **{"hidden_dims": [300], "classifier_hidden_dims": [300], "latent_dim": 10,
+                                      **sizes})
+    return M2(alpha=float(num_train), weighting="batch", compile=compile, **sizes)  # m2.yaml: 500 units, z 50
 
 
 def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False) -> torch.Tensor:
@@ -233,7 +241,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     rows = []
     ways = ["reference", "lightning", "compiled"] + {"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]
     for way in ways:
-        model = make_model(name, dm.num_train, args.vae_checkpoint, way)
+        model = make_model(name, dm.num_train, args.vae_checkpoint, way, tiny=args.tiny)
         if name != "vae":
             model.set_data_sizes(dm.hparams.num_labelled, dm.num_unlabelled, dm.num_train)
         model.to(device)
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                         help="another data setting (a YAML value), for the data module and the fits, e.g. "
                              "val_size=100; repeatable")
+    parser.add_argument("--tiny", action="store_true", help="models one unit wide (hidden layers and z): the step "
+                        "is then the framework's own work, and lightning minus reference its cost per step")
     parser.add_argument("--fit", action="store_true", help="also time a full `ssvae fit` epoch of each model's "
                         "shipped config (the `fit` way; with --batch-size, only the other ways take it)")
     parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
@@ -327,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--models m1m2 needs --vae-checkpoint <M1's checkpoint>")
     if min(args.steps, args.labelled_batch_size or 1) <= 0 or args.warmup < 0:
         parser.error("--steps and --labelled-batch-size must be positive, --warmup >= 0")
+    if args.tiny and args.fit:
+        parser.error("--tiny times the hand-built models; --fit runs the shipped configs: choose one")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwritten: {out}")
     if args.docs:
         command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        replace_marked_section(Path(args.docs), f"benchmark {args.precision} {device.type}",
+        replace_marked_section(Path(args.docs), f"benchmark {args.precision} {device.type}{' tiny' * args.tiny}",
                                "\n".join([f"`{command}`", "", f"Machine: {setting}.", "", *lines]))
         print(f"rendered into {args.docs}")
 
