@@ -16,12 +16,15 @@ from ssvae_pl.prediction import class_names
 
 
 class EpochTimer(pl.Callback):
-    """Logs ``time/epoch_seconds`` (the training loop of an epoch, validation excluded) and
-    ``time/train_samples_per_second`` (training images per second, labelled and unlabelled, over all ranks), and
-    ``time/elapsed_seconds`` since fitting started, at the end of every training epoch."""
+    """Logs, at the end of every training epoch: ``time/epoch_seconds``, the training loop of the epoch (fetching
+    batches and the steps); ``time/validation_seconds``, what the fit spent from the start of each validation to the
+    next step or the epoch's end (validation, checkpoints, the pictures); ``time/train_samples_per_second``
+    (training images per second of the loop, labelled and unlabelled, over all ranks); and
+    ``time/elapsed_seconds`` since fitting started."""
 
     def __init__(self) -> None:
-        self._fit_start = self._epoch_start = 0.0
+        self._fit_start = self._epoch_start = self._paused = 0.0
+        self._validation_start: float | None = None
         self._samples = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -29,18 +32,33 @@ class EpochTimer(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)
-        self._epoch_start, self._samples = time.perf_counter(), 0
+        self._epoch_start, self._paused, self._validation_start, self._samples = time.perf_counter(), 0.0, None, 0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._sync(pl_module)
+            self._validation_start = time.perf_counter()
+
+    def _resume(self, pl_module: pl.LightningModule) -> None:
+        if self._validation_start is not None:
+            self._sync(pl_module)
+            self._paused += time.perf_counter() - self._validation_start
+            self._validation_start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._resume(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._samples += _count_images(batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(pl_module)
+        self._resume(pl_module)
         now = time.perf_counter()
-        seconds = now - self._epoch_start
+        seconds = now - self._epoch_start - self._paused
         rate = self._samples * trainer.world_size / max(seconds, 1e-9)
-        pl_module.log_dict({"time/epoch_seconds": seconds, "time/train_samples_per_second": rate,
-                            "time/elapsed_seconds": now - self._fit_start}, rank_zero_only=True)
+        pl_module.log_dict({"time/epoch_seconds": seconds, "time/validation_seconds": self._paused,
+                            "time/train_samples_per_second": rate, "time/elapsed_seconds": now - self._fit_start},
+                           rank_zero_only=True)
 
     @staticmethod
     def _sync(pl_module: pl.LightningModule) -> None:
@@ -733,8 +751,8 @@ class ResumeWithNewOptimizerSettings(pl.Callback):
 def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
     """The config's callbacks and plugins with the always-on pieces added where the config has none of their kind:
     the trust pieces (``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, the
-    ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer``, ``LatentProbe`` and the TensorBoard pictures (each skips a
-    model that cannot draw it, and does nothing without a TensorBoard logger); plus
+    ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer``, ``LatentProbe`` and the TensorBoard pictures
+    (each skips a model that cannot draw it, and does nothing without a TensorBoard logger); plus
     ``ResumeWithNewOptimizerSettings`` when a resume changes the optimiser. A config that lists one of these with
     other settings (``NonFiniteGuard`` with ``action: skip``) keeps its own."""
     from ssvae_pl.checkpoint_io import AtomicCheckpointIO

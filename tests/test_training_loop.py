@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import quiet_trainer
+from ssvae_pl.callbacks import EpochTimer
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models import M2
+from ssvae_pl.results import read_series
 from ssvae_pl.schedule import BudgetAnnealing, budget_progress
 
 STEPS, EVERY = 6, 3
@@ -97,3 +100,28 @@ def test_budget_progress_follows_max_time_when_it_ends_the_run_first() -> None:
 def test_budget_annealing_rejects_a_fraction_outside_0_1() -> None:
     with pytest.raises(ConfigError, match="fraction"):
         BudgetAnnealing(fraction=0)
+
+
+class SlowValidation(pl.Callback):
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            time.sleep(0.4)  # a picture callback's work
+
+
+def test_epoch_timer_counts_validation_and_its_callbacks_apart_from_the_training_loop(tmp_path: Path,
+                                                                                      make_dm) -> None:
+    """``time/epoch_seconds`` is the training loop alone; validation and what runs at its end (checkpoints,
+    pictures) go to ``time/validation_seconds``. Lightning validates inside the training epoch, before
+    ``on_train_epoch_end``, so the epoch's wall time held both before."""
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[8], classifier_hidden_dims=[8], latent_dim=2)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=1,
+                            logger=TensorBoardLogger(str(tmp_path), name="m2", version="v"),
+                            callbacks=[EpochTimer(), SlowValidation()])
+    trainer.fit(model, datamodule=make_dm())
+    run = tmp_path / "m2" / "v"
+    training, validation = read_series(run, "time/epoch_seconds"), read_series(run, "time/validation_seconds")
+    elapsed = read_series(run, "time/elapsed_seconds")
+    assert len(training) == len(validation) == 2
+    assert all(v >= 0.4 for v in validation) and all(t < 0.4 for t in training), (training, validation)
+    assert elapsed[1] - elapsed[0] >= training[1] + validation[1] - 1e-3
