@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
 from ssvae_pl.models import M2, VAE  # noqa: E402
+from ssvae_pl.files import atomic_output  # noqa: E402
 from ssvae_pl.precision import describe_machine  # noqa: E402
 from ssvae_pl.results import read_series, replace_marked_section  # noqa: E402
 
@@ -239,7 +240,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     batch = args.batch_size or (500 if name == "vae" else 200)
     dm.hparams.batch_size, dm.hparams.labelled_batch_size = batch, max(labelled_batch, 1)
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
-    images = batch + labelled_batch
+    images, steps = batch + labelled_batch, dm.num_train / batch  # images a step, steps an epoch
     rows = []
     ways = ["reference", "lightning", "compiled"] + {"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]
     for way in ways:
@@ -260,19 +261,18 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             "model": name, "way": way, "device": str(device), "precision": args.precision,
             "batch": f"{batch}+{labelled_batch}" if labelled_batch else str(batch),
             "images_per_s": images / seconds, "ms_per_step": 1e3 * seconds,
-            "epoch_s": dm.num_train / batch * seconds, "gflop_per_step": flops / 1e9,
+            "epoch_s": steps * seconds, "gflop_per_step": flops / 1e9,
             "gflop_per_s": flops / seconds / 1e9, "peak_gflop_per_s": peak,
         })
     if args.fit:
         training, whole = time_fit(name, args, device)
-        steps = dm.num_train / batch
         rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / whole,
                      "ms_per_step": 1e3 * training / steps, "epoch_s": whole, "train_epoch_s": training,
                      "gflop_per_s": rows[0]["gflop_per_step"] * steps / whole})
     reference = rows[0]["images_per_s"]
     for row in rows:
         row["vs_reference"] = row["images_per_s"] / reference
-        row["limit_epoch_s"] = dm.num_train / batch * rows[0]["gflop_per_step"] / peak
+        row["limit_epoch_s"] = steps * rows[0]["gflop_per_step"] / peak
         row["vs_limit"] = row["epoch_s"] / row["limit_epoch_s"]
     if name == "m2":
         naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
@@ -362,9 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"argv": sys.argv, "machine": machine, "setting": setting, "rows": rows}, indent=1))
-    tmp.replace(out)
+    with atomic_output(out, overwrite=True) as temporary:
+        temporary.write_text(json.dumps({"argv": sys.argv, "machine": machine, "setting": setting, "rows": rows},
+                                        indent=1))
     print(f"\nwritten: {out}")
     if args.docs:
         command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
