@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssvae_pl.models.m2 import M2  # noqa: E402
 from ssvae_pl.data.labelled import make_split  # noqa: E402
-from ssvae_pl.data.sources import load_split  # noqa: E402
+from ssvae_pl.data.sources import MNIST  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--name", required=True)
@@ -48,7 +48,9 @@ a = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(a.seed)
-xtr, ytr = load_split("mnist", a.data_dir, train=True)
+mnist = MNIST(a.data_dir)
+mnist.prepare()
+xtr, ytr = mnist.load(train=True)
 split = make_split(ytr, a.labels, 10, 10000, a.seed)
 X = (xtr.float() / 255).to(dev)
 Y = ytr.to(dev)

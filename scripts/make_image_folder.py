@@ -11,9 +11,10 @@ Class folders are named after the dataset's classes ("/" becomes "_": Fashion-MN
 files (a truncated PNG, text named .png) to show `data.on_error`.
 
     python scripts/make_image_folder.py --dataset fashion_mnist --out data/folders/fashion
-    ssvae fit -c configs/mnist/m2.yaml -c configs/image_folder/data.yaml --data.labelled_dir data/folders/fashion/labelled \
-        --data.unlabelled_dir data/folders/fashion/unlabelled --data.test_dir data/folders/fashion/test \
-        --data.channels 1 --data.image_size 28 --data.resize pad
+    F=data/folders/fashion
+    ssvae fit -c configs/mnist/m2.yaml -c configs/image_folder/data.yaml --data.dataset.labelled_dir $F/labelled \
+        --data.dataset.unlabelled_dir $F/unlabelled --data.dataset.test_dir $F/test \
+        --data.dataset.channels 1 --data.dataset.image_size 28 --data.resize pad
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssvae_pl.data.sources import DATASETS, load_split  # noqa: E402
+from ssvae_pl.data.sources import NAMED, named  # noqa: E402
 
 
 def as_picture(image: np.ndarray, colour: bool, size: int, rng: np.random.Generator) -> Image.Image:
@@ -47,7 +48,7 @@ def as_picture(image: np.ndarray, colour: bool, size: int, rng: np.random.Genera
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS))
+    parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(NAMED))
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--labelled-per-class", type=int, default=10)
@@ -60,15 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty; pick a new folder (nothing is overwritten).")
-    info = DATASETS[args.dataset]
-    names = [name.replace("/", "_") for name in info.class_names]
-    train_x, train_y = load_split(args.dataset, args.data_dir, train=True)
-    test_x, test_y = load_split(args.dataset, args.data_dir, train=False)
+    dataset = named(args.dataset, args.data_dir)
+    dataset.prepare()
+    names = [name.replace("/", "_") for name in dataset.class_names]
+    train_x, train_y = dataset.load(train=True)
+    test_x, test_y = dataset.load(train=False)
     if train_x.shape[1] != 1:
         parser.error("this script converts the grey datasets (mnist, fashion_mnist, kmnist)")
     rng = np.random.default_rng(args.seed)
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
-    labelled = torch.cat([order[train_y[order] == c][: args.labelled_per_class] for c in range(info.num_classes)])
+    labelled = torch.cat([order[train_y[order] == c][: args.labelled_per_class] for c in range(len(names))])
     rest = order[~torch.isin(order, labelled)][: args.unlabelled]
     written = 0
     for i in labelled.tolist():

@@ -13,13 +13,14 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["VAE", "LatentClassifier", "M2", "SemiSupervisedDataModule", "best_precision"]
+__all__ = ["VAE", "LatentClassifier", "M2", "SemiSupervisedDataModule", "ImageFolder", "best_precision"]
 
 _HOMES = {"VAE": "ssvae_pl.models", "LatentClassifier": "ssvae_pl.models", "M2": "ssvae_pl.models",
-          "SemiSupervisedDataModule": "ssvae_pl.data.datamodule", "best_precision": "ssvae_pl.precision"}
+          "SemiSupervisedDataModule": "ssvae_pl.data", "ImageFolder": "ssvae_pl.data",
+          "best_precision": "ssvae_pl.precision"}
 
 if TYPE_CHECKING:
-    from ssvae_pl.data.datamodule import SemiSupervisedDataModule
+    from ssvae_pl.data import ImageFolder, SemiSupervisedDataModule
     from ssvae_pl.models import M2, VAE, LatentClassifier
     from ssvae_pl.precision import best_precision
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ssvae_pl.checkpoint_io import read_checkpoint
-from ssvae_pl.data.datamodule import preprocessing_of
+from ssvae_pl.data.preprocess import preprocessing_of
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError, OutputError
 from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import class_names

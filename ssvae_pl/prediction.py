@@ -49,7 +49,7 @@ def check_class_names(model: pl.LightningModule, checkpoint: dict[str, Any]) -> 
     current = model.hparams.get("class_names")
     if saved is not None and current is not None and list(saved) != list(current):
         raise CheckpointError(f"the checkpoint was trained on the classes {list(saved)}, but the data's are "
-                              f"{list(current)}; use the data (data.labelled_dir, data.dataset) it was trained on.")
+                              f"{list(current)}; use the data (data.dataset) it was trained on.")
 
 
 class PredictionCSVWriter(BasePredictionWriter):

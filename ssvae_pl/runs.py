@@ -29,7 +29,7 @@ from ssvae_pl.files import make_folder
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.ckpt"
-SUBSET_KEYS = ("data.seed", "data.num_labelled", "data.val_size", "data.dataset", "data.labelled_dir")
+SUBSET_KEYS = ("data.seed", "data.num_labelled", "data.val_size", "data.dataset")
 
 
 def run_defining(config: dict) -> dict:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ssvae_pl.data import sources
+from ssvae_pl.data.sources import colour as sources
+from ssvae_pl.data.sources import named
 
 NUM_CLASSES = 10
 # one colour per class (RGB)
@@ -49,7 +50,7 @@ def balanced_labels(n: int, seed: int) -> np.ndarray:
 
 def write_synthetic_colour(root: str | Path, name: str, n_train: int, n_test: int) -> dict:
     """Write a small synthetic ``name`` (``cifar10`` or ``svhn``) under the data_dir ``root``, in torchvision's
-    layout (see ``ssvae_pl.data.sources``), and return what ``load_split`` should give back::
+    layout (see ``ssvae_pl.data.sources.colour``), and return what ``load`` should give back::
 
         {"folder": Path, "files": {file name: Path},
          "train": (images uint8 (n_train, 3, 32, 32), labels int64 (n_train,) in 0..9),
@@ -57,7 +58,7 @@ def write_synthetic_colour(root: str | Path, name: str, n_train: int, n_test: in
     """
     if name not in ("cifar10", "svhn"):
         raise ValueError(f"write_synthetic_colour writes cifar10 or svhn, not {name!r}")
-    folder = sources.dataset_folder(name, root)
+    folder = named(name, root).folder
     folder.mkdir(parents=True, exist_ok=True)
     train_labels, test_labels = balanced_labels(n_train, 0), balanced_labels(n_test, 1)
     splits = {"train": (colour_images(train_labels, 2), train_labels),
@@ -86,7 +87,7 @@ def _write_cifar(folder: Path, splits: dict) -> dict[str, Path]:
         }
         files[file_name] = folder / file_name
         files[file_name].write_bytes(pickle.dumps(entry, protocol=2))
-    meta = {"num_cases_per_batch": len(batches[0][2][0]), "label_names": list(sources.CIFAR10_CLASS_NAMES),
+    meta = {"num_cases_per_batch": len(batches[0][2][0]), "label_names": list(sources.CIFAR10.classes),
             "num_vis": 3072}
     files[sources.CIFAR10_META_FILE] = folder / sources.CIFAR10_META_FILE
     files[sources.CIFAR10_META_FILE].write_bytes(pickle.dumps(meta, protocol=2))

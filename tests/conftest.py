@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssvae_pl.data import sources
-from ssvae_pl.data.sources import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, idx_bytes
+from ssvae_pl.data.sources import idx as sources
+from ssvae_pl.data.sources import named
+from ssvae_pl.data.sources.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, idx_bytes
 
 # The models here are tiny: one intra-op thread is as fast, and it avoids the many-fold slow-down of OpenMP
 # threads competing with other processes for a small machine's cores. Subprocesses get OMP_NUM_THREADS=1 too.
@@ -25,6 +26,7 @@ VAL_SIZE = 100  # the data module checks val_size against MNIST's 60,000; the sy
 
 # Synthetic-data settings for SemiSupervisedDataModule (no download, no md5: the files are not the official ones).
 SYNTHETIC = dict(dataset="mnist", val_size=VAL_SIZE, download=False, check_md5=False)
+
 
 
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -63,6 +65,18 @@ def write_synthetic_mnist(root: Path, n_train: int = N_TRAIN, n_test: int = N_TE
         (raw / name).write_bytes(idx_bytes(array, magic))
     assert sorted(arrays) == sorted(sources.RAW_FILES)
     return arrays
+
+
+def ensure(name: str, root, download: bool = True, check_md5: bool = True) -> Path:
+    """The named dataset's files under ``root``, found, fetched and verified: their folder."""
+    return named(name, root, download, check_md5).ensure_files()
+
+
+def load(name: str, root, train: bool, download: bool = True, check_md5: bool = True):
+    """One split of the named dataset under ``root``: uint8 images (N, C, H, W), int64 labels."""
+    dataset = named(name, root, download, check_md5)
+    dataset.ensure_files()
+    return dataset.load(train)
 
 
 @pytest.fixture

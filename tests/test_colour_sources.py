@@ -13,9 +13,9 @@ import torch
 import torchvision
 
 from colour_data import pack_cifar_archive, write_synthetic_colour
-from ssvae_pl.data import sources
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
-from ssvae_pl.data.sources import DATASETS, DataSourceError, dataset_folder, ensure_raw_files, load_split
+from conftest import ensure, load
+from ssvae_pl.data.sources import NAMED, DataSourceError, colour, named
 
 COLOUR = ["cifar10", "svhn"]
 URLS = {
@@ -42,9 +42,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", COLOUR)
 def test_load_split_shapes_dtypes_and_labels(tmp_path: Path, name: str) -> None:
     written = write_synthetic_colour(tmp_path, name, N_TRAIN, N_TEST)
-    assert ensure_raw_files(name, tmp_path, download=False, check_md5=False) == dataset_folder(name, tmp_path)
+    assert ensure(name, tmp_path, download=False, check_md5=False) == named(name, tmp_path).folder
     for split, train in (("train", True), ("test", False)):
-        images, labels = load_split(name, tmp_path, train=train, download=False, check_md5=False)
+        images, labels = load(name, tmp_path, train=train, download=False, check_md5=False)
         expected_images, expected_labels = written[split]
         n = len(expected_labels)
         assert images.dtype == torch.uint8 and images.shape == (n, 3, 32, 32) and images.is_contiguous()
@@ -60,7 +60,7 @@ def test_svhn_label_10_is_digit_0(tmp_path: Path) -> None:
     written = write_synthetic_colour(tmp_path, "svhn", N_TRAIN, N_TEST)
     stored = loadmat(str(written["files"]["train_32x32.mat"]))["y"][:, 0]
     assert set(stored.tolist()) == set(range(1, 11))  # as the official files: 1..10, no 0
-    _, labels = load_split("svhn", tmp_path, train=True, download=False, check_md5=False)
+    _, labels = load("svhn", tmp_path, train=True, download=False, check_md5=False)
     assert torch.equal(labels, torch.from_numpy(np.where(stored == 10, 0, stored).astype(np.int64)))
 
 
@@ -69,14 +69,14 @@ def test_synthetic_files_read_as_torchvision_reads_them(tmp_path: Path, monkeypa
                                                         name: str) -> None:
     """The layout and the channel order are torchvision's: its own class (md5 check bypassed) sees the same data."""
     write_synthetic_colour(tmp_path, name, N_TRAIN, N_TEST)
-    cls = DATASETS[name].torchvision_class
+    cls = NAMED[name].torchvision_class
     bypass_md5_checks(monkeypatch, cls)
     for train in (True, False):
-        images, labels = load_split(name, tmp_path, train=train, download=False, check_md5=False)
+        images, labels = load(name, tmp_path, train=train, download=False, check_md5=False)
         if name == "cifar10":
             ds = cls(str(tmp_path), train=train, download=False)
             assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(ds.data))  # torchvision holds HWC
-            assert ds.classes == list(DATASETS[name].class_names)
+            assert ds.classes == list(NAMED[name].classes)
         else:
             ds = cls(str(tmp_path / "SVHN"), split="train" if train else "test", download=False)
             assert torch.equal(images, torch.from_numpy(ds.data))
@@ -95,15 +95,15 @@ def test_cifar_archive_is_extracted_and_kept(tmp_path: Path) -> None:
     kept.write_bytes(pickle.dumps({"data": written["train"][0][:3].reshape(3, -1), "labels": [1, 2, 3]}, protocol=2))
     kept_bytes = kept.read_bytes()
 
-    assert ensure_raw_files("cifar10", tmp_path, download=False, check_md5=False) == folder
+    assert ensure("cifar10", tmp_path, download=False, check_md5=False) == folder
     assert archive.read_bytes() == archive_bytes
     assert kept.read_bytes() == kept_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
-    assert sorted(snapshot(folder)) == sorted(sources.CIFAR10_FILES)  # readme.html not extracted
-    images, labels = load_split("cifar10", tmp_path, train=True, download=False, check_md5=False)
+    assert sorted(snapshot(folder)) == sorted(colour.CIFAR10.files)  # readme.html not extracted
+    images, labels = load("cifar10", tmp_path, train=True, download=False, check_md5=False)
     assert torch.equal(images, torch.from_numpy(written["train"][0]))
     assert torch.equal(labels, torch.from_numpy(written["train"][1]))
-    _, test_labels = load_split("cifar10", tmp_path, train=False, download=False, check_md5=False)
+    _, test_labels = load("cifar10", tmp_path, train=False, download=False, check_md5=False)
     assert test_labels.tolist() == [1, 2, 3]
 
 
@@ -112,10 +112,10 @@ def test_cifar_archive_failing_md5_is_reported_and_kept(tmp_path: Path) -> None:
     archive = pack_cifar_archive(tmp_path)
     archive_bytes = archive.read_bytes()
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files("cifar10", tmp_path, download=True, check_md5=True)
+        ensure("cifar10", tmp_path, download=True, check_md5=True)
     message = str(err.value)
     assert str(archive) in message and "md5 mismatch" in message and "data_batch_1" in message
-    assert sources.CIFAR10_MD5["data_batch_1"] in message and "check_md5=False" in message
+    assert colour.CIFAR10_MD5["data_batch_1"] in message and "check_md5=False" in message
     assert archive.read_bytes() == archive_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]  # nothing moved in, no staging
 
@@ -129,10 +129,10 @@ def test_md5_mismatch_names_the_file_and_leaves_it(tmp_path: Path, name: str) ->
     before = snapshot(written["folder"])
     first = next(iter(written["files"]))  # data_batch_1 or train_32x32.mat: checked first
     with pytest.raises(DataSourceError) as err:
-        load_split(name, tmp_path, train=True, download=True, check_md5=True)
+        load(name, tmp_path, train=True, download=True, check_md5=True)
     message = str(err.value)
     assert str(written["files"][first]) in message and "md5 mismatch" in message
-    assert DATASETS[name].raw_md5[first] in message  # expected
+    assert NAMED[name].md5[first] in message  # expected
     assert hashlib.md5(before[first]).hexdigest() in message  # actual
     assert "Fix:" in message and "check_md5=False" in message
     assert snapshot(written["folder"]) == before
@@ -145,7 +145,7 @@ def test_truncated_file_is_rejected_on_loading_and_kept(tmp_path: Path, name: st
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     before = snapshot(written["folder"])
     with pytest.raises(DataSourceError) as err:
-        load_split(name, tmp_path, train=True, download=False, check_md5=False)
+        load(name, tmp_path, train=True, download=False, check_md5=False)
     message = str(err.value)
     assert str(path) in message and "Fix:" in message
     assert err.value.__cause__ is None
@@ -163,7 +163,7 @@ def test_cifar_batch_with_other_globals_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     path.write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": Evil()}, protocol=2))
     with pytest.raises(DataSourceError, match="forbidden global in pickle: .*eval") as err:
-        load_split("cifar10", tmp_path, train=True, download=False, check_md5=False)
+        load("cifar10", tmp_path, train=True, download=False, check_md5=False)
     assert str(path) in str(err.value)
     assert not marker.exists()
 
@@ -174,7 +174,7 @@ def test_cifar_batch_written_by_python3_default_pickle(tmp_path: Path) -> None:
     data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
     path = tmp_path / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(pickle.dumps({b"data": data, b"labels": np.array([4, 9])}, protocol=pickle.HIGHEST_PROTOCOL))
-    images, labels = load_split("cifar10", tmp_path, train=False, download=False, check_md5=False)
+    images, labels = load("cifar10", tmp_path, train=False, download=False, check_md5=False)
     assert torch.equal(images, torch.from_numpy(data.reshape(2, 3, 32, 32)))
     assert labels.tolist() == [4, 9]
 
@@ -185,11 +185,11 @@ def test_cifar_batch_written_by_python3_default_pickle(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", COLOUR)
 def test_missing_files_without_download(tmp_path: Path, name: str) -> None:
     with pytest.raises(DataSourceError) as err:
-        load_split(name, tmp_path / "data", train=True, download=False)
+        load(name, tmp_path / "data", train=True, download=False)
     message = str(err.value)
-    folder = dataset_folder(name, tmp_path / "data").resolve()
+    folder = named(name, tmp_path / "data").folder.resolve()
     assert f"in {folder}" in message and "skipped (download=False)" in message
-    assert all(file_name in message for file_name in sources._colour_files(DATASETS[name]))
+    assert all(file_name in message for file_name in NAMED[name].files)
     assert all(url in message for url in URLS[name])
     assert f"none known for {name}" in message
     assert err.value.__cause__ is None and "Traceback" not in message
@@ -204,15 +204,15 @@ def test_failing_download_is_reported(tmp_path: Path, monkeypatch: pytest.Monkey
         calls.append(self.root)
         raise RuntimeError("Error downloading: no network in this test")
 
-    monkeypatch.setattr(DATASETS[name].torchvision_class, "download", offline)
+    monkeypatch.setattr(NAMED[name].torchvision_class, "download", offline)
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files(name, tmp_path, download=True)
+        ensure(name, tmp_path, download=True)
     message = str(err.value)
     assert calls and all(Path(root).parent == tmp_path for root in calls)  # staged beside the folder
     assert "no network in this test" in message and "torchvision download" in message
-    assert str(dataset_folder(name, tmp_path).resolve()) in message
+    assert str(named(name, tmp_path).folder.resolve()) in message
     assert all(url in message for url in URLS[name])
-    assert all(file_name in message for file_name in sources._colour_files(DATASETS[name]))
+    assert all(file_name in message for file_name in NAMED[name].files)
     assert list(tmp_path.iterdir()) == []  # no staging folder, no empty dataset folder left
 
 
@@ -221,7 +221,7 @@ def test_svhn_only_the_missing_file_is_asked_for(tmp_path: Path, monkeypatch: py
     written["files"]["test_32x32.mat"].unlink()
     monkeypatch.setattr(torchvision.datasets.SVHN, "download", lambda self: 1 / 0)
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files("svhn", tmp_path, download=True, check_md5=False)
+        ensure("svhn", tmp_path, download=True, check_md5=False)
     message = str(err.value)
     assert "missing test_32x32.mat" in message and URLS["svhn"][1] in message and URLS["svhn"][0] not in message
     assert "ZeroDivisionError" in message
@@ -232,7 +232,7 @@ def test_download_is_staged_verified_and_moved_in(tmp_path: Path, monkeypatch: p
                                                   name: str) -> None:
     """A working download (faked: it writes the synthetic files where torchvision would) ends with the files in
     place, a file already there kept, and no staging folder left."""
-    cls = DATASETS[name].torchvision_class
+    cls = NAMED[name].torchvision_class
     source = tmp_path / "source"
     written = write_synthetic_colour(source, name, N_TRAIN, N_TEST)
 
@@ -245,25 +245,25 @@ def test_download_is_staged_verified_and_moved_in(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(cls, "download", fake_download)
     bypass_md5_checks(monkeypatch, cls)
     data_dir = tmp_path / "data"
-    folder = dataset_folder(name, data_dir)
+    folder = named(name, data_dir).folder
     folder.mkdir(parents=True)
     kept_name = list(written["files"])[-1]
     kept = folder / kept_name
     kept.write_bytes(written["files"][kept_name].read_bytes())
     kept_mtime = kept.stat().st_mtime_ns
 
-    assert ensure_raw_files(name, data_dir, download=True, check_md5=False) == folder
+    assert ensure(name, data_dir, download=True, check_md5=False) == folder
     assert snapshot(folder) == {f: p.read_bytes() for f, p in written["files"].items()}
     assert kept.stat().st_mtime_ns == kept_mtime
     assert sorted(p.name for p in data_dir.iterdir()) == [folder.name]
-    images, labels = load_split(name, data_dir, train=True, download=False, check_md5=False)
+    images, labels = load(name, data_dir, train=True, download=False, check_md5=False)
     assert torch.equal(images, torch.from_numpy(written["train"][0]))
 
     # with the md5 check on, the fetched (synthetic) files fail it: nothing is moved in
     for path in folder.iterdir():
         path.unlink()
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files(name, data_dir, download=True, check_md5=True)
+        ensure(name, data_dir, download=True, check_md5=True)
     assert "md5 mismatch" in str(err.value) and "<fetched>" in str(err.value)
     assert snapshot(folder) == {}
     assert sorted(p.name for p in data_dir.iterdir()) == [folder.name]
@@ -297,27 +297,27 @@ def test_datamodule_on_colour_dataset(tmp_path: Path, name: str) -> None:
 
 
 def test_class_names_of_every_dataset() -> None:
-    for name, info in DATASETS.items():
-        assert isinstance(info.class_names, tuple) and len(info.class_names) == info.num_classes, name
-        assert all(isinstance(c, str) and c for c in info.class_names) and len(set(info.class_names)) == 10
+    for name, cls in NAMED.items():
+        assert isinstance(cls.classes, tuple) and len(named(name).class_names) == 10, name
+        assert all(isinstance(c, str) and c for c in cls.classes) and len(set(cls.classes)) == 10
     digits = tuple("0123456789")
-    assert DATASETS["mnist"].class_names == DATASETS["svhn"].class_names == digits
-    assert DATASETS["fashion_mnist"].class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+    assert NAMED["mnist"].classes == NAMED["svhn"].classes == digits
+    assert NAMED["fashion_mnist"].classes == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                                                      "Shirt", "Sneaker", "Bag", "Ankle boot")
-    assert DATASETS["kmnist"].class_names == tuple(torchvision.datasets.KMNIST.classes)
-    assert DATASETS["cifar10"].class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+    assert NAMED["kmnist"].classes == tuple(torchvision.datasets.KMNIST.classes)
+    assert NAMED["cifar10"].classes == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                                "horse", "ship", "truck")
 
 
 def test_colour_dataset_table(tmp_path: Path) -> None:
-    svhn, cifar = DATASETS["svhn"], DATASETS["cifar10"]
+    svhn, cifar = NAMED["svhn"], NAMED["cifar10"]
     assert svhn.torchvision_class is torchvision.datasets.SVHN and cifar.torchvision_class is torchvision.datasets.CIFAR10
-    assert (svhn.image_shape, svhn.num_train, svhn.num_test) == ((3, 32, 32), 73257, 26032)
-    assert (cifar.image_shape, cifar.num_train, cifar.num_test) == ((3, 32, 32), 50000, 10000)
-    assert svhn.raw_md5 == {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    assert (svhn.image_shape, svhn.train_size, svhn.test_size) == ((3, 32, 32), 73257, 26032)
+    assert (cifar.image_shape, cifar.train_size, cifar.test_size) == ((3, 32, 32), 50000, 10000)
+    assert svhn.md5 == {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
                             "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}
-    assert set(cifar.raw_md5) == {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
-    assert cifar.raw_md5["test_batch"] == "40351d587109b95175f43aff81a1287e"
-    assert dataset_folder("cifar10", tmp_path) == tmp_path / "cifar-10-batches-py"
-    assert dataset_folder("svhn", tmp_path) == tmp_path / "SVHN"
-    assert dataset_folder("mnist", tmp_path) == tmp_path / "MNIST" / "raw"
+    assert set(cifar.md5) == {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
+    assert cifar.md5["test_batch"] == "40351d587109b95175f43aff81a1287e"
+    assert named("cifar10", tmp_path).folder == tmp_path / "cifar-10-batches-py"
+    assert named("svhn", tmp_path).folder == tmp_path / "SVHN"
+    assert named("mnist", tmp_path).folder == tmp_path / "MNIST" / "raw"

@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import CombinedLoader
 
 from conftest import N_TRAIN, SYNTHETIC, VAL_SIZE, quiet_trainer
-from ssvae_pl.data import sources
+from ssvae_pl.data.sources import idx as sources
 from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import ConfigError
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import quiet_trainer
 from ssvae_pl import export
-from ssvae_pl.data import sources
+from ssvae_pl.data.sources import idx as sources
 from ssvae_pl.errors import CheckpointError, ExportError
 from ssvae_pl.export import export_classifier, load_classifier, load_torchscript
 from test_cli import assert_one_line_user_error, ok, ssvae

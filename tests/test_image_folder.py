@@ -1,4 +1,4 @@
-"""``data.dataset: image_folder``: the user's own folders of images, through the data module and the ``ssvae``
+"""``data.dataset: ImageFolder``: the user's own folders of images, through the data module and the ``ssvae``
 command (fit, test, predict with class names). The folders are small PNGs written by ``image_folders.py``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from image_folders import CLASSES, write_image_folders
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
-from ssvae_pl.data.image_folder import FolderImages
+from ssvae_pl.data.image_folder import FolderImages, ImageFolder
 from ssvae_pl.errors import ConfigError, ImageReadError
 from ssvae_pl.results import read_scalars
 from test_cli import assert_one_line_user_error, ssvae
@@ -31,13 +31,18 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_image_folders(tmp_path_factory.mktemp("photos"), corrupt=True)
 
 
+FOLDER_KEYS = ("labelled_dir", "unlabelled_dir", "test_dir", "image_size", "channels", "in_memory")
+
+
 def folder_dm(folders: dict[str, Path], **kwargs) -> SemiSupervisedDataModule:
-    options = dict(dataset="image_folder", labelled_dir=str(folders["labelled"]),
-                   unlabelled_dir=str(folders["unlabelled"]), test_dir=str(folders["test"]), image_size=16,
-                   channels=3, num_labelled=None, val_size=3, batch_size=8, labelled_batch_size=4, eval_batch_size=64,
+    """A data module on ``folders``; ``kwargs`` override the ImageFolder's arguments and the data module's."""
+    source = dict(labelled_dir=str(folders["labelled"]), unlabelled_dir=str(folders["unlabelled"]),
+                  test_dir=str(folders["test"]), image_size=16, channels=3)
+    options = dict(num_labelled=None, val_size=3, batch_size=8, labelled_batch_size=4, eval_batch_size=64,
                    binarize="none", on_error="skip", resize="crop")
-    options.update(kwargs)
-    return SemiSupervisedDataModule(**options)
+    for key, value in kwargs.items():
+        (source if key in FOLDER_KEYS else options)[key] = value
+    return SemiSupervisedDataModule(dataset=ImageFolder(**source), **options)
 
 
 def first_batch(dm: SemiSupervisedDataModule) -> dict:
@@ -105,20 +110,18 @@ def test_bad_folders_are_one_clear_error_each(folders, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"{empty['labelled'] / CLASSES[2]} hold no usable image")):
         folder_dm(empty, unlabelled_dir=None, val_size=0).setup("fit")
     (empty["test"] / "hexagon").mkdir()
-    with pytest.raises(ConfigError, match=r"data\.test_dir: the class folder\(s\) \['hexagon'\]"):
+    with pytest.raises(ConfigError, match=r"data\.dataset\.test_dir: the class folder\(s\) \['hexagon'\]"):
         folder_dm(empty, unlabelled_dir=None, labelled_dir=str(folders["labelled"]), val_size=0).setup("fit")
-    with pytest.raises(ConfigError, match="data.labelled_dir is required"):
+    with pytest.raises(ConfigError, match="data.dataset.labelled_dir is required"):
         folder_dm(folders, labelled_dir=None)
-    with pytest.raises(ConfigError, match=re.escape(f"data.labelled_dir: {tmp_path / 'nope'} is not a folder")):
+    with pytest.raises(ConfigError, match=re.escape(f"data.dataset.labelled_dir: {tmp_path / 'nope'} is not a folder")):
         folder_dm(folders, labelled_dir=str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match="data.channels must be 1"):
+    with pytest.raises(ConfigError, match="data.dataset.channels must be 1"):
         folder_dm(folders, channels=4)
-    with pytest.raises(ConfigError, match="data.image_size must be set"):
+    with pytest.raises(ConfigError, match="data.dataset.image_size must be set"):
         folder_dm(folders, image_size=None)
     with pytest.raises(ConfigError, match="no labelled training image is left for the class"):
         folder_dm(folders, val_size=17).setup("fit")
-    with pytest.raises(ConfigError, match="data.image_size and data.channels are fixed by mnist"):
-        SemiSupervisedDataModule(dataset="mnist", image_size=32)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -133,9 +136,10 @@ def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: 
     from ssvae_pl.cli import main
 
     logs = tmp_path / "lightning_logs"
-    common = ["-c", M2_CONFIG, "-c", FOLDER_DATA, "--data.labelled_dir", str(folders["labelled"]),
-              "--data.unlabelled_dir", str(folders["unlabelled"]), "--data.test_dir", str(folders["test"]),
-              "--data.image_size", "16", "--data.val_size", "3", "--data.batch_size", "8",
+    common = ["-c", M2_CONFIG, "-c", FOLDER_DATA, "--data.dataset.labelled_dir", str(folders["labelled"]),
+              "--data.dataset.unlabelled_dir", str(folders["unlabelled"]),
+              "--data.dataset.test_dir", str(folders["test"]),
+              "--data.dataset.image_size", "16", "--data.val_size", "3", "--data.batch_size", "8",
               "--data.labelled_batch_size", "4", "--data.on_error", "skip", "--model.init_args.hidden_dims", "[16]",
               "--model.init_args.classifier_hidden_dims", "[16]", "--model.init_args.latent_dim", "4",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import quiet_trainer
-from ssvae_pl.data import sources
+from ssvae_pl.data.sources import idx as sources
 from ssvae_pl.data.image_folder import find_images, load_image_folder
 from ssvae_pl.data.preprocess import Preprocessing
 from ssvae_pl.errors import ConfigError

@@ -55,8 +55,9 @@ def image_folder_kwargs(tmp_path: Path) -> dict:
     for name in ("cat", "dog", "emu"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
-    return dict(dataset="image_folder", labelled_dir=str(tmp_path), image_size=[16, 12], channels=3, val_size=0,
-                num_labelled=None)
+    from ssvae_pl import ImageFolder
+
+    return dict(dataset=ImageFolder(str(tmp_path), image_size=[16, 12], channels=3), val_size=0, num_labelled=None)
 
 
 def test_model_kwargs_of_an_image_folder_are_known_before_setup(tmp_path: Path) -> None:
@@ -232,3 +233,24 @@ def test_the_documented_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert x.dtype == torch.uint8 and trainer.global_step > 0
     assert probs.shape == (len(x), 10)
     torch.testing.assert_close(probs.sum(dim=-1), torch.ones(len(x)))
+
+
+def test_a_source_of_ones_own_is_chosen_by_class_path_and_kept_in_the_checkpoint(tmp_path: Path) -> None:
+    """``data.dataset`` takes any ``ImageSource`` by class path: M2 fits and tests on it through the ``ssvae``
+    command, and the checkpoint keeps the source's class path and arguments beside its class names."""
+    from ssvae_pl.cli import main
+
+    logs = tmp_path / "logs"
+    common = ["-c", str(MNIST_CONFIGS / "m2.yaml"), "--data.dataset", "own_source.Stripes", "--data.dataset.n", "120",
+              "--data.num_labelled", "10", "--data.val_size", "20", "--data.batch_size", "20",
+              "--data.labelled_batch_size", "10", "--model.init_args.hidden_dims", "[16]",
+              "--model.init_args.classifier_hidden_dims", "[16]", "--model.init_args.latent_dim", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.version", "run"]
+    main(["fit", *common, "--trainer.max_epochs", "1"])
+    checkpoint = torch.load(logs / "m2" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["class_names"] == ["row", "column"]
+    assert checkpoint["hyper_parameters"]["input_shape"] == (1, 8, 8)
+    assert checkpoint["datamodule_hyper_parameters"]["dataset"] == {"class_path": "own_source.Stripes",
+                                                                     "init_args": {"n": 120, "seed": 0}}
+    main(["test", *common[:-2], "--ckpt_path", str(logs / "m2" / "run" / "checkpoints" / "last.ckpt")])

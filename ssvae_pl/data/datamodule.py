@@ -8,10 +8,9 @@ Validation and test batches are ``(x, y)``; predict batches are the test set's `
 alone of a folder of the user's own (``predict_dir``, read by ``image_folder.py``), whose files are named in
 ``predict_files`` in the batches' order.
 
-The images come from torchvision's datasets (``sources.py``: MNIST, Fashion-MNIST, KMNIST, SVHN, CIFAR-10) or from
-the user's folders (``dataset: image_folder``: ``labelled_dir`` with a sub-folder per class, ``unlabelled_dir``,
-``test_dir``; ``image_folder.py``). A large folder stays on disk and streams through the unlabelled DataLoader's
-workers (``in_memory``); its labelled, validation and test images are always held in memory.
+The images come from an ``ImageSource`` (``sources/``): a named dataset (MNIST, Fashion-MNIST, KMNIST, SVHN,
+CIFAR-10) or the user's folders (``image_folder.ImageFolder``). A large folder stays on disk and streams through
+the unlabelled DataLoader's workers; its labelled, validation and test images are always held in memory.
 
 The fast path: the images stay uint8 tensors, in host memory or (``device: auto`` on a GPU) on the accelerator;
 a batch is gathered by index in one tensor operation; conversion to floats in [0, 1] and dynamic binarisation
@@ -24,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -33,18 +32,17 @@ from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
-from ssvae_pl.data.image_folder import (FolderImages, OnError, class_folders, image_folder_pool, labelled_folder,
-                                        load_image_folder)
-from ssvae_pl.data.preprocess import Invert, Preprocessing, Resize
-from ssvae_pl.data.labelled import Split, check_label_budget, make_split
-from ssvae_pl.data.sources import DATASETS, ensure_raw_files, load_split
+from ssvae_pl.data.image_folder import FolderImages, load_image_folder
+from ssvae_pl.data.labelled import Split, make_split
+from ssvae_pl.data.preprocess import Invert, Preprocessing, Resize, preprocessing_of
+from ssvae_pl.data.sources import ImageSource, named
+from ssvae_pl.data.sources.base import OnError
 from ssvae_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 Binarize = Literal["dynamic", "static", "none"]
 LABELLED_INDICES_FILE = "labelled_indices.json"
-IMAGE_FOLDER = "image_folder"
 
 
 def _batch_as_is(batch):
@@ -163,23 +161,6 @@ def _same_split(path: Path, record: dict[str, Any]) -> bool:
         return False
 
 
-def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    """``data.image_size`` as (height, width): one number is a square."""
-    if image_size is None:
-        return None
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-
-
-def preprocessing_of(input_shape: Sequence[int], data_hparams: Mapping[str, Any]) -> Preprocessing:
-    """The ``Preprocessing`` of a data module's settings (``data.invert``, ``data.resize``), also as a checkpoint
-    records them for ``ssvae export``. ``invert: auto`` judges each image by its border for the MNIST-like
-    datasets; the user's own folders (``image_folder``) are taken as they are."""
-    invert = data_hparams.get("invert", "auto")
-    if invert == "auto" and data_hparams.get("dataset", "mnist") == IMAGE_FOLDER:
-        invert = False
-    return Preprocessing(tuple(input_shape), invert, data_hparams.get("resize", "pad"))
-
-
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """A class-balanced labelled subset, chosen by ``seed``, beside the unlabelled training images.
 
@@ -187,15 +168,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     ``binarize: dynamic`` of their own. ``model_kwargs()`` hands the data's shapes and classes to a model.
 
     Args:
-        dataset: ``mnist``, ``fashion_mnist``, ``kmnist``, ``svhn``, ``cifar10``, or ``image_folder`` (your own
-            images: ``labelled_dir``, ``unlabelled_dir``, ``test_dir``).
-        data_dir: root of torchvision's layout (``<data_dir>/MNIST/raw``, ``<data_dir>/SVHN``,
-            ``<data_dir>/cifar-10-batches-py``); not used by ``image_folder``.
+        dataset: a named dataset, ``mnist``, ``fashion_mnist``, ``kmnist``, ``svhn`` or ``cifar10``, or an
+            ``ImageSource`` (by class path in a config): ``ssvae_pl.data.ImageFolder`` for your own images.
+        data_dir: a named dataset's root in torchvision's layout (``<data_dir>/MNIST/raw``, ``<data_dir>/SVHN``,
+            ``<data_dir>/cifar-10-batches-py``).
         num_labelled: labelled training images, the same number of each class (100 means 10 per class).
             ``null``: every labelled image left after the validation hold-out (not class-balanced; the
-            default use for ``image_folder``, whose labelled images are all the labels there are).
+            usual choice for an ``ImageFolder``, whose labelled images are all the labels there are).
         val_size: labelled training images held out for validation (the paper holds out 10,000 of MNIST's
-            60,000); ``image_folder`` takes them from ``labelled_dir``.
+            60,000); an ``ImageFolder`` takes them from its ``labelled_dir``.
         seed: fixes the validation split and the labelled subset, independently of the global seed.
         batch_size: unlabelled images per training batch (the default 200: configs/mnist/m2.yaml's).
         labelled_batch_size: labelled images per training batch (at most ``num_labelled``).
@@ -219,23 +200,13 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         on_error: a file of ``predict_dir`` or of the ``image_folder`` folders that cannot be read (or is not an
             image): ``fail`` stops with an error listing them, before anything trains or is predicted; ``skip``
             leaves them out with a warning listing them.
-        labelled_dir: ``image_folder``: one sub-folder of images per class (torchvision's ImageFolder layout);
-            the classes are the sorted sub-folder names, recorded in the model's checkpoint.
-        unlabelled_dir: ``image_folder``: any tree of images without labels; ``null``: none.
-        test_dir: ``image_folder``: labelled test images, one sub-folder per class (``ssvae test``, and
-            ``ssvae predict`` without ``predict_dir``).
-        image_size: ``image_folder``: (H, W) (or one number for a square) every image is brought to.
-        channels: ``image_folder``: 1 (grey) or 3 (RGB).
         resize: how an image of another aspect ratio is fitted: ``pad`` (with its border's colour; digits, the
             default for the MNIST-like datasets' ``predict_dir``), ``crop`` (the centre; photos) or ``stretch``.
-        in_memory: ``image_folder``: decode the training images once into memory (``true``), or keep them on
-            disk and decode each batch in the DataLoader's workers (``false``; pair it with ``num_workers``);
-            ``auto``: in memory up to 4 GiB of pixels.
     """
 
     def __init__(
         self,
-        dataset: str = "mnist",
+        dataset: str | ImageSource = "mnist",
         data_dir: str = "data",
         num_labelled: int = 100,
         val_size: int = 10000,
@@ -252,30 +223,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         predict_dir: str | None = None,
         invert: Invert = "auto",
         on_error: OnError = "fail",
-        labelled_dir: str | None = None,
-        unlabelled_dir: str | None = None,
-        test_dir: str | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        channels: int | None = None,
         resize: Resize = "pad",
-        in_memory: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
-        if dataset == IMAGE_FOLDER:
-            self.info = None
-            self._class_names = self._check_image_folder(labelled_dir, image_size, channels, in_memory)
-            if num_labelled is not None:
-                check_label_budget(num_labelled, len(self._class_names))
-            if val_size < 0:
-                raise ConfigError(f"data.val_size must be >= 0, got {val_size}.")
-        else:
-            if dataset not in DATASETS:
-                raise ConfigError(f"data.dataset={dataset!r} is not known; choose one of "
-                                  f"{sorted([*DATASETS, IMAGE_FOLDER])}.")
-            self.info = DATASETS[dataset]
-            self._class_names = list(self.info.class_names)
-            self._check_fixed_dataset(dataset, num_labelled, val_size, unlabelled, image_size, channels,
-                                      labelled_dir, unlabelled_dir, test_dir)
+        self.source = named(dataset, data_dir, download, check_md5) if isinstance(dataset, str) else dataset
+        self.source.check(num_labelled, val_size, unlabelled)
         if resize not in ("pad", "crop", "stretch"):
             raise ConfigError(f"data.resize must be pad, crop or stretch, got {resize!r}.")
         for field, value in [("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size),
@@ -288,7 +240,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.invert must be auto, true or false, got {invert!r}.")
         if on_error not in ("skip", "fail"):
             raise ConfigError(f"data.on_error must be skip or fail, got {on_error!r}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["dataset"])
+        self.hparams["dataset"] = self.source.config()  # a name, or {class_path, init_args}: what checkpoints keep
         self.split: Split | None = None
         self.pool_files: list[str] | None = None  # image_folder: each training image's path, in the pool's order
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
@@ -302,69 +255,19 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self._shuffle_seed: int | None = None
         self._state_to_load: dict | None = None
 
-    @staticmethod
-    def _check_fixed_dataset(dataset, num_labelled, val_size, unlabelled, image_size, channels, *folders) -> None:
-        info = DATASETS[dataset]
-        if num_labelled is None:
-            raise ConfigError(f"data.num_labelled must be a number for {dataset} (e.g. 100: 10 per class); null "
-                              "(all labelled images) is for data.dataset=image_folder.")
-        check_label_budget(num_labelled, info.num_classes)
-        if not 0 <= val_size < info.num_train:
-            raise ConfigError(
-                f"data.val_size={val_size} is out of range; it must be between 0 and {info.num_train - 1} "
-                f"(the {dataset} training set holds {info.num_train} images)."
-            )
-        if num_labelled > info.num_train - val_size:
-            raise ConfigError(
-                f"data.num_labelled={num_labelled} exceeds the {info.num_train - val_size} training images "
-                f"left after data.val_size={val_size}; lower one of them."
-            )
-        if unlabelled == "rest" and num_labelled == info.num_train - val_size:
-            raise ConfigError(
-                f"data.unlabelled='rest' with data.num_labelled={num_labelled} leaves no unlabelled images; "
-                "lower data.num_labelled or use data.unlabelled='all'."
-            )
-        size = _size_pair(image_size)
-        if (size is not None and size != tuple(info.image_shape[1:])) or \
-                (channels is not None and channels != info.image_shape[0]):
-            raise ConfigError(f"data.image_size and data.channels are fixed by {dataset} "
-                              f"({tuple(info.image_shape)}); leave them out (null), or use data.dataset=image_folder.")
-        if any(folder is not None for folder in folders):
-            raise ConfigError(f"data.labelled_dir, unlabelled_dir and test_dir belong to data.dataset=image_folder; "
-                              f"leave them out for {dataset}.")
-
-    @staticmethod
-    def _check_image_folder(labelled_dir, image_size, channels, in_memory) -> list[str]:
-        if labelled_dir is None:
-            raise ConfigError("data.labelled_dir is required for data.dataset=image_folder: a folder with one "
-                              "sub-folder of labelled images per class (cat/, dog/, ...).")
-        size = _size_pair(image_size)
-        if size is None or len(size) != 2 or min(size) <= 0:
-            raise ConfigError(f"data.image_size must be set for data.dataset=image_folder, as one positive number "
-                              f"or [height, width] (e.g. 32 or [32, 32]); got {image_size!r}.")
-        if channels not in (1, 3):
-            raise ConfigError(f"data.channels must be 1 (grey) or 3 (RGB) for data.dataset=image_folder; got "
-                              f"{channels!r}.")
-        if in_memory not in (True, False, "auto"):
-            raise ConfigError(f"data.in_memory must be true, false or auto, got {in_memory!r}.")
-        return class_folders(labelled_dir)
-
     # Numbers the models need; LightningCLI links them into the model's arguments.
     @property
     def num_classes(self) -> int:
-        return len(self._class_names)
+        return len(self.source.class_names)
 
     @property
     def class_names(self) -> list[str]:
         """The classes' names, in the order of the labels: the dataset's, or the labelled folder's sub-folders."""
-        return list(self._class_names)
+        return self.source.class_names
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        if self.info is not None:
-            return tuple(self.info.image_shape)
-        height, width = _size_pair(self.hparams.image_size)
-        return (self.hparams.channels, height, width)
+        return self.source.input_shape
 
     def model_kwargs(self) -> dict[str, Any]:
         """What a model needs to know of the data, as keyword arguments of ``VAE``, ``LatentClassifier`` and ``M2``
@@ -379,12 +282,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """
         return {"input_shape": self.input_shape, "num_classes": self.num_classes, "class_names": self.class_names}
 
-    @property
-    def is_image_folder(self) -> bool:
-        return self.info is None
-
     def preprocessing(self) -> Preprocessing:
-        """How the files of ``image_folder`` and ``predict_dir`` become inputs (``preprocess.py``)."""
+        """How the files of an ``ImageFolder`` and of ``predict_dir`` become inputs (``preprocess.py``)."""
         return preprocessing_of(self.input_shape, self.hparams)
 
     @property
@@ -392,9 +291,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """Training images after the validation hold-out (labelled ones included)."""
         if self.split is not None:
             return len(self.split.train)
-        if self.is_image_folder:
+        if self.source.num_train is None:
             raise RuntimeError("an image folder's size is known once the data module is set up")
-        return self.info.num_train - self.hparams.val_size
+        return self.source.num_train - self.hparams.val_size
 
     @property
     def num_labelled(self) -> int:
@@ -411,11 +310,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         return self.num_train - (self.num_labelled if hp.unlabelled == "rest" else 0)
 
     def prepare_data(self) -> None:
-        if self._predicting_folder() or self.is_image_folder:  # nothing to fetch: the images are the user's
-            return
-        ensure_raw_files(
-            self.hparams.dataset, self.hparams.data_dir, download=self.hparams.download, check_md5=self.hparams.check_md5
-        )
+        if not self._predicting_folder():  # a folder to predict needs nothing fetched
+            self.source.prepare()
 
     def _predicting_folder(self) -> bool:
         return self.hparams.predict_dir is not None and self.trainer is not None and self.trainer.predicting
@@ -427,19 +323,19 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         if self.split is not None:
             self._hold_on(self._holding_device())
             return
-        if stage == "test" and self.is_image_folder:  # test_dir alone: the training folders are not read
+        if stage == "test":  # the test images alone: the training images are not read
             if self._test_images is None:
-                self._test_images, self._test_labels = self._read_test_folder()
+                self._test_images, self._test_labels = self._read_test_set()
             self._hold_on(self._holding_device())
             return
         hp = self.hparams
-        train_images, self._train_labels, test_images, self._test_labels = self._load_images()
+        train_images, self._train_labels, self.pool_files = self.source.train_split(self.preprocessing(), hp.on_error)
         self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed,
-                                self._class_names)
+                                self.class_names)
         if hp.binarize == "static":
             if isinstance(train_images, FolderImages):
                 raise ConfigError("data.binarize=static needs the images in memory; use dynamic or none, or "
-                                  "data.in_memory=true.")
+                                  "data.dataset.in_memory=true.")
             train_images = binarize_once(train_images, hp.seed)
         if isinstance(train_images, FolderImages):  # the validation images alone, read into memory
             self._val_images = self._fixed_sample(train_images[self.split.val].load(), seed_offset=1)
@@ -447,7 +343,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             self._val_images = self._fixed_sample(train_images, seed_offset=1)[self.split.val]
         self._val_labels = self._train_labels[self.split.val]
         self._train_images = train_images
-        self._test_images = test_images
+        if self._test_images is None:
+            self._test_images, self._test_labels = self._read_test_set(required=False)
         if self.num_unlabelled < hp.batch_size:
             raise ConfigError(
                 f"data.batch_size={hp.batch_size} exceeds the {self.num_unlabelled} unlabelled training images, so "
@@ -461,32 +358,21 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self._record_split()
         self._hold_on(self._holding_device())
 
-    def _load_images(self):
-        """(train images, train labels, test images, test labels): a torchvision dataset's, or the folders'
-        (``UNLABELLED`` labels for ``unlabelled_dir``; test ``None`` without ``test_dir``). The test images are
-        evaluation's fixed sample (``_fixed_sample``)."""
-        hp = self.hparams
-        if not self.is_image_folder:
-            load = dict(download=hp.download, check_md5=hp.check_md5)
-            train_images, train_labels = load_split(hp.dataset, hp.data_dir, train=True, **load)
-            test_images, test_labels = load_split(hp.dataset, hp.data_dir, train=False, **load)
-            return train_images, train_labels, self._fixed_sample(test_images, seed_offset=2), test_labels
-        images, labels, _, self.pool_files = image_folder_pool(hp.labelled_dir, hp.unlabelled_dir, self.preprocessing(),
-                                                               hp.on_error, hp.in_memory)
-        return images, labels, *(self._read_test_folder() if hp.test_dir is not None else (None, None))
-
-    def _read_test_folder(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """An image folder's ``test_dir``, binarised as test images are (``_fixed_sample``)."""
-        hp = self.hparams
-        if hp.test_dir is None:
-            self._require_test_set()
-        images, labels = labelled_folder(hp.test_dir, self._class_names, self.preprocessing(), hp.on_error)
-        return self._fixed_sample(images, seed_offset=2), labels
+    def _read_test_set(self, required: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The source's test images, binarised as evaluation's are (``_fixed_sample``); (None, None) where it has
+        none, unless ``required``."""
+        test = self.source.test_split(self.preprocessing(), self.hparams.on_error)
+        if test is None:
+            if required:
+                self._require_test_set()
+            return None, None
+        return self._fixed_sample(test[0], seed_offset=2), test[1]
 
     def _require_test_set(self) -> None:
         if self._test_images is None:
-            raise ConfigError("data.test_dir is not set: ssvae test (and ssvae predict without data.predict_dir) "
-                              "on an image folder needs a folder of labelled test images, one sub-folder per class.")
+            raise ConfigError("data.dataset.test_dir is not set: ssvae test (and ssvae predict without "
+                              "data.predict_dir) on an image folder needs a folder of labelled test images, one "
+                              "sub-folder per class.")
 
     def _fixed_sample(self, images: torch.Tensor, seed_offset: int) -> torch.Tensor:
         """Evaluation's images: one fixed Bernoulli sample when binarising, so its metrics do not jitter."""
@@ -505,12 +391,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                                                                              hp.on_error)
             elif self._test_images is not None:  # already set up to fit or test
                 self._predict_images, self._predict_labels = self._test_images, self._test_labels
-            elif self.is_image_folder:  # its test_dir alone
-                self._predict_images, self._predict_labels = self._read_test_folder()
             else:
-                images, self._predict_labels = load_split(hp.dataset, hp.data_dir, train=False,
-                                                          download=hp.download, check_md5=hp.check_md5)
-                self._predict_images = self._fixed_sample(images, seed_offset=2)
+                self._predict_images, self._predict_labels = self._read_test_set()
         device = self._holding_device()
         self._predict_images = self._predict_images.to(device)
         if self._predict_labels is not None:
@@ -558,7 +440,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             "labelled_indices": split.labelled.tolist(),
             "labelled_labels": self._train_labels[split.labelled].tolist(),
             "val_indices": split.val.tolist(),
-            "class_names": self._class_names,
+            "class_names": self.class_names,
         }
         if self.pool_files is not None:  # image_folder: the indices are into these files
             record["labelled_files"] = [self.pool_files[i] for i in split.labelled.tolist()]

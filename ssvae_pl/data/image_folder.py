@@ -1,5 +1,5 @@
-"""The user's own images, from folders: to train on (``data.dataset: image_folder``) and to predict
-(``ssvae predict --data.predict_dir my_images/``).
+"""The user's own images, from folders: to train on (``ImageFolder``, a ``data.dataset`` given by class path) and
+to predict (``ssvae predict --data.predict_dir my_images/``).
 
 An image of any size, mode or format becomes uint8 (C, H, W) of the model's input shape by ``Preprocessing``
 (``preprocess.py``: read, invert, pad or crop, resize). The data module then scales it to [0, 1] on the device
@@ -28,12 +28,12 @@ from torchvision.datasets.folder import find_classes
 
 from ssvae_pl.data.labelled import UNLABELLED
 from ssvae_pl.data.preprocess import Preprocessing
+from ssvae_pl.data.sources.base import ImageSource, OnError
 from ssvae_pl.errors import ConfigError, ImageReadError
 
 # What Pillow reads; other files in the folder (notes, CSVs) are not images and are left alone.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm",
                     ".pnm")
-OnError = Literal["skip", "fail"]
 IN_MEMORY_LIMIT_BYTES = 4 * 2**30  # in_memory: auto holds a training pool of up to 4 GiB of uint8 pixels in memory
 
 
@@ -153,7 +153,7 @@ def load_image_folder(folder: str | Path, preprocessing: Preprocessing,
     return images, [path.relative_to(Path(folder)).as_posix() for path in kept]
 
 
-def class_folders(labelled_dir: str | Path, field: str = "data.labelled_dir") -> list[str]:
+def class_folders(labelled_dir: str | Path, field: str = "data.dataset.labelled_dir") -> list[str]:
     """The class names: the sorted sub-folders of ``labelled_dir``, as torchvision's ``ImageFolder`` finds them."""
     root = Path(labelled_dir)
     if not root.is_dir():
@@ -195,41 +195,100 @@ def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | Non
     names; and each image's path (``labelled/<class>/...`` or ``unlabelled/...``, relative to its folder)."""
     class_names = class_folders(labelled_dir)
     labelled_root = Path(labelled_dir)
-    files, labels = _labelled_files(labelled_root, class_names, "data.labelled_dir")
+    files, labels = _labelled_files(labelled_root, class_names, "data.dataset.labelled_dir")
     unlabelled_files = []
     if unlabelled_dir is not None:
         unlabelled_root = Path(unlabelled_dir)
         if not unlabelled_root.is_dir():
-            raise ConfigError(f"data.unlabelled_dir: {unlabelled_dir} is not a folder; pass the folder that holds "
-                              "your unlabelled images, or leave it out (null) to train on the labelled ones alone.")
+            raise ConfigError(f"data.dataset.unlabelled_dir: {unlabelled_dir} is not a folder; pass the folder that "
+                              "holds your unlabelled images, or leave it out (null) to train on the labelled ones "
+                              "alone.")
         unlabelled_files = _files_under(unlabelled_root)
     all_files = files + unlabelled_files
     if in_memory == "auto":
         in_memory = len(all_files) * preprocessing.shape[0] * preprocessing.shape[1] * preprocessing.shape[2] \
             <= IN_MEMORY_LIMIT_BYTES
     decode = bool(in_memory)
-    images, kept = read_training_images(all_files, preprocessing, "data.labelled_dir / data.unlabelled_dir",
-                                        on_error, decode)
+    images, kept = read_training_images(all_files, preprocessing,
+                                        "data.dataset.labelled_dir / data.dataset.unlabelled_dir", on_error, decode)
     label_of = dict(zip(files, labels))
     kept_labels = [label_of.get(path, UNLABELLED) for path in kept]
-    _check_every_class([y for y in kept_labels if y != UNLABELLED], class_names, labelled_root, "data.labelled_dir")
+    _check_every_class([y for y in kept_labels if y != UNLABELLED], class_names, labelled_root,
+                       "data.dataset.labelled_dir")
     names = [f"labelled/{p.relative_to(labelled_root).as_posix()}" if p in label_of
              else f"unlabelled/{p.relative_to(unlabelled_dir).as_posix()}" for p in kept]
     return images, torch.tensor(kept_labels, dtype=torch.int64), class_names, names
 
 
 def labelled_folder(folder: str | Path, class_names: Sequence[str], preprocessing: Preprocessing, on_error: OnError,
-                    field: str = "data.test_dir") -> tuple[torch.Tensor, torch.Tensor]:
+                    field: str = "data.dataset.test_dir") -> tuple[torch.Tensor, torch.Tensor]:
     """A folder of labelled images (one sub-folder per class) in memory, labelled by ``class_names`` (the
     training classes): a sub-folder that is not one of them is an error. A class may be absent."""
     classes = class_folders(folder, field)
     unknown = sorted(set(classes) - set(class_names))
     if unknown:
         raise ConfigError(f"{field}: the class folder(s) {unknown} of {folder} are not classes of "
-                          f"data.labelled_dir ({', '.join(class_names)}); rename or remove them.")
+                          f"data.dataset.labelled_dir ({', '.join(class_names)}); rename or remove them.")
     files, labels = _labelled_files(Path(folder), class_names, field)
     images, kept = read_training_images(files, preprocessing, field, on_error, decode=True)
     if not kept:
         raise ConfigError(f"{field}: {folder} holds no usable image.")
     label_of = dict(zip(files, labels))
     return images, torch.tensor([label_of[p] for p in kept], dtype=torch.int64)
+
+
+class ImageFolder(ImageSource):
+    """Your own images (``--data.dataset ImageFolder``): ``labelled_dir`` holds one sub-folder of images per class
+    (torchvision's ImageFolder layout; the classes are the sorted sub-folder names, kept in the model's checkpoint),
+    ``unlabelled_dir`` any tree of images without labels (``null``: none), ``test_dir`` labelled test images laid out
+    as ``labelled_dir`` (``ssvae test``; ``null``: none). Every image is brought to ``channels`` x ``image_size``
+    ((H, W), or one number for a square) by the data module's preprocessing (``data.resize``; as it is, not
+    inverted, unless ``data.invert`` says otherwise). ``in_memory``: decode the training images once into memory
+    (``true``), or keep them on disk and decode each batch in the DataLoader's workers (``false``; pair it with
+    ``data.num_workers``); ``auto``: in memory up to 4 GiB of pixels. Labelled, validation and test images are
+    always held in memory."""
+
+    def __init__(self, labelled_dir: str, unlabelled_dir: str | None = None, test_dir: str | None = None,
+                 image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+                 in_memory: bool | Literal["auto"] = "auto") -> None:
+        if labelled_dir is None:
+            raise ConfigError("data.dataset.labelled_dir is required for an ImageFolder: a folder with one sub-folder "
+                              "of labelled images per class (cat/, dog/, ...).")
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        if image_size is None or len(image_size) != 2 or min(image_size) <= 0:
+            raise ConfigError(f"data.dataset.image_size must be set for an ImageFolder, as one positive number or "
+                              f"[height, width] (e.g. 32 or [32, 32]); got {image_size!r}.")
+        if channels not in (1, 3):
+            raise ConfigError(f"data.dataset.channels must be 1 (grey) or 3 (RGB) for an ImageFolder; got "
+                              f"{channels!r}.")
+        if in_memory not in (True, False, "auto"):
+            raise ConfigError(f"data.dataset.in_memory must be true, false or auto, got {in_memory!r}.")
+        self.labelled_dir, self.unlabelled_dir, self.test_dir = labelled_dir, unlabelled_dir, test_dir
+        self.image_size, self.channels, self.in_memory = tuple(image_size), channels, in_memory
+        self._class_names = class_folders(labelled_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.image_size)
+
+    def train_split(self, preprocessing: Preprocessing, on_error: OnError
+                    ) -> tuple[torch.Tensor | FolderImages, torch.Tensor, list[str]]:
+        images, labels, _, files = image_folder_pool(self.labelled_dir, self.unlabelled_dir, preprocessing, on_error,
+                                                     self.in_memory)
+        return images, labels, files
+
+    def test_split(self, preprocessing: Preprocessing, on_error: OnError) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.test_dir is None:
+            return None
+        return labelled_folder(self.test_dir, self._class_names, preprocessing, on_error)
+
+    def config(self) -> dict:
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "init_args": {"labelled_dir": self.labelled_dir, "unlabelled_dir": self.unlabelled_dir,
+                              "test_dir": self.test_dir, "image_size": list(self.image_size),
+                              "channels": self.channels, "in_memory": self.in_memory}}

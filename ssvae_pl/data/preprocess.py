@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,3 +82,13 @@ class Preprocessing:
         return {"mode": MODES[self.shape[0]], "invert": self.invert, "resize": self.resize,
                 "size": [self.shape[2], self.shape[1]], "scale": "pixel / 255", "layout": "(B, C, H, W) float32",
                 "border_band": "min(width, height) // 14, at least 1", "resample": "bilinear (Pillow)"}
+
+
+def preprocessing_of(input_shape: Sequence[int], data_hparams: Mapping[str, Any]) -> Preprocessing:
+    """The ``Preprocessing`` of a data module's settings (``data.invert``, ``data.resize``), also as a checkpoint
+    records them for ``ssvae export``. ``invert: auto`` judges each image by its border for a named dataset (digits,
+    in MNIST's polarity); a source given by class path (the user's own folders) is taken as it is."""
+    invert = data_hparams.get("invert", "auto")
+    if invert == "auto" and not isinstance(data_hparams.get("dataset", "mnist"), str):
+        invert = False
+    return Preprocessing(tuple(input_shape), invert, data_hparams.get("resize", "pad"))
