@@ -531,7 +531,7 @@ def render_docs(docs: Path, key: str, table: str, machine: str, records: list[di
     times = ", ".join(f"{r['model']} seed {r['seed']} n{r['num_labelled']}: fit {r['fit_seconds'] / 60:.0f} min, "
                       f"test error {r['test_error']:.2f} %" for r in records)
     replace_marked_section(docs, f"reproduce_table1 {key}",
-                           "\n".join(["#" + table.strip(), "", f"Machine: {machine}. Runs: {times}."]))
+                           "\n".join(["##" + table.strip(), "", f"Machine: {machine}. Runs: {times}."]))
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -144,7 +144,7 @@ def test_render_docs_replaces_its_own_section_only(tmp_path: Path) -> None:
     records = [{"model": "m1m2", "seed": 0, "num_labelled": 100, "fit_seconds": 2100.0, "test_error": 3.2}]
     table1.render_docs(docs, "hour", "# MNIST test error\n\n| a |\n", "AMD EPYC, 2 cores", records)
     first = docs.read_text()
-    assert first.startswith("# Results\n\nintro\n\n<!-- reproduce_table1 hour -->\n## MNIST test error")
+    assert first.startswith("# Results\n\nintro\n\n<!-- reproduce_table1 hour -->\n### MNIST test error")
     assert "Machine: AMD EPYC, 2 cores. Runs: m1m2 seed 0 n100: fit 35 min, test error 3.20 %." in first
     docs.write_text(first + "\n## Later section\n")
     table1.render_docs(docs, "hour", "# MNIST test error\n\n| b |\n", "AMD EPYC, 2 cores", records)
