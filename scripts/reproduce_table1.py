@@ -67,6 +67,7 @@ Profiles (--models, --labels, --seeds, --epochs override a profile's lists and e
 
 Other examples:
     python scripts/reproduce_table1.py --profile quick --dry-run             # print every command, run nothing
+    python scripts/reproduce_table1.py --profile cpu --report --docs docs/results.md   # the finished runs' table
     python scripts/reproduce_table1.py --profile full --models m2 --labels 100 600 --seeds 0
     python scripts/reproduce_table1.py --profile quick --epochs m2=50 --out lightning_logs/table1/m2-50
     python scripts/reproduce_table1.py --dataset svhn --profile quick --data-dir /data --dry-run
@@ -417,9 +418,11 @@ class Cell:
 
 
 def run_records(runs: list[Run], cache: dict[str, dict]) -> list[dict]:
-    """Every planned run's numbers, from the cache."""
+    """The numbers of every planned run whose test is in the cache."""
     records = []
     for run in runs:
+        if run.test.key not in cache:
+            continue
         test = cache[run.test.key]
         fit = cache[run.fit.key]
         records.append({"model": run.model, "num_labelled": run.num_labelled, "seed": run.seed,
@@ -609,6 +612,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="also render the table, the machine and the runs' times into this file (e.g. "
                              "docs/results.md), between markers named after the sweep")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running anything")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the table, plot and JSON (and --docs) of the stages finished so far, "
+                             "for a sweep that resumes across sittings")
     args = parser.parse_args(argv)
     if args.profile not in PROFILES[args.dataset]:
         parser.error(f"--profile {args.profile} is for mnist only; {args.dataset} has "
@@ -631,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                         fit_configs=profile.fit_configs, times=profile.times)
     runs = plan_runs(models, labels, seeds, settings)
     stages = unique_stages(runs)
-    command = shlex.join(["python", "scripts/reproduce_table1.py", *argv])
+    command = shlex.join(["python", "scripts/reproduce_table1.py", *(a for a in argv if a != "--report")])
 
     sweep = args.profile if args.dataset == "mnist" else f"{args.dataset}, {args.profile}"
     print(f"Table 1 sweep ({sweep}): models {' '.join(models)}, labels {' '.join(map(str, labels))}, "
@@ -645,12 +651,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        cache = execute(stages, out)
-    except StageFailed as err:
-        print(f"\nreproduce_table1: {err}", file=sys.stderr)
-        return 1
+    if args.report:
+        cache = load_cache(out / "results.json")
+    else:
+        try:
+            cache = execute(stages, out)
+        except StageFailed as err:
+            print(f"\nreproduce_table1: {err}", file=sys.stderr)
+            return 1
     records = run_records(runs, cache)
+    if not records:
+        print("reproduce_table1: no run of this sweep has finished yet; run it without --report.", file=sys.stderr)
+        return 1
+    if len(records) < len(runs):
+        print(f"{len(records)} of {len(runs)} runs finished; the table holds those.")
     summary = summarise(records)
     table = write_table(summary, labels, out / "table1.md", command, args.dataset)
     plot(summary, out / "table1.png", args.dataset)

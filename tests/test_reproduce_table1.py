@@ -461,3 +461,28 @@ def test_svhn_sweep_with_faked_stages_writes_its_dataset(tmp_path: Path, monkeyp
     cache = json.loads((out / "results.json").read_text())
     assert cache["vae-seed0-fit"]["args"][:5] == [
         "fit", "-c", "configs/svhn/m1_vae.yaml", "-c", "configs/presets/quick_colour.yaml"]
+
+
+def test_report_tables_the_finished_runs_without_running_anything(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--report on a sweep cut short: the table, its JSON and the docs section hold the runs whose test finished;
+    no stage runs, and the command shown is the sweep's own."""
+    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.96)
+    out, docs = tmp_path / "out", tmp_path / "results.md"
+    assert table1.main(["--profile", "quick", "--models", "m2", "--out", str(out)]) == 0
+    cache = json.loads((out / "results.json").read_text())
+    cache["m1m2-seed0-n100-fit"] = cache["m2-seed0-n100-fit"]  # an M1+M2 fit whose test has not run
+    (out / "results.json").write_text(json.dumps(cache))
+    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "raise SystemExit(3)"])  # nothing may run
+    capsys.readouterr()
+    assert table1.main(["--profile", "quick", "--models", "m2", "m1m2", "--out", str(out), "--report",
+                        "--docs", str(docs)]) == 0
+    assert "1 of 2 runs finished" in capsys.readouterr().out
+    results = json.loads((out / "table1.json").read_text())
+    assert [(r["model"], r["test_error"]) for r in results["runs"]] == [("m2", pytest.approx(4.0))]
+    section = docs.read_text()
+    assert "| M2 | 4.00 ± 0.00 (1 seed)" in section and "--report" not in section
+    assert f"`python scripts/reproduce_table1.py --profile quick --models m2 m1m2 --out {out} --docs {docs}`" in section
+    empty = tmp_path / "empty"
+    assert table1.main(["--profile", "quick", "--out", str(empty), "--report"]) == 1
+    assert "no run of this sweep has finished yet" in capsys.readouterr().err
