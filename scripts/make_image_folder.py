@@ -1,4 +1,4 @@
-"""Write an image-folder dataset (the layout `data.dataset: image_folder` reads) from a dataset this machine has
+"""Write an image-folder dataset (the layout `ssvae_pl.data.ImageFolder` reads) from a dataset this machine has
 offline, to try the image-folder path end to end and to compare it with the same images through torchvision:
 
     <out>/labelled/<class name>/<index>.png   --labelled-per-class images of each class (a seeded draw)

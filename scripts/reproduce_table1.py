@@ -455,14 +455,14 @@ def titles(dataset: str) -> tuple[str, str]:
 
 def table_note(dataset: str) -> str:
     """The sentence under the table's title: what a cell holds."""
-    ours = "Each cell: our mean ± std over seeds (sample std, n − 1; 0 for one seed) \\| "
+    ours = "Each cell: ssvae-pl's mean ± std over seeds (sample std, n − 1; 0 for one seed) \\| "
     if dataset == "mnist":
-        return (ours + "the paper's mean ± std. Ours: test error of the last checkpoint. Our M1 row is M1 + our "
+        return (ours + "the paper's mean ± std. ssvae-pl: test error of the last checkpoint; its M1 row is M1 + the "
                 "latent classifier, beside the paper's M1+TSVM.")
     if not PAPER[dataset]:
-        return ours + f"— ({DATASET_NAMES[dataset]} is not in the paper). Ours: test error of the last checkpoint."
+        return ours + f"— ({DATASET_NAMES[dataset]} is not in the paper). ssvae-pl: test error of the last checkpoint."
     return (ours + f"the paper's mean ± std ({PAPER_SOURCES[dataset]}: only the figures quoted here; — elsewhere). "
-            "Ours: test error of the last checkpoint.")
+            "ssvae-pl: test error of the last checkpoint.")
 
 
 def write_table(summary: dict[str, dict[int, Cell]], labels: list[int], path: Path, command: str,

@@ -182,7 +182,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         labelled_batch_size: labelled images per training batch (at most ``num_labelled``).
         eval_batch_size: images per validation, test and predict batch.
         binarize: ``none`` (the default: grey levels in [0, 1], M2's Bernoulli targets in configs/mnist/m2.yaml),
-            ``dynamic`` (a fresh sample each time an image is drawn; the paper's, and the M1 and M1+M2 configs')
+            ``dynamic`` (a fresh sample each time an image is drawn; the paper's, and the M1 configs')
             or ``static`` (one fixed sample). Evaluation always uses one fixed sample when binarising.
         unlabelled: ``all`` training images (the paper's choice, labelled ones included) or the ``rest``.
         num_workers: worker processes of the unlabelled DataLoader (0: the main process, the fast path).
@@ -197,7 +197,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         invert: polarity of the ``predict_dir`` images: ``auto`` inverts an image whose border is brighter than
             mid-grey (a dark digit on light paper) into MNIST's light digit on black; ``true`` inverts them all,
             ``false`` none.
-        on_error: a file of ``predict_dir`` or of the ``image_folder`` folders that cannot be read (or is not an
+        on_error: a file of ``predict_dir`` or of an ``ImageFolder``'s folders that cannot be read (or is not an
             image): ``fail`` stops with an error listing them, before anything trains or is predicted; ``skip``
             leaves them out with a warning listing them.
         resize: how an image of another aspect ratio is fitted: ``pad`` (with its border's colour; digits, the
@@ -339,7 +339,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             train_images = binarize_once(train_images, hp.seed)
         if isinstance(train_images, FolderImages):  # the validation images alone, read into memory
             self._val_images = self._fixed_sample(train_images[self.split.val].load(), seed_offset=1)
-        else:  # one fixed sample of the whole training set, then the hold-out (as the runs before image folders)
+        else:  # one fixed sample of the whole training set, then the hold-out
             self._val_images = self._fixed_sample(train_images, seed_offset=1)[self.split.val]
         self._val_labels = self._train_labels[self.split.val]
         self._train_images = train_images

@@ -94,8 +94,7 @@ class M2(pl.LightningModule):
         alpha_per_label: used when ``alpha`` is ``None``: alpha = alpha_per_label * N_l, so that each labelled
             example's classification weight relative to its bound (alpha / N_l under ``weighting: batch``) is the
             same at every label budget; a fixed ``alpha`` makes it shrink as labels are added. ``alpha`` wins when
-            both are set: a command-line ``--model.init_args.alpha`` overrides a config's ``alpha_per_label``, and
-            a checkpoint from before this option keeps the alpha it was trained with.
+            both are set: a command-line ``--model.init_args.alpha`` overrides a config's ``alpha_per_label``.
         weighting: ``batch`` (the default: every image of the mixed batch once) or ``dataset`` (the paper's
             J^alpha / N); see above.
         likelihood: p(x|y,z): ``bernoulli`` for (binarised) images, M2; ``discretized_logistic`` for 8-bit grey
