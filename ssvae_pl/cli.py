@@ -104,7 +104,7 @@ class SaveConfigToRunFolder(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def _record_resume(self, log_dir: Path, existing: Path) -> None:
-        current = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        current = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         changed = [(key, there, here) for key, there, here in runs.differences(yaml.safe_load(existing.read_text()),
                                                                                 current)
                    if not key.startswith(NOT_RECORDED)]
@@ -113,7 +113,7 @@ class SaveConfigToRunFolder(SaveConfigCallback):
         number = 1 + len(list(log_dir.glob("config.resume-*.yaml")))
         record = log_dir / f"config.resume-{number}.yaml"
         with atomic_output(record, overwrite=False) as temporary:
-            temporary.write_text(self.parser.dump(self.config, skip_none=False))
+            temporary.write_text(self.parser.dump(self.config, skip_unset=False))
         what = "; ".join(f"{key} {there!r} -> {here!r}" for key, there, here in changed[:6])
         rank_zero_info(f"ssvae: resuming {log_dir} with changed settings: {what}; recorded in {record.name}.")
 
@@ -137,7 +137,7 @@ class SSVAECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
-            current = yaml.safe_load(self._parser(subcommand).dump(config, skip_none=False))
+            current = yaml.safe_load(self._parser(subcommand).dump(config, skip_unset=False))
             saved = runs.prepare(config, subcommand, current)
             if saved is not None:
                 self.optimizer_changes = optimizer_arguments_changed(saved, current)
