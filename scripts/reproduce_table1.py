@@ -449,7 +449,8 @@ def format_cell(cell: Cell | None, paper: tuple[float, float] | None) -> str:
 def titles(dataset: str) -> tuple[str, str]:
     """The Markdown table's title and the plot's, naming the dataset and where the paper's figures come from."""
     name, source = DATASET_NAMES[dataset], PAPER_SOURCES[dataset]
-    versus = "ours (not in Kingma et al. 2014)" if source is None else f"ours vs Kingma et al. 2014, {source}"
+    versus = "ssvae-pl (not in Kingma et al. 2014)" if source is None else \
+        f"ssvae-pl vs Kingma et al. 2014, {source}"
     return f"{name} test error (%): {versus}", f"{name}: {versus}"
 
 
