@@ -9,7 +9,7 @@ folder (default lightning_logs/table1/<profile> for MNIST, lightning_logs/table1
                   the end)
     table1.png    test error % against the number of labels (log x axis): ours with error bars, the paper's points
     table1.json   the dataset, every run's numbers, the summary and the paper's figures
-    results.json  the cache: one record per finished stage (its command, duration and, for tests, test/acc)
+    results.json  with --out: the record of finished stages (see Resuming)
     logs/         each stage's stdout and stderr, <model>-seed<s>-n<N>-<fit|test>.log (the VAE: vae-seed<s>-fit.log)
     <logger name>/<version>/   the runs (m1_vae/seed0, m1_classifier/seed0-n100 with its test beside it, m2/..., m1m2/...;
                   the colour datasets' logger names carry the dataset: svhn_m1_vae/seed0, cifar10_m2/...)
@@ -30,10 +30,14 @@ the best on validation: choosing on 10,000 validation labels would flatter a 100
 version; error = 100 * (1 - test/acc). Every stage gets `--seed_everything <seed> --data.seed <seed>`, the classifier
 stages `--data.num_labelled <N>`.
 
-Resuming. A stage recorded in results.json is skipped, so rerunning the same command resumes an interrupted sweep (the
-unfinished stage restarts from scratch). Adding seeds or label counts to a finished sweep runs only the new stages. A
+Resuming. Each finished stage is recorded (its command, duration and, for tests, test/acc) in
+docs/runs/table1-<profile>.json (table1-<dataset>-<profile>.json for the colour datasets; --record names another
+file; with --out, results.json there), which is kept in git. A recorded stage is skipped, so rerunning the same command resumes an interrupted sweep,
+in a later sitting or a fresh clone (the unfinished stage restarts from scratch). A recorded fit whose checkpoint is
+gone (a fresh clone has the record, not the runs) runs again when a stage still to run needs it: a seed's VAE, for
+its classifiers still to train. Adding seeds or label counts to a finished sweep runs only the new stages. A
 recorded stage whose command differs from the planned one (e.g. after changing EPOCHS) stops the script: use a new
---out folder, or delete results.json.
+--out folder or --record file.
 
 Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
 
@@ -165,6 +169,7 @@ def config_path(dataset: str, stage: str) -> str:
     return f"configs/{dataset}/{CONFIGS[stage]}"
 
 MODELS = ("m1", "m2", "m1m2")
+RECORDS = ROOT / "docs" / "runs"  # the sweeps' records of finished stages, kept in git (--record)
 SSVAE = [sys.executable, "-m", "ssvae_pl.cli"]  # how a stage runs `ssvae`, in the repository root
 NEEDS_VAE = ("m1", "m1m2")
 
@@ -200,6 +205,7 @@ class Stage:
     key: str  # also the log file's name and the cache's key, e.g. "m1-seed0-n100-fit", "vae-seed0-fit"
     args: tuple[str, ...]  # the arguments after `ssvae`
     run_dir: Path  # the run's version folder
+    needs: tuple[str, ...] = ()  # the keys of the fits whose checkpoints it reads
 
     @property
     def checkpoint(self) -> Path:
@@ -257,7 +263,7 @@ def logger_name(stage: str, dataset: str = "mnist") -> str:
 
 
 def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, num_labelled: int | None,
-               settings: Settings, checkpoint_args: tuple[str, ...] = ()) -> Stage:
+               settings: Settings, checkpoint_args: tuple[str, ...] = (), needs: tuple[str, ...] = ()) -> Stage:
     """The `ssvae fit` or `ssvae test` of one stage; a fit trains from scratch in the run folder ``version``, a test
     reads ``checkpoint_args`` and logs into that checkpoint's run folder (``version``, the fit's)."""
     labels = ("--data.num_labelled", str(num_labelled)) if num_labelled is not None else ()
@@ -276,7 +282,8 @@ def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, n
     args += settings.trainer_args
     if subcommand == "fit":
         args += settings.extra_args.get(stage, ())
-    return Stage(key=key, args=tuple(args), run_dir=settings.out / logger_name(stage, settings.dataset) / version)
+    return Stage(key=key, args=tuple(args), run_dir=settings.out / logger_name(stage, settings.dataset) / version,
+                 needs=needs)
 
 
 def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: Settings) -> list[Run]:
@@ -289,9 +296,10 @@ def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: 
             for model in models:
                 version = f"seed{seed}-n{n}"
                 vae_args = ("--model.init_args.vae_checkpoint", shown(vae.checkpoint)) if model in NEEDS_VAE else ()
-                fit = make_stage(model, "fit", f"{model}-{version}-fit", version, seed, n, settings, vae_args)
+                fit = make_stage(model, "fit", f"{model}-{version}-fit", version, seed, n, settings, vae_args,
+                                 (vae.key,) if model in NEEDS_VAE else ())
                 test = make_stage(model, "test", f"{model}-{version}-test", version, seed, n, settings,
-                                  ("--ckpt_path", shown(fit.checkpoint)))
+                                  ("--ckpt_path", shown(fit.checkpoint)), (fit.key,))
                 stages = (vae, fit, test) if model in NEEDS_VAE else (fit, test)
                 runs.append(Run(model, n, seed, stages))
     return runs
@@ -331,7 +339,7 @@ def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
         raise StageFailed(
             f"{stage.key} in {cache_file} was run with a different command:\n  recorded: "
             f"{shlex.join(['ssvae', *record['args']])}\n  planned:  {command_line(stage)}\n"
-            "Use a new --out folder (or delete results.json there) to run the sweep with the new settings."
+            "Use a new --out folder, or another --record file, to run the sweep with the new settings."
         )
 
 
@@ -364,16 +372,35 @@ def read_test_accuracy(stage: Stage) -> float:
     return scalars["test/acc"]
 
 
-def execute(stages: list[Stage], out: Path) -> dict[str, dict]:
-    """Run every stage not yet in <out>/results.json, recording each as it finishes; return the cache."""
-    cache_file = out / "results.json"
+def forget_lost_fits(stages: list[Stage], cache: dict[str, dict]) -> list[str]:
+    """Drop from ``cache`` the fits recorded as done whose checkpoint is gone (a fresh clone holds the record, not
+    the runs) but which a stage still to run reads, so that they run again; return their keys."""
+    by_key = {stage.key: stage for stage in stages}
+    lost: list[str] = []
+    while True:
+        needed = {key for stage in stages if stage.key not in cache for key in stage.needs}
+        gone = [key for key in needed if key in cache and not by_key[key].checkpoint.is_file()]
+        if not gone:
+            return lost
+        for key in gone:
+            del cache[key]
+        lost += gone
+
+
+def execute(stages: list[Stage], cache_file: Path, out: Path) -> dict[str, dict]:
+    """Run every stage not yet recorded in ``cache_file``, recording each as it finishes; return the cache."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache = load_cache(cache_file)
+    for key in forget_lost_fits(stages, cache):
+        print(f"{key}: recorded as done, but its checkpoint is gone and a stage still to run needs it: runs again",
+              flush=True)
     width = max(len(stage.key) for stage in stages)
     for i, stage in enumerate(stages, 1):
         prefix = f"[{i:>{len(str(len(stages)))}}/{len(stages)}] {stage.key:<{width}}"
         if stage.key in cache:
             check_same_command(stage, cache[stage.key], cache_file)
-            print(f"{prefix}  skip (done in {cache[stage.key]['seconds']:.0f} s, cached in results.json)", flush=True)
+            print(f"{prefix}  skip (done in {cache[stage.key]['seconds']:.0f} s, recorded in {shown(cache_file)})",
+                  flush=True)
             continue
         log_file = out / "logs" / f"{stage.key}.log"
         print(f"{prefix}  ...", end="", flush=True)
@@ -601,6 +628,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="output folder for runs, logs, tables and the cache (default lightning_logs/table1/"
                              "<profile> in the repository for mnist, lightning_logs/table1/<dataset>-<profile> for "
                              "the others)")
+    parser.add_argument("--record", type=Path, metavar="JSON",
+                        help="the record of finished stages, which a rerun skips (default: docs/runs/table1-<profile>"
+                             ".json, or table1-<dataset>-<profile>.json, kept in git so that a sweep resumes in a "
+                             "fresh clone; with --out: results.json there)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data",
                         help="data.data_dir of every stage (default: data/ in the repository)")
     parser.add_argument("--trainer-args", default="",
@@ -632,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else profile.seeds))
     folder = args.profile if args.dataset == "mnist" else f"{args.dataset}-{args.profile}"
     out = (args.out or ROOT / "lightning_logs" / "table1" / folder).resolve()
+    cache_file = (args.record or (out / "results.json" if args.out else RECORDS / f"table1-{folder}.json")).resolve()
     settings = Settings(out=out, data_dir=args.data_dir.resolve(), epochs=parse_epochs(args.epochs, profile.epochs),
                         extra_args=parse_stage_args(args.stage_args, profile.extra_args),
                         trainer_args=tuple(shlex.split(args.trainer_args)), dataset=args.dataset,
@@ -645,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
           f"seeds {' '.join(map(str, seeds))}; epochs {', '.join(f'{k} {v}' for k, v in settings.epochs.items())}")
     print(f"{len(runs)} runs, {len(stages)} stages, under {shown(out)} (commands run from {ROOT})", flush=True)
     if args.dry_run:
-        cache = load_cache(out / "results.json")
+        cache = load_cache(cache_file)
+        forget_lost_fits(stages, cache)
         for i, stage in enumerate(stages, 1):
             done = "  (done: would skip)" if stage.key in cache else ""
             print(f"# [{i}/{len(stages)}] {stage.key}{done}\n{command_line(stage)}")
@@ -653,10 +686,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        cache = load_cache(out / "results.json")
+        cache = load_cache(cache_file)
     else:
         try:
-            cache = execute(stages, out)
+            cache = execute(stages, cache_file, out)
         except StageFailed as err:
             print(f"\nreproduce_table1: {err}", file=sys.stderr)
             return 1

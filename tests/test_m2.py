@@ -166,6 +166,33 @@ def test_batch_weighting_counts_every_image_of_the_mixed_batch_once() -> None:
     torch.testing.assert_close(terms["loss"], expected)
 
 
+def test_one_pass_training_loss_equals_the_separate_bounds(model_and_inputs) -> None:
+    """``loss_terms`` runs the labelled rows and the unlabelled (image, class) rows through the encoder and the
+    decoder as one batch, and q(y|x) once over both; with the same noise its terms equal ``labelled_bound``,
+    ``unlabelled_bound`` and the cross-entropy computed separately, for M2 and M1+M2, and so do the gradients."""
+    model, h = model_and_inputs
+    model.train()
+    h_l, y_l, h_u = h[:2], torch.tensor([4, 7]), h[2:]
+    eps_l, eps_u = torch.randn(2, model.hparams.latent_dim), torch.randn(4, K, model.hparams.latent_dim)
+    if model.m1_encoder is not None:  # M1+M2 takes cached rows [mean, std] with std 0: z1 is the mean
+        h_l, h_u = (torch.cat([t, torch.zeros_like(t)], dim=-1).unsqueeze(1) for t in (h_l, h_u))
+    terms = model.loss_terms({"labelled": (h_l, y_l), "unlabelled": h_u}, eps_l, eps_u)
+    terms["loss"].backward()
+    fused = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    f_l, f_u = model.features(h_l), model.features(h_u)
+    bound_l = model.labelled_bound(f_l, y_l, eps_l)
+    bound_u = model.unlabelled_bound(f_u, eps_u)
+    classification = F.cross_entropy(model.classifier(f_l), y_l, reduction="none")
+    torch.testing.assert_close(terms["elbo_labelled"], bound_l, **TOL)
+    torch.testing.assert_close(terms["elbo_unlabelled"], bound_u, **TOL)
+    torch.testing.assert_close(terms["classification"], classification, **TOL)
+    w_l, w_u, w_c = model.objective_weights(2, 4)
+    (w_l * -bound_l.mean() + w_u * -bound_u.mean() + w_c * classification.mean()).backward()
+    for a, b in zip(fused, [p.grad for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_unlabelled_bound_alone_trains_the_classifier() -> None:
     """The gradient of U(x) alone reaches every parameter of q(y|x) (and the encoder and decoder)."""
     model = tiny_m2()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import os
 import shlex
 import subprocess
@@ -486,3 +487,35 @@ def test_report_tables_the_finished_runs_without_running_anything(tmp_path: Path
     empty = tmp_path / "empty"
     assert table1.main(["--profile", "quick", "--out", str(empty), "--report"]) == 1
     assert "no run of this sweep has finished yet" in capsys.readouterr().err
+
+
+def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The record of finished stages (--record; docs/runs/ by default, kept in git) is all a fresh clone has: its
+    finished tests are skipped, and a seed's VAE, whose checkpoint is gone, trains again only for the classifiers
+    still to run."""
+    ran: list[str] = []
+
+    def fake_run(stage, log_file) -> float:
+        ran.append(stage.key)
+        if stage.args[0] == "fit":
+            stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            stage.checkpoint.write_bytes(b"ckpt")
+        return 1.0
+
+    monkeypatch.setattr(table1, "run_stage", fake_run)
+    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
+    record, out = tmp_path / "record.json", tmp_path / "out"
+    args = ["--profile", "quick", "--models", "m1", "--record", str(record), "--out", str(out)]
+    assert table1.main(args) == 0
+    assert ran == ["vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test"]
+    assert set(json.loads(record.read_text())) == set(ran)
+
+    shutil.rmtree(out)  # a fresh clone: the record, no runs; the budget of 100 labels is done
+    ran.clear()
+    assert table1.main(args) == 0
+    assert ran == []
+    shutil.rmtree(out)  # one more budget there: its classifier needs the VAE, which trains again
+    assert table1.main([*args, "--labels", "100", "600"]) == 0
+    assert ran == ["vae-seed0-fit", "m1-seed0-n600-fit", "m1-seed0-n600-test"]
+    assert "vae-seed0-fit: recorded as done, but its checkpoint is gone" in capsys.readouterr().out
+    assert json.loads((out / "table1.json").read_text())["summary"]["m1"].keys() == {"100", "600"}
