@@ -387,6 +387,38 @@ def forget_lost_fits(stages: list[Stage], cache: dict[str, dict]) -> list[str]:
         lost += gone
 
 
+def fit_summary(stage: Stage) -> dict[str, float]:
+    """What a finished fit's TensorBoard events say of it: its epochs, the median seconds of an epoch's training, and
+    the last val/acc (with the best), val/elbo and val/active_units it logged; empty without events."""
+    from ssvae_pl.results import read_series  # tensorboard: imported only when needed
+
+    try:
+        seconds = read_series(stage.run_dir, "time/epoch_seconds")
+    except FileNotFoundError:
+        return {}
+    summary: dict[str, float] = {"epochs": len(seconds)}
+    if seconds:
+        summary["median_epoch_seconds"] = round(statistics.median(seconds), 2)
+    for tag in ("val/acc", "val/elbo", "val/active_units"):
+        values = read_series(stage.run_dir, tag)
+        if values:
+            summary[tag] = round(values[-1], 4)
+            if tag == "val/acc":
+                summary["best val/acc"] = round(max(values), 4)
+    return summary
+
+
+def summarise_fits(stages: list[Stage], cache: dict[str, dict]) -> bool:
+    """Add ``fit_summary`` to the recorded fits that lack one and whose run folder is here; whether any was added."""
+    added = False
+    for stage in stages:
+        record = cache.get(stage.key)
+        if stage.args[0] == "fit" and record is not None and "summary" not in record and stage.run_dir.is_dir():
+            record["summary"] = fit_summary(stage)
+            added = True
+    return added
+
+
 def execute(stages: list[Stage], cache_file: Path, out: Path) -> dict[str, dict]:
     """Run every stage not yet recorded in ``cache_file``, recording each as it finishes; return the cache."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -411,6 +443,8 @@ def execute(stages: list[Stage], cache_file: Path, out: Path) -> dict[str, dict]
             if stage.key.endswith("-test"):
                 record["test_acc"] = read_test_accuracy(stage)
                 record["test_error"] = 100 * (1 - record["test_acc"])
+            else:
+                record["summary"] = fit_summary(stage)
         except StageFailed:
             print(" FAILED", flush=True)
             raise
@@ -455,6 +489,8 @@ def run_records(runs: list[Run], cache: dict[str, dict]) -> list[dict]:
         records.append({"model": run.model, "num_labelled": run.num_labelled, "seed": run.seed,
                         "test_acc": test["test_acc"], "test_error": test["test_error"],
                         "fit_seconds": fit["seconds"], "test_seconds": test["seconds"],
+                        "fit": fit.get("summary", {}),
+                        "vae": cache.get(run.stages[0].key, {}).get("summary", {}) if run.model in NEEDS_VAE else {},
                         "checkpoint": str(run.fit.checkpoint), "test_dir": str(run.test.run_dir)})
     return records
 
@@ -554,15 +590,34 @@ def plot(summary: dict[str, dict[int, Cell]], path: Path, dataset: str = "mnist"
 
 
 def render_docs(docs: Path, key: str, table: str, machine: str, records: list[dict]) -> None:
-    """Put ``table`` (table1.md's text, its title a level down), the machine and each run's fit time into ``docs``
-    between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what
+    """Put ``table`` (table1.md's text, its title a level down), the machine and each run's fit time and summary
+    (its epochs and last validation figures, ``fit_summary``; the VAEs' too) into ``docs`` between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what
     they held; appended at the end when they are not there yet."""
     from ssvae_pl.results import replace_marked_section
 
-    times = ", ".join(f"{r['model']} seed {r['seed']} n{r['num_labelled']}: fit {r['fit_seconds'] / 60:.0f} min, "
-                      f"test error {r['test_error']:.2f} %" for r in records)
+    vaes = {r["seed"]: r["vae"] for r in records if r["vae"]}
+    lines = [f"- M1's VAE, seed {seed}: {describe_fit(summary)}" for seed, summary in sorted(vaes.items())]
+    lines += [f"- {OUR_NAMES[r['model']]}, seed {r['seed']}, {r['num_labelled']} labels: fit "
+              f"{r['fit_seconds'] / 60:.0f} min{', ' + describe_fit(r['fit']) if r['fit'] else ''}; test error "
+              f"{r['test_error']:.2f} %" for r in records]
     replace_marked_section(docs, f"reproduce_table1 {key}",
-                           "\n".join(["##" + table.strip(), "", f"Machine: {machine}. Runs: {times}."]))
+                           "\n".join(["##" + table.strip(), "", f"Machine: {machine}. Runs (from their TensorBoard "
+                                       "events):", "", *lines]))
+
+
+def describe_fit(summary: dict[str, float]) -> str:
+    """A fit's summary (``fit_summary``) in words."""
+    words = []
+    if "epochs" in summary:
+        words.append(f"{summary['epochs']} epochs" + (f" (median {summary['median_epoch_seconds']:.2f} s of training)"
+                                                     if "median_epoch_seconds" in summary else ""))
+    if "val/acc" in summary:
+        words.append(f"val/acc {summary['val/acc']:.4f} at the end (best {summary['best val/acc']:.4f})")
+    if "val/elbo" in summary:
+        words.append(f"val/elbo {summary['val/elbo']:.2f}")
+    if "val/active_units" in summary:
+        words.append(f"{summary['val/active_units']:.0f} active units")
+    return ", ".join(words)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -687,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         cache = load_cache(cache_file)
+        if summarise_fits(stages, cache):  # records written before fits were summarised
+            write_json(cache_file, cache)
     else:
         try:
             cache = execute(stages, cache_file, out)

@@ -207,9 +207,10 @@ class GenerativeImages(_EveryNValidations):
     * ``images/class_samples`` (M2): one row per class, ``num_samples`` images from p(x|y,z), z ~ p(z);
     * ``images/analogies`` (M2, SSDGM fig. 1): each validation image, then its z decoded with every class.
 
-    Models that do not generate images (the latent classifier, M1+M2) are skipped."""
+    Models that do not generate images (the latent classifier, M1+M2) are skipped. Every 10 epochs (and at
+    ``max_epochs``) by default, like the other pictures."""
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, num_samples: int = 10) -> None:
+    def __init__(self, every_n_epochs: int = 10, num_images: int = 8, num_samples: int = 10) -> None:
         super().__init__(every_n_epochs, num_images)
         if num_samples <= 0:
             raise ConfigError(f"GenerativeImages.num_samples must be positive, got {num_samples}.")

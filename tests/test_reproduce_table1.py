@@ -142,11 +142,17 @@ def test_render_docs_replaces_its_own_section_only(tmp_path: Path) -> None:
     them and leaves the rest of the file as it was; a file without the markers gets the section at its end."""
     docs = tmp_path / "results.md"
     docs.write_text("# Results\n\nintro\n")
-    records = [{"model": "m1m2", "seed": 0, "num_labelled": 100, "fit_seconds": 2100.0, "test_error": 3.2}]
+    vae = {"epochs": 359, "median_epoch_seconds": 3.33, "val/elbo": -91.85, "val/active_units": 13.0}
+    fit = {"epochs": 460, "median_epoch_seconds": 3.85, "val/acc": 0.9675, "best val/acc": 0.9686}
+    records = [{"model": "m1m2", "seed": 0, "num_labelled": 100, "fit_seconds": 2100.0, "test_error": 3.2,
+                "fit": fit, "vae": vae}]
     table1.render_docs(docs, "hour", "# MNIST test error\n\n| a |\n", "AMD EPYC, 2 cores", records)
     first = docs.read_text()
     assert first.startswith("# Results\n\nintro\n\n<!-- reproduce_table1 hour -->\n### MNIST test error")
-    assert "Machine: AMD EPYC, 2 cores. Runs: m1m2 seed 0 n100: fit 35 min, test error 3.20 %." in first
+    assert "Machine: AMD EPYC, 2 cores. Runs (from their TensorBoard events):" in first
+    assert ("- M1's VAE, seed 0: 359 epochs (median 3.33 s of training), val/elbo -91.85, 13 active units\n"
+            "- M1+M2, seed 0, 100 labels: fit 35 min, 460 epochs (median 3.85 s of training), val/acc 0.9675 at the "
+            "end (best 0.9686); test error 3.20 %") in first
     docs.write_text(first + "\n## Later section\n")
     table1.render_docs(docs, "hour", "# MNIST test error\n\n| b |\n", "AMD EPYC, 2 cores", records)
     second = docs.read_text()
@@ -519,3 +525,19 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
     assert ran == ["vae-seed0-fit", "m1-seed0-n600-fit", "m1-seed0-n600-test"]
     assert "vae-seed0-fit: recorded as done, but its checkpoint is gone" in capsys.readouterr().out
     assert json.loads((out / "table1.json").read_text())["summary"]["m1"].keys() == {"100", "600"}
+
+
+def test_fit_summary_reads_a_runs_events(tmp_path: Path) -> None:
+    """A finished fit's record carries what its TensorBoard events say: epochs, the median epoch, the last val/acc
+    with the best, val/elbo and the active units; a run without events gives an empty summary."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    stage = table1.Stage(key="m1m2-seed0-n100-fit", args=("fit",), run_dir=tmp_path / "run")
+    assert table1.fit_summary(stage) == {}
+    writer = SummaryWriter(str(stage.run_dir))
+    for epoch, (seconds, acc) in enumerate([(4.0, 0.90), (3.0, 0.97), (5.0, 0.95)]):
+        writer.add_scalar("time/epoch_seconds", seconds, epoch)
+        writer.add_scalar("val/acc", acc, epoch)
+    writer.close()
+    assert table1.fit_summary(stage) == {"epochs": 3, "median_epoch_seconds": 4.0, "val/acc": 0.95,
+                                         "best val/acc": 0.97}
