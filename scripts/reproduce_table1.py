@@ -439,7 +439,7 @@ def execute(stages: list[Stage], cache_file: Path, out: Path) -> dict[str, dict]
         try:
             seconds = run_stage(stage, log_file)
             record: dict = {"args": list(stage.args), "seconds": round(seconds, 1),
-                            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": str(log_file)}
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
             if stage.key.endswith("-test"):
                 record["test_acc"] = read_test_accuracy(stage)
                 record["test_error"] = 100 * (1 - record["test_acc"])
