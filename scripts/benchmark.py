@@ -1,7 +1,7 @@
 """Training throughput of the VAE (M1) and M2 at the paper's sizes, through Lightning and beside the plain PyTorch
 loop a user would otherwise write, measured in the same run.
 
-For each model it times, after warm-up steps, the same model, batch and optimiser three ways:
+For each model it times, after warm-up steps, the same model, batch and optimiser several ways:
 
     lightning   Trainer.fit on SemiSupervisedDataModule: the product's path (index-gathered uint8 batches, floats and
                 binarisation on the device, the images held on the GPU there, metrics logged every step)
@@ -10,6 +10,12 @@ For each model it times, after warm-up steps, the same model, batch and optimise
                 once per class (the encoder's first layer re-reads the pixels K times)
     compiled    Trainer.fit with ``model.compile: true``: the training loss through torch.compile (inductor); its
                 compilation happens in the warm-up steps
+    graphed     (GPU only) Trainer.fit with ``model.compile: reduce-overhead``: compiled and captured in CUDA graphs,
+                each step's forward and backward passes replayed as one launch each
+    guarded     (GPU only) ``graphed`` with ``ssvae fit``'s NonFiniteGuard as it runs on a GPU: each step's verdict
+                read at the next step, from a copy that travelled without blocking
+    synced      (GPU only) ``graphed`` with the NonFiniteGuard reading each step's verdict at once (``deferred:
+                false``): the host waits for the device at every step
     uncached    (M1+M2 only) Trainer.fit with ``m1_cache: off``: M1's frozen encoder runs on every batch, where
                 ``lightning`` and ``reference`` draw z1 from q(z1|x) cached once (M1+M2's fast path)
     fit         ``ssvae fit`` of the shipped config (configs/mnist/m1_vae.yaml, m2.yaml, m1m2.yaml) for two epochs,
@@ -31,6 +37,8 @@ written as JSON, and ``--docs`` renders it into a marked section of a Markdown f
         --precision bf16-mixed
     python scripts/benchmark.py --models vae m2 --fit --precision bf16-mixed --docs docs/results.md
     python scripts/benchmark.py --models vae m2 --tiny --steps 200        # framework work per step
+    python scripts/benchmark.py --device cuda --models m2 --ways lightning graphed guarded synced --fit \
+        --fit-compile reduce-overhead --precision bf16-mixed --steps 200 --warmup 30  # a GPU's CUDA graphs
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
 speed. On a machine shared with other work the numbers move: run it alone.
@@ -57,6 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssvae_pl.callbacks import NonFiniteGuard  # noqa: E402
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
 from ssvae_pl.models import M2, VAE  # noqa: E402
 from ssvae_pl.files import atomic_output  # noqa: E402
@@ -99,7 +108,8 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
                tiny: bool = False) -> pl.LightningModule:
     """The configs' model, or with ``tiny`` the same model one unit wide everywhere (hidden layers and z), whose step
     is almost all framework and launch overhead: the proxy of host work per step."""
-    compile = way == "compiled"  # torch.compile of the training loss (model.compile), inductor
+    compile = {"compiled": True, "graphed": "reduce-overhead", "guarded": "reduce-overhead",
+               "synced": "reduce-overhead"}.get(way, False)  # model.compile
     sizes = {"hidden_dims": [1], "latent_dim": 1} if tiny else {}
     if name == "vae":
         return VAE(compile=compile, **sizes)  # the paper's M1: 784-600-600-50
@@ -198,7 +208,7 @@ class _StepClock(pl.Callback):
             self.end, self.steps = time.perf_counter(), self.steps + 1
 
 
-def time_lightning(model, dm, device, precision, warmup: int, steps: int) -> float:
+def time_lightning(model, dm, device, precision, warmup: int, steps: int, callbacks=()) -> float:
     """Seconds per step of Trainer.fit, as ``ssvae fit`` runs it (logging every step, no checkpoints)."""
     model.configure_optimizers = lambda: torch.optim.Adam(  # the reference's optimiser, not the config's
         [p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -206,7 +216,7 @@ def time_lightning(model, dm, device, precision, warmup: int, steps: int) -> flo
     trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, max_epochs=1,
                          limit_train_batches=warmup + steps, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[clock])
+                         callbacks=[clock, *callbacks])
     trainer.fit(model, datamodule=dm)
     return (clock.end - clock.start) / clock.steps
 
@@ -221,6 +231,8 @@ def time_fit(name: str, args, device: torch.device) -> tuple[float, float]:
                    "--trainer.logger.init_args.save_dir", folder, "--trainer.enable_progress_bar", "false"]
         if name == "m1m2":
             command += ["--model.init_args.vae_checkpoint", args.vae_checkpoint]
+        if args.fit_compile:
+            command += ["--model.init_args.compile", args.fit_compile]
         for key, value in args.data_options.items():
             command += [f"--data.{key}", json.dumps(value)]
         if device.type == "cuda":
@@ -242,7 +254,9 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images, steps = batch + labelled_batch, dm.num_train / batch  # images a step, steps an epoch
     rows = []
-    ways = ["reference", "lightning", "compiled"] + {"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]
+    gpu_ways = ["graphed", "guarded", "synced"] if device.type == "cuda" else []
+    ways = ["reference", "lightning", "compiled", *gpu_ways, *{"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]]
+    ways = [way for way in ways if way == "reference" or not args.ways or way in args.ways]  # reference: the ratios'
     for way in ways:
         model = make_model(name, dm.num_train, args.vae_checkpoint, way, tiny=args.tiny)
         if name != "vae":
@@ -252,8 +266,9 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             cached = Batches(dm, device, labelled_batch, batch, model)
         way_batches = cached if name == "m1m2" and way != "uncached" else batches
         flops = step_flops(model, way_batches(), naive=way == "naive")
-        if way in ("lightning", "uncached", "compiled"):
-            seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps)
+        if way in ("lightning", "uncached", "compiled", "graphed", "guarded", "synced"):
+            guard = {"guarded": [NonFiniteGuard()], "synced": [NonFiniteGuard(deferred=False)]}.get(way, [])
+            seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps, guard)
         else:
             seconds = time_reference(model, way_batches, device, args.precision, args.warmup, args.steps,
                                      naive=way == "naive")
@@ -274,7 +289,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
         row["vs_reference"] = row["images_per_s"] / reference
         row["limit_epoch_s"] = steps * rows[0]["gflop_per_step"] / peak
         row["vs_limit"] = row["epoch_s"] / row["limit_epoch_s"]
-    if name == "m2":
+    if name == "m2" and any(row["way"] == "naive" for row in rows):
         naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
         for row in rows:
             row["vs_naive"] = row["images_per_s"] / naive
@@ -320,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
                         "is then the framework's own work, and lightning minus reference its cost per step")
     parser.add_argument("--fit", action="store_true", help="also time a full `ssvae fit` epoch of each model's "
                         "shipped config (the `fit` way; with --batch-size, only the other ways take it)")
+    parser.add_argument("--ways", nargs="+", default=None, help="time only these ways beside the reference "
+                        "(default: every way the device has; graphed, guarded and synced only on a GPU)",
+                        choices=["lightning", "compiled", "graphed", "guarded", "synced", "naive", "uncached"])
+    parser.add_argument("--fit-compile", default=None, metavar="MODE", help="the `fit` way with --model.compile "
+                        "MODE, e.g. reduce-overhead (CUDA graphs on a GPU)")
     parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
     parser.add_argument("--docs", default=None, metavar="MARKDOWN", help="render the table, the command and the "
                         "machine into MARKDOWN between <!-- benchmark PRECISION DEVICE --> markers")
@@ -348,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    dm = SemiSupervisedDataModule(dataset="mnist", data_dir=args.data_dir, num_labelled=100, device="cpu",
+    dm = SemiSupervisedDataModule(dataset="mnist", data_dir=args.data_dir, num_labelled=100,
                                   **args.data_options)
     dm.prepare_data()
     dm.setup("fit")

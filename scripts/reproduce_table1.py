@@ -32,12 +32,12 @@ stages `--data.num_labelled <N>`.
 
 Resuming. Each finished stage is recorded (its command, duration and, for tests, test/acc) in
 docs/runs/table1-<profile>.json (table1-<dataset>-<profile>.json for the colour datasets; --record names another
-file; with --out, results.json there), which is kept in git. A recorded stage is skipped, so rerunning the same command resumes an interrupted sweep,
-in a later sitting or a fresh clone (the unfinished stage restarts from scratch). A recorded fit whose checkpoint is
-gone (a fresh clone has the record, not the runs) runs again when a stage still to run needs it: a seed's VAE, for
-its classifiers still to train. Adding seeds or label counts to a finished sweep runs only the new stages. A
-recorded stage whose command differs from the planned one (e.g. after changing EPOCHS) stops the script: use a new
---out folder or --record file.
+file; with --out, results.json there), which is kept in git. A recorded stage is skipped, so rerunning the same
+command resumes an interrupted sweep, in a later sitting or a fresh clone (the unfinished stage restarts from
+scratch). A recorded fit whose checkpoint is gone (a fresh clone has the record, not the runs) runs again when a
+stage still to run needs it: a seed's VAE, for its classifiers still to train. Adding seeds or label counts to a
+finished sweep runs only the new stages. A recorded stage whose command differs from the planned one (e.g. after
+changing EPOCHS) stops the script: use a new --out folder or --record file.
 
 Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
 
@@ -591,8 +591,9 @@ def plot(summary: dict[str, dict[int, Cell]], path: Path, dataset: str = "mnist"
 
 def render_docs(docs: Path, key: str, table: str, machine: str, records: list[dict]) -> None:
     """Put ``table`` (table1.md's text, its title a level down), the machine and each run's fit time and summary
-    (its epochs and last validation figures, ``fit_summary``; the VAEs' too) into ``docs`` between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what
-    they held; appended at the end when they are not there yet."""
+    (its epochs and last validation figures, ``fit_summary``; the VAEs' too) into ``docs`` between the markers
+    ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what they held; appended
+    at the end when they are not there yet."""
     from ssvae_pl.results import replace_marked_section
 
     vaes = {r["seed"]: r["vae"] for r in records if r["vae"]}

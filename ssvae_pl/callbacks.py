@@ -501,7 +501,9 @@ class NonFiniteGuard(pl.Callback):
     """Stops (or skips) a training step whose loss or gradients are NaN or infinite, before the optimiser uses them.
 
     After each backward pass and before the optimiser's step (``on_before_optimizer_step``), the step's loss and the
-    norm of every gradient are checked for NaN/Inf on the device (one host synchronisation per step).
+    norm of every gradient are checked for NaN/Inf on the device. Reading that verdict is a host synchronisation, which
+    on a GPU makes the host wait for the device at every step; ``deferred`` reads it one step later instead, from a
+    copy that travelled without blocking, so the host stays ahead of the device.
 
     Args:
         action: ``stop`` raises ``NumericalError`` naming the global step, the epoch and the metric (the loss, or the
@@ -513,16 +515,24 @@ class NonFiniteGuard(pl.Callback):
         check_gradients: also check the gradients (with ``16-mixed`` precision the gradient scaler already skips
             steps with infinite gradients, so only the loss is checked there).
         max_skips: with ``skip``, the most non-finite steps skipped in a row before the run stops anyway.
+        deferred: read each step's verdict at the next step (or at the epoch's end, or before a checkpoint): with
+            ``stop``, the optimiser has then taken the bad step, and the run stops before it writes anything (the
+            step is named as before). ``None`` (the default): deferred on a GPU with ``stop``; ``skip`` always decides
+            before the step.
 
     A checkpoint is never written with non-finite weights: ``on_save_checkpoint`` refuses it with the same error.
     """
 
-    def __init__(self, action: str = "stop", check_gradients: bool = True, max_skips: int = 10) -> None:
+    def __init__(self, action: str = "stop", check_gradients: bool = True, max_skips: int = 10,
+                 deferred: bool | None = None) -> None:
         if action not in ("stop", "skip"):
             raise ConfigError(f"NonFiniteGuard.action must be stop or skip, got {action!r}.")
         if max_skips < 0:
             raise ConfigError(f"NonFiniteGuard.max_skips must be >= 0, got {max_skips}.")
-        self.action, self.check_gradients, self.max_skips = action, check_gradients, max_skips
+        if deferred and action == "skip":
+            raise ConfigError("NonFiniteGuard.deferred needs action stop: skip decides before the optimiser's step.")
+        self.action, self.check_gradients, self.max_skips, self.deferred = action, check_gradients, max_skips, deferred
+        self._pending: tuple | None = None  # a deferred step's (host copy, its copy's event, what it holds, where)
         self.skipped = 0  # steps skipped in this run (kept in the checkpoint)
         self.consecutive = 0
         self._losses: list[torch.Tensor] = []
@@ -550,7 +560,12 @@ class NonFiniteGuard(pl.Callback):
             checked.append(torch.stack([n.float() for n in norms]))
         if not checked:
             return
-        bad = not bool(torch.isfinite(torch.cat([c.to(checked[0].device) for c in checked])).all())
+        values = torch.cat([c.to(checked[0].device) for c in checked])
+        if self._defers(values.device):
+            self._check_pending(trainer)
+            self._defer(trainer, pl_module, values, len(losses), params)
+            return
+        bad = not bool(torch.isfinite(values).all())
         if trainer.world_size > 1:  # gradients are reduced already; the loss is per rank: decide together
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
@@ -573,7 +588,59 @@ class NonFiniteGuard(pl.Callback):
         if self.action == "skip":
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
 
+    def _defers(self, device: torch.device) -> bool:
+        return self.deferred if self.deferred is not None else (self.action == "stop" and device.type == "cuda")
+
+    def _defer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: torch.Tensor, num_losses: int,
+               params: list[torch.Tensor]) -> None:
+        """Keep this step's values for the next check: on a GPU copied to pinned host memory without blocking
+        (with an event that says when the copy is done); across processes with the count of bad ranks appended
+        (an all-reduce on the device, no synchronisation)."""
+        values = values.detach().float()
+        if trainer.world_size > 1:
+            bad_ranks = trainer.strategy.reduce((~torch.isfinite(values)).any().float(), reduce_op="sum")
+            values = torch.cat([values, bad_ranks.reshape(1)])
+        event = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        where = (trainer.global_step, trainer.current_epoch, self._batch_idx)
+        self._pending = (values, event, num_losses, [names.get(id(p), "a parameter") for p in params], where)
+
+    def _check_pending(self, trainer: pl.Trainer) -> None:
+        """The verdict on the deferred step, if any: stop the run naming it when it was not finite."""
+        if self._pending is None:
+            return
+        values, event, num_losses, names, where = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()  # this step's copy only: the device runs on with the steps queued after it
+        distributed = trainer.world_size > 1
+        checked, bad_ranks = (values[:-1], float(values[-1])) if distributed else (values, 0.0)
+        if bool(torch.isfinite(checked).all()) and bad_ranks == 0:
+            return
+        losses, norms = checked[:num_losses], checked[num_losses:]
+        if not bool(torch.isfinite(losses).all()):
+            what = f"training loss ({losses[~torch.isfinite(losses)][0].item()})"
+        elif not bool(torch.isfinite(norms).all()):
+            first = int((~torch.isfinite(norms)).nonzero()[0])
+            what = f"gradient of {names[first]} ({'nan' if torch.isnan(norms[first]) else 'inf'})"
+        else:
+            what = "loss or gradient on another rank"
+        self._stop(trainer, what, where=where)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_pending(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_pending(trainer)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._check_pending(trainer)
         weights = [p.detach() for p in pl_module.parameters()]
         if weights and not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):
             name = next(n for n, p in pl_module.named_parameters() if not torch.isfinite(p.detach()).all())
@@ -591,7 +658,7 @@ class NonFiniteGuard(pl.Callback):
                 return f"gradient of {names.get(id(p), 'a parameter')} ({kind})"
         return "loss or gradient on another rank"
 
-    def _stop(self, trainer: pl.Trainer, what: str, saving: bool = False) -> None:
+    def _stop(self, trainer: pl.Trainer, what: str, saving: bool = False, where: tuple | None = None) -> None:
         from ssvae_pl.errors import NumericalError
 
         last = _last_checkpoint_path(trainer)
@@ -601,6 +668,9 @@ class NonFiniteGuard(pl.Callback):
             kept = "no checkpoint was written yet (the first epoch had not ended). Start again after"
         if saving:
             happened = f"refusing to write a checkpoint with non-finite {what} at global step {trainer.global_step}"
+        elif where is not None:  # a deferred verdict: that step was taken, nothing was written since
+            happened = (f"non-finite {what} at global step {where[0]} (epoch {where[1]}, batch {where[2]}); the run "
+                        "stopped before writing anything after it")
         else:
             skips = f" after {self.consecutive - 1} skipped in a row" if self.action == "skip" else ""
             happened = (f"non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "

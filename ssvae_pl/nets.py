@@ -311,10 +311,21 @@ class ConditionalGaussianEncoder(nn.Module):
 
     def all_classes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), each (B, K, Z): q(z|x,y) for every class y, the x part computed once per image."""
-        h = self._image_part(x)  # (B, H): the pixels (or the conv trunk) once per image
-        h = h.unsqueeze(1) + self.class_bias  # (B, K, H): the class dimension folded in beside the batch
-        mean, std = self._head(h.flatten(0, 1))  # (B*K, Z), (B*K, Z)
-        return mean.unflatten(0, h.shape[:2]), std.unflatten(0, h.shape[:2])  # (B, K, Z), (B, K, Z)
+        no_labels = torch.zeros(0, dtype=torch.long, device=x.device)
+        mean, std = self.labelled_and_all_classes(x[:0], no_labels, x)  # (B*K, Z), (B*K, Z)
+        shape = (len(x), len(self.class_bias))
+        return mean.unflatten(0, shape), std.unflatten(0, shape)  # (B, K, Z), (B, K, Z)
+
+    def labelled_and_all_classes(self, x_l: torch.Tensor, y_l: torch.Tensor,
+                                 x_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (B_l + B_u K, Z), in one pass: q(z|x,y) of the B_l images ``x_l`` in their classes
+        ``y_l`` (indices), then of the B_u images ``x_u`` in every class (row B_l + i K + y); the x part is
+        computed once per image, the class part added to it (its rows of ``class_bias``)."""
+        h = self._image_part(torch.cat([x_l, x_u]))  # (B_l + B_u, H)
+        b_l = len(x_l)
+        pre = torch.cat([h[:b_l] + self.class_bias[y_l],  # (B_l, H)
+                         (h[b_l:].unsqueeze(1) + self.class_bias).flatten(0, 1)])  # (B_u K, H)
+        return self._head(pre)
 
 
 class ClassConditional:

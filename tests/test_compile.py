@@ -36,3 +36,31 @@ def test_compiled_m2_trains_and_its_checkpoint_loads_without_compile(tmp_path, m
 def test_unknown_compile_backend_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="model.compile='nonsense'"):
         tiny_m2(compile="nonsense")
+
+
+def test_a_torch_compile_mode_is_a_valid_setting() -> None:
+    model = tiny_m2(compile="reduce-overhead")  # compiled lazily: building it compiles nothing
+    assert model._training_loss is not model.loss_terms
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_give_the_eager_loss_step_after_step_and_train(tmp_path, make_dm) -> None:
+    eager, graphed = tiny_m2().cuda(), tiny_m2(compile="reduce-overhead").cuda()
+    graphed.load_state_dict(eager.state_dict())
+    for seed in range(4):  # replays after the capture: each call's outputs are its own, not a stale buffer
+        generator = torch.Generator().manual_seed(seed)
+        batch = {"labelled": (binary_images(8, seed=seed).cuda(), torch.arange(8).cuda()),
+                 "unlabelled": binary_images(16, seed=seed + 10).cuda()}
+        eps = dict(eps_labelled=torch.randn(8, 4, generator=generator).cuda(),
+                   eps_unlabelled=torch.randn(16, 10, 4, generator=generator).cuda())
+        expected = eager.loss_terms(batch, **eps)["loss"]
+        loss = graphed._training_loss(batch, **eps)["loss"]
+        assert torch.allclose(loss, expected, rtol=1e-4), (seed, loss.item(), expected.item())
+        loss.backward()
+    before = [p.detach().clone() for p in graphed.parameters()]
+    trainer = quiet_trainer(accelerator="gpu", devices=1, max_steps=6, limit_val_batches=0,
+                            default_root_dir=str(tmp_path))
+    trainer.fit(graphed, datamodule=make_dm())
+    after = list(graphed.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(b.cpu(), a.detach().cpu()) for b, a in zip(before, after))

@@ -18,7 +18,7 @@ import yaml
 from conftest import quiet_trainer
 from ssvae_pl.callbacks import NonFiniteGuard
 from ssvae_pl.checkpoint_io import AtomicCheckpointIO
-from ssvae_pl.errors import NumericalError
+from ssvae_pl.errors import ConfigError, NumericalError
 from test_cli import COMMAND, REPO, VAE_CONFIG, assert_one_line_user_error, cli_data, data_args, ok  # noqa: F401
 
 TESTS = Path(__file__).resolve().parent
@@ -90,6 +90,39 @@ def test_stop_names_the_parameter_of_a_non_finite_gradient(make_dm) -> None:
     with pytest.raises(NumericalError, match=r"gradient of decoder\.net\.0\.weight \(inf\) at global step 2 \(epoch 0"):
         trainer.fit(model, datamodule=make_dm())
     assert finite(model.state_dict())  # the step was never taken
+
+
+@pytest.mark.parametrize("nan_in, step, what", [("grad", 2, r"gradient of decoder\.net\.0\.weight \(inf\)"),
+                                                ("loss", 3, r"training loss \(nan\)")])
+def test_a_deferred_verdict_names_the_bad_step_one_step_later(make_dm, nan_in: str, step: int, what: str) -> None:
+    """deferred (a GPU's default with stop): the host never waits for a step's verdict; it reads it at the next
+    step and stops there, naming the bad step and what was not finite."""
+    model = nan_vae(nan_steps=[step], nan_in=nan_in)
+    guard = NonFiniteGuard(deferred=True)
+    trainer = quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=[guard])
+    with pytest.raises(NumericalError, match=rf"{what} at global step {step} \(epoch 0, batch {step}\); the run "
+                                             "stopped before writing anything"):
+        trainer.fit(model, datamodule=make_dm())
+    assert trainer.global_step == step + 1  # the bad step was taken, the next one found it
+
+
+def test_a_deferred_verdict_is_read_before_a_checkpoint_and_at_the_end(make_dm, tmp_path: Path) -> None:
+    model = nan_vae(nan_steps=[1], nan_in="grad")
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[NonFiniteGuard(deferred=True)])
+    with pytest.raises(NumericalError, match="global step 1"):  # the last step: read when fitting ends
+        trainer.fit(model, datamodule=make_dm())
+    model, guard = nan_vae(), NonFiniteGuard(deferred=True)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[guard])
+    trainer.fit(model, datamodule=make_dm())  # finite throughout: nothing to say
+    guard._defer(trainer, model, torch.tensor([float("nan")]), 1, [])  # a bad step not read yet
+    with pytest.raises(NumericalError, match=r"training loss \(nan\) at global step 2"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_deferred_skip_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="deferred needs action stop"):
+        NonFiniteGuard(action="skip", deferred=True)
 
 
 def test_no_checkpoint_is_written_with_non_finite_weights(make_dm, tmp_path: Path) -> None:

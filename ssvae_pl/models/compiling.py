@@ -1,4 +1,10 @@
-"""The opt-in ``compile`` of the models: torch.compile applied to the training loss, not to the module."""
+"""The opt-in ``compile`` of the models: torch.compile applied to the training loss, not to the module.
+
+``model.compile`` takes ``true`` (inductor, torch.compile's default), a torch.compile mode, or a backend's name. The
+mode ``reduce-overhead`` (and ``max-autotune``) also captures the compiled forward and backward passes in CUDA graphs
+on a GPU: each step replays them with one launch each instead of hundreds, so a small model's step costs the GPU's
+arithmetic rather than the host's kernel launches. On a CPU those modes compile like ``true``.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,35 @@ import torch
 
 from ssvae_pl.errors import ConfigError
 
-CompileSetting = Union[bool, str]  # False, True (torch.compile's default backend) or a backend's name
+CompileSetting = Union[bool, str]  # False, True, a torch.compile mode or a backend's name
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_compile(setting: CompileSetting) -> None:
-    if isinstance(setting, str) and setting not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ConfigError(f"model.compile={setting!r} is not a torch.compile backend; use true, false or one of "
-                          f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}.")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if isinstance(setting, str) and setting not in MODES and setting not in backends:
+        raise ConfigError(f"model.compile={setting!r} is neither a torch.compile mode nor a backend; use true, "
+                          f"false, one of the modes {list(MODES)} or a backend of {sorted(backends)}.")
 
 
 def compiled(fn: Callable, setting: CompileSetting) -> Callable:
-    """``fn`` itself when ``setting`` is False, else ``torch.compile(fn)`` (with the named backend, if a string).
+    """``fn`` itself when ``setting`` is False, else ``fn`` through torch.compile with the given mode or backend.
     Compiling the bound loss method leaves the module and its state dict untouched: checkpoints carry no
-    ``_orig_mod.`` keys and load without compile."""
+    ``_orig_mod.`` keys and load without compile. With CUDA graphs, each call starts a new step
+    (``cudagraph_mark_step_begin``): the previous step's outputs, already used, may be overwritten."""
     if setting is False:
         return fn
-    return torch.compile(fn) if setting is True else torch.compile(fn, backend=setting)
+    if setting is True:
+        return torch.compile(fn)
+    if setting not in MODES:
+        return torch.compile(fn, backend=setting)
+    graph = torch.compile(fn, mode=setting)
+    if setting not in CUDA_GRAPH_MODES:
+        return graph
+
+    def step(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return graph(*args, **kwargs)
+
+    return step

@@ -124,8 +124,9 @@ class M2(pl.LightningModule):
             binarisation under ``data.binarize: dynamic``).
         class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
             that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
-        compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
-            checkpoint does not depend on it.
+        compile: ``torch.compile`` the training loss: ``true``, a mode (``reduce-overhead``: CUDA graphs on a
+            GPU) or a backend's name (``ssvae_pl.models.compiling``); off by default. The checkpoint does not
+            depend on it.
     """
 
     def __init__(
@@ -333,15 +334,11 @@ class M2(pl.LightningModule):
                                    self.log_prior_y)
 
     def class_bounds(self, h: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """L(x, y) for every class y at once: h (B, ...) -> (B, K). ``eps`` (B, K, Z) fixes the noise."""
-        batch, k = h.shape[0], self.hparams.num_classes
-        mean, std = self.encoder.all_classes(h)  # (B, K, Z), (B, K, Z)
-        z = self._sample_z(mean, std, eps).flatten(0, 1)  # (B*K, Z): the class dimension folded into the batch
-        y = torch.arange(k, device=h.device).repeat(batch)  # (B*K,)
-        h_k = h.unsqueeze(1).expand(batch, k, *h.shape[1:]).flatten(0, 1)  # (B*K, ...)
-        log_likelihood = self._log_likelihood(h_k, y, z).view(batch, k)  # (B, K)
-        kl = elbo.kl_standard_normal(mean.flatten(0, 1), std.flatten(0, 1)).view(batch, k)  # (B, K)
-        return elbo.labelled_bound(log_likelihood, kl, self.log_prior_y)
+        """L(x, y) for every class y at once: h (B, ...) -> (B, K). ``eps`` (B, K, Z) fixes the noise. The class
+        dimension is folded into the batch (``mixed_bounds`` with no labelled rows)."""
+        no_labels = torch.zeros(0, dtype=torch.long, device=h.device)
+        no_eps = None if eps is None else eps.new_zeros(0, eps.shape[-1])
+        return self.mixed_bounds(h[:0], no_labels, h, no_eps, eps)[1]
 
     def unlabelled_bound(self, h: torch.Tensor, eps: torch.Tensor | None = None,
                          logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,14 +352,10 @@ class M2(pl.LightningModule):
                      eps_unlabelled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """L(x, y) of the labelled examples (B_l,) and of every unlabelled one in every class (B_u, K) in ONE pass
         of the encoder and the decoder: the B_l labelled rows and the B_u K (image, class) rows stacked as one
-        batch, the encoder's image part computed once per image. The same numbers as ``labelled_bound`` and
-        ``class_bounds``, in half the operator calls (which is what a small model's step costs)."""
+        batch, the encoder's image part computed once per image. The same numbers as ``labelled_bound`` class by
+        class, in a fraction of the operator calls (which is what a small model's step costs)."""
         b_l, b_u, k = len(h_l), len(h_u), self.hparams.num_classes
-        image_part = self.encoder._image_part(torch.cat([h_l, h_u]))  # (B_l + B_u, H)
-        class_bias = self.encoder.class_bias  # (K, H)
-        pre = torch.cat([image_part[:b_l] + class_bias[y_l],
-                         (image_part[b_l:].unsqueeze(1) + class_bias).flatten(0, 1)])  # (B_l + B_u K, H)
-        mean, std = self.encoder._head(pre)  # (R, Z) each, R = B_l + B_u K
+        mean, std = self.encoder.labelled_and_all_classes(h_l, y_l, h_u)  # (R, Z) each, R = B_l + B_u K
         eps = None if eps_labelled is None else torch.cat([eps_labelled, eps_unlabelled.flatten(0, 1)])
         z = self._sample_z(mean, std, eps)
         y = torch.cat([y_l, torch.arange(k, device=y_l.device).repeat(b_u)])  # (R,)

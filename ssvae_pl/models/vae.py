@@ -101,8 +101,9 @@ class VAE(pl.LightningModule):
             is a true bound in nats; ``val/bits_per_dim`` and ``test/bits_per_dim`` are logged with it.
         class_names: the classes' names, in label order; linked from the data module and kept in the checkpoint, so
             that ``ssvae predict`` writes them (an image folder's sub-folder names). ``None``: ``0`` ... ``K-1``.
-        compile: ``torch.compile`` the training loss (``true``, or a backend's name); off by default. The
-            checkpoint does not depend on it.
+        compile: ``torch.compile`` the training loss: ``true``, a mode (``reduce-overhead``: CUDA graphs on a
+            GPU) or a backend's name (``ssvae_pl.models.compiling``); off by default. The checkpoint does not
+            depend on it.
         kl_warmup_epochs: KL warm-up (deterministic annealing; Bowman et al. 2016, Sonderby et al. 2016): the
             training loss weighs the KL term by beta, rising linearly from 0 to 1 over this many epochs (step by
             step), then the true ELBO. Early on the encoder is free to use its latent dimensions before the KL
