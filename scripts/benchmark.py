@@ -18,10 +18,10 @@ For each model it times, after warm-up steps, the same model, batch and optimise
                 false``): the host waits for the device at every step
     uncached    (M1+M2 only) Trainer.fit with ``m1_cache: off``: M1's frozen encoder runs on every batch, where
                 ``lightning`` and ``reference`` draw z1 from q(z1|x) cached once (M1+M2's fast path)
-    fit         ``ssvae fit`` of the shipped config (configs/mnist/m1_vae.yaml, m2.yaml, m1m2.yaml) for two epochs,
-                as a user runs it: validation, checkpoints, the TensorBoard pictures and every callback; the second
-                epoch's time, validation included (``epoch s``; ``of it validation``: validation, checkpoints and
-                pictures), and its training loop (``ms/step``)
+    fit         ``ssvae fit`` of the shipped config (configs/mnist/m1_vae.yaml, m2.yaml, m1m2.yaml) for three
+                epochs, as a user runs it: validation, checkpoints and every callback; the second epoch's time,
+                validation included (``epoch s``; ``of it validation``: validation and checkpoints; the pictures,
+                drawn every 10 epochs and at the end, fall in no such epoch), and its training loop (``ms/step``)
 
 and prints images per second (labelled and unlabelled), milliseconds per step, the seconds one epoch over the 50,000
 training images would take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
@@ -222,11 +222,12 @@ def time_lightning(model, dm, device, precision, warmup: int, steps: int, callba
 
 
 def time_fit(name: str, args, device: torch.device) -> tuple[float, float]:
-    """``ssvae fit`` of the shipped config for two epochs in a fresh process, as a user runs it: (seconds of the
-    second epoch's training loop, ``time/epoch_seconds``; seconds of the whole second epoch with its validation,
-    checkpoints and pictures, between the two epochs' ``time/elapsed_seconds``)."""
+    """``ssvae fit`` of the shipped config for three epochs in a fresh process, as a user runs it: (seconds of the
+    second epoch's training loop, ``time/epoch_seconds``; seconds of the whole second epoch with its validation and
+    checkpoints, between the first two epochs' ``time/elapsed_seconds``). The first epoch holds the warm-up (and
+    compilation), the last one the pictures that every run draws once at its end."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "ssvae_pl.cli", "fit", "-c", CONFIGS[name], "--trainer.max_epochs", "2",
+        command = [sys.executable, "-m", "ssvae_pl.cli", "fit", "-c", CONFIGS[name], "--trainer.max_epochs", "3",
                    "--trainer.precision", args.precision, "--data.data_dir", args.data_dir,
                    "--trainer.logger.init_args.save_dir", folder, "--trainer.enable_progress_bar", "false"]
         if name == "m1m2":
@@ -310,7 +311,7 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=["vae", "m2", "m1m2"], default=["vae", "m2"])
@@ -343,7 +344,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
     parser.add_argument("--docs", default=None, metavar="MARKDOWN", help="render the table, the command and the "
                         "machine into MARKDOWN between <!-- benchmark PRECISION DEVICE --> markers")
+    parser.add_argument("--render", default=None, metavar="JSON", help="render a measured table (its JSON, written "
+                        "by an earlier run, e.g. on another machine) into --docs instead of measuring")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.render:
+        if not args.docs:
+            parser.error("--render needs --docs MARKDOWN")
+        render(json.loads(Path(args.render).read_text()), Path(args.docs))
+        print(f"rendered {args.render} into {args.docs}")
+        return
     try:
         args.data_options = {key: yaml.safe_load(value) for key, _, value in
                              (option.partition("=") for option in args.data_option) if key and _}
@@ -382,15 +396,30 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"argv": ["scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])], "machine": machine,
+              "setting": setting, "rows": rows}
     with atomic_output(out, overwrite=True) as temporary:
-        temporary.write_text(json.dumps({"argv": sys.argv, "machine": machine, "setting": setting, "rows": rows},
-                                        indent=1))
+        temporary.write_text(json.dumps(record, indent=1))
     print(f"\nwritten: {out}")
     if args.docs:
-        command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        replace_marked_section(Path(args.docs), f"benchmark {args.precision} {device.type}{' tiny' * args.tiny}",
-                               "\n".join([f"`{command}`", "", f"Machine: {setting}.", "", *lines]))
+        render(record, Path(args.docs))
         print(f"rendered into {args.docs}")
+
+
+def render(record: dict, docs: Path) -> None:
+    """A measured table (the JSON record) with its command and machine, between ``<!-- benchmark PRECISION DEVICE
+    [tiny] -->`` markers in ``docs``; the command without ``--json`` and ``--docs``, which say where it wrote."""
+    shown, skip = [], False
+    for arg in record["argv"][1:]:
+        if skip or arg in ("--json", "--docs"):
+            skip = not skip
+            continue
+        shown.append(arg)
+    command = "python scripts/benchmark.py " + " ".join(shown)
+    args = build_parser().parse_args(shown)
+    key = f"benchmark {args.precision} {torch.device(args.device).type}{' tiny' * args.tiny}"
+    replace_marked_section(docs, key, "\n".join([f"`{command}`", "", f"Machine: {record['setting']}.", "",
+                                                 *table_lines(record["rows"])]))
 
 
 if __name__ == "__main__":

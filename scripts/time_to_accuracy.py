@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -57,20 +58,26 @@ def first_reaching(accuracies: list[float], seconds: list[float], target: float)
     return None, None
 
 
+def summarise_run(run: Path, fit_arguments: list[str], target: float) -> dict:
+    """The record of a fit's run folder (its TensorBoard events): when val/acc reached ``target``, and the test
+    accuracy when ``ssvae test`` has logged one into the run (else None)."""
+    accuracies, elapsed = read_series(run, "val/acc"), read_series(run, "time/elapsed_seconds")
+    epoch, seconds = first_reaching(accuracies, elapsed, target)
+    return {"fit": fit_arguments, "target": target, "epoch_reached": epoch, "seconds_to_target": seconds,
+            "epochs": len(accuracies), "fit_seconds_in_all": None,
+            "fit_seconds_at_last_epoch": elapsed[-1] if elapsed else None,
+            "val_acc_last": accuracies[-1] if accuracies else None,
+            "val_acc_best": max(accuracies) if accuracies else None,
+            "test_acc_last_ckpt": read_scalars(run).get("test/acc"), "run": str(run)}
+
+
 def measure(fit_arguments: list[str], target: float, save_dir: Path) -> dict:
     fit_seconds = ssvae(["fit", *fit_arguments, "--trainer.logger.init_args.save_dir", str(save_dir),
                          "--trainer.enable_progress_bar", "false"])
     (run,) = sorted(save_dir.glob("*/version_*"))
-    accuracies, elapsed = read_series(run, "val/acc"), read_series(run, "time/elapsed_seconds")
-    epoch, seconds = first_reaching(accuracies, elapsed, target)
     ssvae(["test", *fit_arguments, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
            "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false"])
-    return {"fit": fit_arguments, "target": target, "epoch_reached": epoch, "seconds_to_target": seconds,
-            "epochs": len(accuracies), "fit_seconds_in_all": fit_seconds,
-            "fit_seconds_at_last_epoch": elapsed[-1] if elapsed else None,
-            "val_acc_last": accuracies[-1] if accuracies else None,
-            "val_acc_best": max(accuracies) if accuracies else None,
-            "test_acc_last_ckpt": read_scalars(run)["test/acc"], "run": str(run)}
+    return {**summarise_run(run, fit_arguments, target), "fit_seconds_in_all": fit_seconds}
 
 
 def render(records: list[dict], docs: Path, key: str) -> None:
@@ -80,9 +87,10 @@ def render(records: list[dict], docs: Path, key: str) -> None:
     for r in records:
         reached = "not reached" if r["epoch_reached"] is None else str(r["epoch_reached"])
         seconds = "" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
-        lines.append(f"| {r['name']} | {r['target']:.3f} | {reached} | {seconds} | {r['epochs']} | "
-                     f"{r['fit_seconds_in_all']:.0f} | {r['val_acc_best']:.4f} / {r['val_acc_last']:.4f} | "
-                     f"{r['test_acc_last_ckpt']:.4f} |")
+        whole = "—" if r["fit_seconds_in_all"] is None else f"{r['fit_seconds_in_all']:.0f}"
+        test = "not measured" if r["test_acc_last_ckpt"] is None else f"{r['test_acc_last_ckpt']:.4f}"
+        lines.append(f"| {r['name']} | {r['target']:.3f} | {reached} | {seconds} | {r['epochs']} | {whole} | "
+                     f"{r['val_acc_best']:.4f} / {r['val_acc_last']:.4f} | {test} |")
     machines = sorted({f"{r['machine']}; torch {r['torch']}, pytorch-lightning {r['lightning']}" for r in records})
     body = ["Commands:", "", *[f"- {r['name']}: `{r['command']}`" for r in records], "",
             f"Machine: {'; '.join(machines)}. Seconds to the target: the fit's clock at the end of that epoch "
@@ -103,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", nargs="+", default=None, metavar="JSON", help="render these records instead "
                         "of measuring (with --docs and --key)")
     parser.add_argument("--docs", default=None, metavar="MARKDOWN", help="the file --render writes into")
+    parser.add_argument("--from-run", default=None, metavar="RUN", help="make the record from this run folder of an "
+                        "earlier fit of the same arguments (one stopped before its test) instead of fitting; "
+                        "--machine, --torch and --lightning then name where that fit ran")
+    parser.add_argument("--machine", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--torch", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lightning", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--key", default="gpu", help="the marked section's key (default: gpu)")
     parser.add_argument("fit", nargs=argparse.REMAINDER, help="-- then `ssvae fit`'s arguments")
     args = parser.parse_args(argv)
@@ -117,12 +131,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give `ssvae fit`'s arguments after --, e.g. -- -c configs/mnist/m2.yaml")
     if args.target is None or not 0 < args.target <= 1:
         parser.error(f"--target: an accuracy in (0, 1] is needed, got {args.target}")
-    save_dir = Path(args.save_dir) / time.strftime("%Y%m%d-%H%M%S")
-    record = measure(fit, args.target, save_dir)
+    if args.from_run:
+        record = summarise_run(Path(args.from_run), fit, args.target)
+    else:
+        record = measure(fit, args.target, Path(args.save_dir) / time.strftime("%Y%m%d-%H%M%S"))
     configs = [fit[i + 1] for i, arg in enumerate(fit[:-1]) if arg in ("-c", "--config")]
-    record.update(name=args.name or (Path(configs[0]).stem if configs else "fit"), machine=describe_machine(),
-                  torch=torch.__version__, lightning=pl.__version__,
-                  command="python scripts/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    name = args.name or (Path(configs[0]).stem if configs else "fit")
+    command = ["--target", str(args.target), "--name", name, "--", *fit]  # what measures it (--from-run: measured)
+    record.update(name=name, machine=args.machine or describe_machine(), torch=args.torch or torch.__version__,
+                  lightning=args.lightning or pl.__version__,
+                  command="python scripts/time_to_accuracy.py " + shlex.join(command))
     text = json.dumps(record, indent=1)
     print(text)
     if args.json:

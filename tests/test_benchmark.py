@@ -49,3 +49,11 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
     assert "<!-- benchmark 32-true cpu -->" in text and "<!-- /benchmark 32-true cpu -->" in text
     assert "python scripts/benchmark.py --models vae m2 m1m2 --fit" in text
     assert text.count("| m2 | fit |") == 1 and "Machine: device cpu" in text
+
+    # the same table rendered again from its JSON alone (as one measured on another machine is): the same section
+    again = tmp_path / "again.md"
+    done = subprocess.run([sys.executable, "scripts/benchmark.py", "--render", str(out), "--docs", str(again)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = text[text.index("<!-- benchmark 32-true cpu -->"):]
+    assert again.read_text().strip() == section.strip() and "--json" not in section

@@ -56,6 +56,7 @@ def test_cuda_graphs_give_the_eager_loss_step_after_step_and_train(tmp_path, mak
         expected = eager.loss_terms(batch, **eps)["loss"]
         loss = graphed._training_loss(batch, **eps)["loss"]
         assert torch.allclose(loss, expected, rtol=1e-4), (seed, loss.item(), expected.item())
+        graphed.zero_grad(set_to_none=True)  # as every optimiser step does: graphed gradients are not accumulated
         loss.backward()
     before = [p.detach().clone() for p in graphed.parameters()]
     trainer = quiet_trainer(accelerator="gpu", devices=1, max_steps=6, limit_val_batches=0,
@@ -64,3 +65,10 @@ def test_cuda_graphs_give_the_eager_loss_step_after_step_and_train(tmp_path, mak
     after = list(graphed.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(b.cpu(), a.detach().cpu()) for b, a in zip(before, after))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_refuse_to_accumulate_gradients(make_dm) -> None:
+    trainer = quiet_trainer(accelerator="gpu", devices=1, max_steps=2, limit_val_batches=0, accumulate_grad_batches=2)
+    with pytest.raises(ConfigError, match="accumulate_grad_batches=2"):
+        trainer.fit(tiny_m2(compile="reduce-overhead"), datamodule=make_dm())

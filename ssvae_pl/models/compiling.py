@@ -26,6 +26,15 @@ def check_compile(setting: CompileSetting) -> None:
                           f"false, one of the modes {list(MODES)} or a backend of {sorted(backends)}.")
 
 
+def check_graphs_can_train(setting: CompileSetting, trainer) -> None:
+    """CUDA graphs write each step's gradients into the same buffers, so they cannot add up several batches' own."""
+    accumulate = trainer.accumulate_grad_batches
+    if setting in CUDA_GRAPH_MODES and accumulate > 1 and trainer.strategy.root_device.type == "cuda":
+        raise ConfigError(f"model.compile={setting} (CUDA graphs) cannot accumulate gradients over "
+                          f"trainer.accumulate_grad_batches={accumulate} batches; use model.compile true, or a "
+                          f"batch {accumulate} times larger.")
+
+
 def compiled(fn: Callable, setting: CompileSetting) -> Callable:
     """``fn`` itself when ``setting`` is False, else ``fn`` through torch.compile with the given mode or backend.
     Compiling the bound loss method leaves the module and its state dict untouched: checkpoints carry no

@@ -11,7 +11,7 @@ import torch
 
 from ssvae_pl import elbo
 from ssvae_pl.prediction import check_class_names
-from ssvae_pl.models.compiling import CompileSetting, check_compile, compiled
+from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
@@ -208,6 +208,9 @@ class VAE(pl.LightningModule):
         if self.hparams.kl_warmup_epochs > 0 and beta < 1.0:
             self.log("train/kl_weight", beta, on_step=True, on_epoch=False)
         return -terms["elbo"].mean() if beta == 1.0 else -(terms["recon"] - beta * terms["kl"]).mean()
+
+    def on_fit_start(self) -> None:
+        check_graphs_can_train(self.hparams.compile, self.trainer)
 
     def on_train_epoch_end(self) -> None:
         self._step_scalars.log_epoch(self)
