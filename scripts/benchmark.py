@@ -5,7 +5,8 @@ For each model it times, after warm-up steps, the same model, batch and optimise
 
     lightning   Trainer.fit on SemiSupervisedDataModule: the product's path (index-gathered uint8 batches, floats and
                 binarisation on the device, the images held on the GPU there, metrics logged every step)
-    reference   a hand-written loop: the same module's loss on batches indexed from in-memory tensors, Adam
+    reference   a hand-written loop: the same module's loss on batches indexed from in-memory tensors, fused Adam
+                (as the configs; ``lightning`` uses the same optimiser)
     naive       (M2 only) the reference loop with the sum over classes done the naive way: the whole bound evaluated
                 once per class (the encoder's first layer re-reads the pixels K times)
     compiled    Trainer.fit with ``model.compile: true``: the training loss through torch.compile (inductor); its
@@ -176,7 +177,7 @@ def step_flops(model: pl.LightningModule, batch: dict, naive: bool = False) -> i
 def time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool) -> float:
     """Seconds per step of the hand-written loop."""
     model.to(device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
@@ -211,7 +212,7 @@ class _StepClock(pl.Callback):
 def time_lightning(model, dm, device, precision, warmup: int, steps: int, callbacks=()) -> float:
     """Seconds per step of Trainer.fit, as ``ssvae fit`` runs it (logging every step, no checkpoints)."""
     model.configure_optimizers = lambda: torch.optim.Adam(  # the reference's optimiser, not the config's
-        [p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     clock = _StepClock(warmup)
     trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, max_epochs=1,
                          limit_train_batches=warmup + steps, limit_val_batches=0, logger=False,
