@@ -532,7 +532,7 @@ class NonFiniteGuard(pl.Callback):
         if deferred and action == "skip":
             raise ConfigError("NonFiniteGuard.deferred needs action stop: skip decides before the optimiser's step.")
         self.action, self.check_gradients, self.max_skips, self.deferred = action, check_gradients, max_skips, deferred
-        self._pending: tuple | None = None  # a deferred step's (host copy, its copy's event, what it holds, where)
+        self._pending: tuple | None = None  # a deferred step's values (on the host), their copy's event, what they are
         self.skipped = 0  # steps skipped in this run (kept in the checkpoint)
         self.consecutive = 0
         self._losses: list[torch.Tensor] = []
@@ -607,15 +607,14 @@ class NonFiniteGuard(pl.Callback):
             event = torch.cuda.Event()
             event.record()
             values = host
-        names = {id(p): n for n, p in pl_module.named_parameters()}
         where = (trainer.global_step, trainer.current_epoch, self._batch_idx)
-        self._pending = (values, event, num_losses, [names.get(id(p), "a parameter") for p in params], where)
+        self._pending = (values, event, num_losses, params, pl_module, where)
 
     def _check_pending(self, trainer: pl.Trainer) -> None:
         """The verdict on the deferred step, if any: stop the run naming it when it was not finite."""
         if self._pending is None:
             return
-        values, event, num_losses, names, where = self._pending
+        values, event, num_losses, params, pl_module, where = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()  # this step's copy only: the device runs on with the steps queued after it
@@ -628,7 +627,8 @@ class NonFiniteGuard(pl.Callback):
             what = f"training loss ({losses[~torch.isfinite(losses)][0].item()})"
         elif not bool(torch.isfinite(norms).all()):
             first = int((~torch.isfinite(norms)).nonzero()[0])
-            what = f"gradient of {names[first]} ({'nan' if torch.isnan(norms[first]) else 'inf'})"
+            name = next((n for n, p in pl_module.named_parameters() if p is params[first]), "a parameter")
+            what = f"gradient of {name} ({'nan' if torch.isnan(norms[first]) else 'inf'})"
         else:
             what = "loss or gradient on another rank"
         self._stop(trainer, what, where=where)
