@@ -75,6 +75,7 @@ from ssvae_pl.results import read_series, replace_marked_section  # noqa: E402
 
 CONFIGS = {"vae": "configs/mnist/m1_vae.yaml", "m2": "configs/mnist/m2.yaml", "m1m2": "configs/mnist/m1m2.yaml"}
 REPO = Path(__file__).resolve().parents[1]
+GPU_WAYS = ("graphed", "guarded", "synced")  # Lightning with CUDA graphs: alone, with the deferred or synced guard
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -109,8 +110,7 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
                tiny: bool = False) -> pl.LightningModule:
     """The configs' model, or with ``tiny`` the same model one unit wide everywhere (hidden layers and z), whose step
     is almost all framework and launch overhead: the proxy of host work per step."""
-    compile = {"compiled": True, "graphed": "reduce-overhead", "guarded": "reduce-overhead",
-               "synced": "reduce-overhead"}.get(way, False)  # model.compile
+    compile = True if way == "compiled" else "reduce-overhead" if way in GPU_WAYS else False  # model.compile
     sizes = {"hidden_dims": [1], "latent_dim": 1} if tiny else {}
     if name == "vae":
         return VAE(compile=compile, **sizes)  # the paper's M1: 784-600-600-50
@@ -256,7 +256,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images, steps = batch + labelled_batch, dm.num_train / batch  # images a step, steps an epoch
     rows = []
-    gpu_ways = ["graphed", "guarded", "synced"] if device.type == "cuda" else []
+    gpu_ways = GPU_WAYS if device.type == "cuda" else ()
     ways = ["reference", "lightning", "compiled", *gpu_ways, *{"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]]
     ways = [way for way in ways if way == "reference" or not args.ways or way in args.ways]  # reference: the ratios'
     for way in ways:
@@ -268,7 +268,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             cached = Batches(dm, device, labelled_batch, batch, model)
         way_batches = cached if name == "m1m2" and way != "uncached" else batches
         flops = step_flops(model, way_batches(), naive=way == "naive")
-        if way in ("lightning", "uncached", "compiled", "graphed", "guarded", "synced"):
+        if way not in ("reference", "naive"):  # through Trainer.fit
             guard = {"guarded": [NonFiniteGuard()], "synced": [NonFiniteGuard(deferred=False)]}.get(way, [])
             seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps, guard)
         else:
