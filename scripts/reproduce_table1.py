@@ -30,14 +30,15 @@ the best on validation: choosing on 10,000 validation labels would flatter a 100
 version; error = 100 * (1 - test/acc). Every stage gets `--seed_everything <seed> --data.seed <seed>`, the classifier
 stages `--data.num_labelled <N>`.
 
-Resuming. Each finished stage is recorded (its command, duration and, for tests, test/acc) in
+Resuming. Each finished stage is recorded (its command, its configs' digests, duration and, for tests, test/acc) in
 docs/runs/table1-<profile>.json (table1-<dataset>-<profile>.json for the colour datasets; --record names another
 file; with --out, results.json there), which is kept in git. A recorded stage is skipped, so rerunning the same
 command resumes an interrupted sweep, in a later sitting or a fresh clone (the unfinished stage restarts from
 scratch). A recorded fit whose checkpoint is gone (a fresh clone has the record, not the runs) runs again when a
 stage still to run needs it: a seed's VAE, for its classifiers still to train. Adding seeds or label counts to a
 finished sweep runs only the new stages. A recorded stage whose command differs from the planned one (e.g. after
-changing EPOCHS) stops the script: use a new --out folder or --record file.
+changing EPOCHS), or whose config files have changed since it ran, stops the script: use a new --out folder or
+--record file.
 
 Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
 
@@ -81,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import shlex
 import shutil
@@ -334,13 +336,26 @@ def command_line(stage: Stage) -> str:
     return shlex.join(["ssvae", *stage.args])
 
 
+def config_digests(args: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The SHA-256 (16 hex digits) of each config file a stage reads (its ``-c`` arguments), by path: a record keeps
+    them, so that a config edited after the stage ran is noticed."""
+    paths = [path for flag, path in zip(args, args[1:]) if flag == "-c"]
+    return {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:16] for path in paths}
+
+
 def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
+    """Refuse to reuse a record made by another command, or by the same command with other config files."""
+    fix = "Use a new --out folder, or another --record file, to run the sweep with the new settings."
     if record["args"] != list(stage.args):
         raise StageFailed(
             f"{stage.key} in {cache_file} was run with a different command:\n  recorded: "
-            f"{shlex.join(['ssvae', *record['args']])}\n  planned:  {command_line(stage)}\n"
-            "Use a new --out folder, or another --record file, to run the sweep with the new settings."
+            f"{shlex.join(['ssvae', *record['args']])}\n  planned:  {command_line(stage)}\n{fix}"
         )
+    recorded, now = record.get("configs", {}), config_digests(stage.args)
+    changed = [path for path in now if recorded.get(path) != now[path]]
+    if changed:
+        raise StageFailed(f"{stage.key} in {cache_file} was run with other contents of {', '.join(changed)} "
+                          f"(the config has changed since, or the record does not say what it held). {fix}")
 
 
 def run_stage(stage: Stage, log_file: Path) -> float:
@@ -438,8 +453,8 @@ def execute(stages: list[Stage], cache_file: Path, out: Path) -> dict[str, dict]
         print(f"{prefix}  ...", end="", flush=True)
         try:
             seconds = run_stage(stage, log_file)
-            record: dict = {"args": list(stage.args), "seconds": round(seconds, 1),
-                            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
+            record: dict = {"args": list(stage.args), "configs": config_digests(stage.args),
+                            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
             if stage.key.endswith("-test"):
                 record["test_acc"] = read_test_accuracy(stage)
                 record["test_error"] = 100 * (1 - record["test_acc"])
@@ -736,7 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = load_cache(cache_file)
         forget_lost_fits(stages, cache)
         for i, stage in enumerate(stages, 1):
-            done = "  (done: would skip)" if stage.key in cache else ""
+            done = "" if stage.key not in cache else "  (done: would skip)" \
+                if cache[stage.key].get("configs") == config_digests(stage.args) \
+                else "  (recorded with another config: would stop)"
             print(f"# [{i}/{len(stages)}] {stage.key}{done}\n{command_line(stage)}")
         return 0
 

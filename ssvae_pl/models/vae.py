@@ -107,7 +107,7 @@ class VAE(pl.LightningModule):
         kl_warmup_epochs: KL warm-up (deterministic annealing; Bowman et al. 2016, Sonderby et al. 2016): the
             training loss weighs the KL term by beta, rising linearly from 0 to 1 over this many epochs (step by
             step), then the true ELBO. Early on the encoder is free to use its latent dimensions before the KL
-            term prunes them. 0 (the paper's): no warm-up; the default is configs/mnist/m1_vae.yaml's 10.
+            term prunes them. 0 (the paper's): no warm-up; the default is configs/mnist/m1_vae.yaml's 50.
             Validation and test always report the true ELBO; ``train/kl_weight`` logs beta.
 
     ``val/active_units`` counts the latent dimensions whose posterior mean has a standard deviation above
@@ -128,7 +128,7 @@ class VAE(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         conv_channels: Sequence[int] = (),
         likelihood: Literal["bernoulli", "discretized_logistic"] = "bernoulli",
-        kl_warmup_epochs: float = 10.0,
+        kl_warmup_epochs: float = 50.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
