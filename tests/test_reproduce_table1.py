@@ -124,6 +124,20 @@ def test_dry_run_overrides_and_quick_profile(tmp_path: Path, capsys) -> None:
     assert option(commands[1], "--model.init_args.alpha") is None  # stage args go to the fit only
 
 
+def test_m1m2_above_100_labels_takes_labelled_batches_of_100(tmp_path: Path, capsys) -> None:
+    """The cpu profile's M1+M2 fits take m1m2.yaml's labelled batch of 20 at 100 labels and 100 above; STAGE-nN
+    stage args reach that budget's fit only."""
+    commands = dry_run_commands(capsys, "--profile", "cpu", "--models", "m1m2", "--seeds", "0", "--out", str(tmp_path),
+                                "--stage-args", "m1m2-n600=--model.init_args.alpha_per_label 3")
+    fits = {option(c, "--data.num_labelled"): c for c in commands if c[0] == "fit" and option(c, "-c").endswith("m1m2.yaml")}
+    assert sorted(fits, key=int) == ["100", "600", "1000", "3000"]
+    assert [option(fits[n], "--data.labelled_batch_size") for n in ("100", "600", "1000", "3000")] == [
+        None, "100", "100", "100"]
+    assert [option(fits[n], "--model.init_args.alpha_per_label") for n in ("100", "600", "1000")] == [None, "3", None]
+    with pytest.raises(SystemExit, match="STAGE-nN"):
+        table1.parse_stage_args(["m1m2-nx=--a 1"], {})
+
+
 def test_hour_profile_is_the_one_hour_m1m2_recipe_per_seed(tmp_path: Path, capsys) -> None:
     """--profile hour: per seed, the VAE for 25 minutes and M1+M2 at 100 labels for 35, stopped by time alone
     (max_epochs -1), then the test of M1+M2's last checkpoint."""
@@ -322,7 +336,11 @@ def test_mnist_commands_are_byte_identical_to_before(capsys) -> None:
                                            "--trainer.accelerator gpu --trainer.devices 1")
             if line.startswith("ssvae ")]
     assert len(full) == 75
-    assert hashlib.sha256("\n".join(full).encode()).hexdigest() == MNIST_FULL_SHA256
+    # the one change since: M1+M2's labelled batches of 100 above 100 labels (M1M2_LABELLED_BATCH), on 9 fits
+    batch = " --data.labelled_batch_size 100"
+    assert sum(batch in line for line in full) == 9
+    before = [line.replace(batch, "") for line in full]
+    assert hashlib.sha256("\n".join(before).encode()).hexdigest() == MNIST_FULL_SHA256
 
     lines = dry_run_lines(capsys, "--profile", "full")
     assert lines[0].startswith("Table 1 sweep (full): models m1 m2 m1m2, labels 100 600 1000 3000, seeds 0 1 2;")
