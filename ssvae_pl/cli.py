@@ -247,6 +247,18 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"ssvae: error: {' '.join(str(cause).split())}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroys the process group that a DDP run set up, while the interpreter is still whole. Left to the
+    interpreter's exit, gloo's worker threads can abort a run that succeeded ("terminate called without an active
+    exception", exit -6) after its last line was printed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resume_command(command_line: list[str], version: str) -> str:

@@ -3,8 +3,10 @@ writes what it trained on, and rank 0 the test metrics, as JSON under ``$SSVAE_P
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,6 +25,14 @@ class ShardProbe(pl.Callback):
         self.out = Path(os.environ["SSVAE_PROBE_DIR"])
         self.unlabelled: list[int] = []
         self.labelled: list[int] = []
+        atexit.register(self.record_exit)
+
+    def record_exit(self) -> None:
+        """At the interpreter's exit, whether this rank's process group is still alive: left to the interpreter's
+        teardown, gloo's threads can abort a run that succeeded."""
+        name = f"exit_{sys.argv[1]}_rank{os.environ.get('LOCAL_RANK', '0')}_pid{os.getpid()}.json"
+        alive = torch.distributed.is_available() and torch.distributed.is_initialized()
+        (self.out / name).write_text(json.dumps({"process_group_alive": alive}))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.unlabelled += image_keys(batch["unlabelled"])

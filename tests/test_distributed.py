@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,15 @@ def test_two_process_ddp_shards_the_unlabelled_images_and_reduces_test_metrics(t
                         "--trainer.logger", "false", "--ckpt_path", str(ckpt)))
     one, two = (json.loads((probe / f"test_world{w}.json").read_text()) for w in (1, 2))
     assert one["test/acc"] == pytest.approx(two["test/acc"], abs=1e-6)  # torchmetrics reduces over the ranks
+
+    exits = exit_records(probe, 5)  # the DDP fit's two ranks, the one-process test, the DDP test's two ranks
+    assert not [n for n, e in exits.items() if e["process_group_alive"]], exits  # destroyed: no gloo abort at exit
+
+
+def exit_records(probe: Path, count: int, wait_s: float = 60) -> dict[str, dict]:
+    """The probe's exit records, once there are ``count`` of them: rank 0 does not wait for its launched ranks."""
+    deadline = time.monotonic() + wait_s
+    while len(files := sorted(probe.glob("exit_*.json"))) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(files) == count, [f.name for f in files]
+    return {f.name: json.loads(f.read_text()) for f in files}
