@@ -85,6 +85,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -341,24 +342,58 @@ def command_line(stage: Stage) -> str:
 
 
 def config_digests(args: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """The SHA-256 (16 hex digits) of each config file a stage reads (its ``-c`` arguments), by path: a record keeps
-    them, so that a config edited after the stage ran is noticed."""
-    paths = [path for flag, path in zip(args, args[1:]) if flag == "-c"]
-    return {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:16] for path in paths}
+    """The SHA-256 (16 hex digits) of each config file a stage reads, by path: its ``-c`` arguments and the files
+    they include (``model: ../colour/conv_vae.yaml``), so that an edit to any of them after the stage ran is noticed."""
+    digests: dict[str, str] = {}
+    pending = [ROOT / path for flag, path in zip(args, args[1:]) if flag == "-c"]
+    while pending:
+        path = pending.pop(0)
+        key = os.path.relpath(path, ROOT)
+        if key not in digests:
+            digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            pending += included_configs(path)
+    return digests
+
+
+def included_configs(config: Path) -> list[Path]:
+    """The YAML files that a config names as values (jsonargparse reads a value that is a path to a file as that
+    file's contents), resolved against the config's folder."""
+    def strings(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    named = (os.path.normpath(config.parent / value) for value in strings(yaml.safe_load(config.read_text()))
+             if value.endswith((".yaml", ".yml")))
+    return [Path(path) for path in named if Path(path).is_file()]
+
+
+def stale_record(stage: Stage, record: dict) -> str | None:
+    """Why a stage's record cannot stand for the planned stage (another command, or other contents of a config
+    file it reads, or a record that does not say what they held), or None when it can."""
+    if record["args"] != list(stage.args):
+        return "command"
+    recorded, now = record.get("configs", {}), config_digests(stage.args)
+    changed = [path for path in now if recorded.get(path) != now[path]]
+    return f"config {', '.join(changed)}" if changed else None
 
 
 def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
     """Refuse to reuse a record made by another command, or by the same command with other config files."""
     fix = "Use a new --out folder, or another --record file, to run the sweep with the new settings."
-    if record["args"] != list(stage.args):
+    why = stale_record(stage, record)
+    if why == "command":
         raise StageFailed(
             f"{stage.key} in {cache_file} was run with a different command:\n  recorded: "
             f"{shlex.join(['ssvae', *record['args']])}\n  planned:  {command_line(stage)}\n{fix}"
         )
-    recorded, now = record.get("configs", {}), config_digests(stage.args)
-    changed = [path for path in now if recorded.get(path) != now[path]]
-    if changed:
-        raise StageFailed(f"{stage.key} in {cache_file} was run with other contents of {', '.join(changed)} "
+    if why:
+        raise StageFailed(f"{stage.key} in {cache_file} was run with other contents of {why.removeprefix('config ')} "
                           f"(the config has changed since, or the record does not say what it held). {fix}")
 
 
@@ -757,9 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = load_cache(cache_file)
         forget_lost_fits(stages, cache)
         for i, stage in enumerate(stages, 1):
-            done = "" if stage.key not in cache else "  (done: would skip)" \
-                if cache[stage.key].get("configs") == config_digests(stage.args) \
-                else "  (recorded with another config: would stop)"
+            why = stage.key in cache and stale_record(stage, cache[stage.key])
+            done = "" if stage.key not in cache else f"  (recorded with another {why.split()[0]}: would stop)" \
+                if why else "  (done: would skip)"
             print(f"# [{i}/{len(stages)}] {stage.key}{done}\n{command_line(stage)}")
         return 0
 

@@ -561,25 +561,32 @@ def test_fit_summary_reads_a_runs_events(tmp_path: Path) -> None:
                                          "best val/acc": 0.97}
 
 
-def test_a_record_made_with_another_config_stops_the_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
-    """A finished stage is not reused once a config it read has changed: the resumed sweep stops and names the stage
-    and the file, and --dry-run says so, instead of tabling results of the old recipe as the new one's."""
+@pytest.mark.parametrize("dataset, edited", [("mnist", "configs/mnist/m1_vae.yaml"),
+                                             ("svhn", "configs/colour/conv_vae.yaml")])  # a file m1_vae.yaml names
+def test_a_record_made_with_another_config_stops_the_sweep(tmp_path: Path, monkeypatch, capsys, dataset: str,
+                                                           edited: str) -> None:
+    """A finished stage is not reused once a config it read has changed, whether a ``-c`` file or one that a config
+    includes: the resumed sweep stops and names the stage and the file, and --dry-run says so, instead of tabling
+    results of the old recipe as the new one's."""
     root = tmp_path / "repo"
     shutil.copytree(table1.ROOT / "configs", root / "configs")
     monkeypatch.setattr(table1, "ROOT", root)
     monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "pass"])
     monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
-    args = ["--profile", "quick", "--models", "m1", "--record", str(tmp_path / "record.json"),
+    args = ["--dataset", dataset, "--profile", "quick", "--models", "m1", "--record", str(tmp_path / "record.json"),
             "--out", str(tmp_path / "out")]
     assert table1.main(args) == 0
     assert table1.main(args) == 0  # unchanged: every stage skipped
     assert capsys.readouterr().out.count("skip (done") == 3
-    vae_config = root / "configs" / "mnist" / "m1_vae.yaml"
+    vae_config = root / edited
     vae_config.write_text(vae_config.read_text().replace("kl_warmup_epochs:", "kl_warmup_epochs: 1 #"))
     assert table1.main(args) == 1
     err = capsys.readouterr().err
-    assert "vae-seed0-fit" in err and "configs/mnist/m1_vae.yaml" in err and "--out" in err
+    assert "vae-seed0-fit" in err and edited in err and "--out" in err
     assert table1.main([*args, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "vae-seed0-fit  (recorded with another config: would stop)" in " ".join(lines)
+    assert sum("(done: would skip)" in line for line in lines) == 2  # the classifier's, whose config is unchanged
+    assert table1.main([*args, "--epochs", "vae=3", "--dry-run"]) == 0
+    assert "vae-seed0-fit  (recorded with another command: would stop)" in capsys.readouterr().out
     assert sum("(done: would skip)" in line for line in lines) == 2  # the classifier's, whose config is unchanged
