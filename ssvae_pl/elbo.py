@@ -21,8 +21,9 @@ LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
 
 
-def _flat32(t: torch.Tensor) -> torch.Tensor:
-    return t.float().flatten(start_dim=1)
+def _flat32(t: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+    """``t`` in float32 with its event dimensions (all after the first ``batch_dims``) flattened into one."""
+    return t.float().flatten(start_dim=batch_dims)
 
 
 def reparameterize(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -30,21 +31,23 @@ def reparameterize(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return mean + std * torch.randn_like(std)
 
 
-def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
     """log p(x|z) = sum_d [x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)] = sum_d [x_d l_d - softplus(l_d)],
-    from the logits l for stability."""
-    logits, x = _flat32(logits), _flat32(x)
-    return (x * logits - softplus(logits)).sum(dim=1)
+    from the logits l for stability. Over the dimensions after the first ``batch_dims``, where ``x`` broadcasts
+    against the logits (M2's K classes: logits (B, K, ...) of images (B, 1, ...), no K copies of the images)."""
+    logits, x = _flat32(logits, batch_dims), _flat32(x, batch_dims)
+    return (x * logits - softplus(logits)).sum(dim=-1)
 
 
-def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, diag(std^2)) summed over dimensions."""
-    x, mean, std = _flat32(x), _flat32(mean), _flat32(std)
-    return (-0.5 * (((x - mean) / std) ** 2 + 2.0 * std.log() + LOG_2PI)).sum(dim=1)
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                            batch_dims: int = 1) -> torch.Tensor:
+    """log N(x; mean, diag(std^2)) summed over the dimensions after the first ``batch_dims`` (``x`` broadcasts)."""
+    x, mean, std = _flat32(x, batch_dims), _flat32(mean, batch_dims), _flat32(std, batch_dims)
+    return (-0.5 * (((x - mean) / std) ** 2 + 2.0 * std.log() + LOG_2PI)).sum(dim=-1)
 
 
 def discretized_logistic_log_likelihood(mean: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor,
-                                        num_levels: int = 256) -> torch.Tensor:
+                                        num_levels: int = 256, batch_dims: int = 1) -> torch.Tensor:
     """log p(x|z) of 8-bit images under one discretised logistic per sub-pixel (PixelCNN++, Salimans et al. 2017;
     IAF, Kingma et al. 2016; one logistic, no mixture), summed over the sub-pixels of each example: (B,).
 
@@ -65,7 +68,7 @@ def discretized_logistic_log_likelihood(mean: torch.Tensor, log_scale: torch.Ten
     log-sigmoids and one ``expm1`` with no cancellation, whatever x, mean and s, its last factor floored at 1e-12
     so that a huge scale still gives a finite log-probability and gradient.
     """
-    x, mean, log_scale = _flat32(x), _flat32(mean), _flat32(log_scale)
+    x, mean, log_scale = _flat32(x, batch_dims), _flat32(mean, batch_dims), _flat32(log_scale, batch_dims)
     half_bin = 1.0 / (num_levels - 1)
     x_prime = 2.0 * x - 1.0  # the levels on [-1, 1]
     centred = x_prime - mean
@@ -76,7 +79,7 @@ def discretized_logistic_log_likelihood(mean: torch.Tensor, log_scale: torch.Ten
     interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + log_bin
     log_prob = torch.where(x_prime < -1.0 + half_bin, F.logsigmoid(upper),  # x = 0: P(x' <= -1 + 1/255)
                            torch.where(x_prime > 1.0 - half_bin, F.logsigmoid(-lower), interior))  # x = 1: upper tail
-    return log_prob.sum(dim=1)
+    return log_prob.sum(dim=-1)
 
 
 def discretized_logistic_image(mean: torch.Tensor) -> torch.Tensor:

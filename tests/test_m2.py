@@ -76,6 +76,20 @@ def test_enumerated_unlabelled_bound_equals_a_loop_over_classes(model_and_inputs
     torch.testing.assert_close(elbo.unlabelled_bound(onehot, all_at_once[:1]), all_at_once[:1, 3])
 
 
+def test_one_pass_over_labelled_and_unlabelled_rows_gives_each_rows_own_bound(model_and_inputs) -> None:
+    """``mixed_bounds`` stacks labelled rows and (image, class) rows in one pass and broadcasts each unlabelled
+    image over its K rows: each labelled row is its own ``labelled_bound``, each (image, class) row the bound of
+    that image alone, for M2 (Bernoulli) and M1+M2 (Gaussian, a decoder that returns a pair)."""
+    model, h = model_and_inputs
+    h_l, y_l, h_u = h[:2], torch.tensor([3, 7]), h[2:]
+    eps_l, eps_u = torch.randn(2, model.hparams.latent_dim), torch.randn(4, K, model.hparams.latent_dim)
+    with torch.no_grad():
+        bound_l, bounds_u = model.mixed_bounds(h_l, y_l, h_u, eps_l, eps_u)
+        torch.testing.assert_close(bound_l, model.labelled_bound(h_l, y_l, eps_l), **TOL)
+        for i in range(len(h_u)):
+            torch.testing.assert_close(bounds_u[i], model.class_bounds(h_u[i : i + 1], eps_u[i : i + 1])[0], **TOL)
+
+
 @pytest.mark.parametrize("hidden_dims", [[], [16], [16, 8]])
 def test_efficient_encoder_equals_concat_onehot_encoder(hidden_dims: list[int]) -> None:
     """The encoder that adds a per-class bias to the image's first layer equals a plain encoder on

@@ -319,13 +319,18 @@ class M2(pl.LightningModule):
 
     def _log_likelihood(self, h: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(h|y,z) per example: h (B, ...), y (B,), z (B, Z) -> (B,)."""
+        return self._likelihood(self.decoder(z, y), h)
+
+    def _likelihood(self, decoded, h: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+        """log p(h|y,z) from the decoder's output (a tensor, or a pair of them), summed over the dimensions after
+        the first ``batch_dims``; ``h`` broadcasts against the output."""
         if self.likelihood == "bernoulli":
-            return elbo.bernoulli_log_likelihood(self.decoder(z, y), h)
+            return elbo.bernoulli_log_likelihood(decoded, h, batch_dims)
         if self.likelihood == "discretized_logistic":
-            mean, log_scale = self.decoder(z, y)  # (B, C, H, W), (B, C, H, W)
-            return elbo.discretized_logistic_log_likelihood(mean, log_scale, h)
-        mean, std = self.decoder(z, y)  # (B, D), (B, D)
-        return elbo.gaussian_log_likelihood(h, mean, std)  # over M1's active dimensions
+            mean, log_scale = decoded  # (..., C, H, W) each
+            return elbo.discretized_logistic_log_likelihood(mean, log_scale, h, batch_dims=batch_dims)
+        mean, std = decoded  # (..., D) each
+        return elbo.gaussian_log_likelihood(h, mean, std, batch_dims)  # over M1's active dimensions
 
     def labelled_bound(self, h: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """L(x, y) of eq. 6 as a bound, one z sample: h (B, ...), y (B,) -> (B,). ``eps`` (B, Z) fixes the noise."""
@@ -353,16 +358,20 @@ class M2(pl.LightningModule):
                      eps_unlabelled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """L(x, y) of the labelled examples (B_l,) and of every unlabelled one in every class (B_u, K) in ONE pass
         of the encoder and the decoder: the B_l labelled rows and the B_u K (image, class) rows stacked as one
-        batch, the encoder's image part computed once per image. The same numbers as ``labelled_bound`` class by
-        class, in a fraction of the operator calls (which is what a small model's step costs)."""
+        batch, the encoder's image part computed once per image, the likelihood of each image broadcast over its K
+        rows (no K copies of the images). The same numbers as ``labelled_bound`` class by class, in a fraction of
+        the operator calls (which is what a small model's step costs)."""
         b_l, b_u, k = len(h_l), len(h_u), self.hparams.num_classes
         mean, std = self.encoder.labelled_and_all_classes(h_l, y_l, h_u)  # (R, Z) each, R = B_l + B_u K
         eps = None if eps_labelled is None else torch.cat([eps_labelled, eps_unlabelled.flatten(0, 1)])
         z = self._sample_z(mean, std, eps)
         y = torch.cat([y_l, torch.arange(k, device=y_l.device).repeat(b_u)])  # (R,)
-        h = torch.cat([h_l, h_u.unsqueeze(1).expand(b_u, k, *h_u.shape[1:]).flatten(0, 1)])  # (R, ...)
-        bounds = elbo.labelled_bound(self._log_likelihood(h, y, z), elbo.kl_standard_normal(mean, std),
-                                     self.log_prior_y)  # (R,)
+        decoded = self.decoder(z, y)  # (R, ...), or a pair of them
+        decoded_l = _each(decoded, lambda t: t[:b_l])
+        decoded_u = _each(decoded, lambda t: t[b_l:].unflatten(0, (b_u, k)))  # (B_u, K, ...)
+        log_px = torch.cat([self._likelihood(decoded_l, h_l),  # (B_l,), then (B_u K,) against h_u not copied K times
+                            self._likelihood(decoded_u, h_u.unsqueeze(1), batch_dims=2).flatten()])
+        bounds = elbo.labelled_bound(log_px, elbo.kl_standard_normal(mean, std), self.log_prior_y)  # (R,)
         return bounds[:b_l], bounds[b_l:].view(b_u, k)
 
     def loss_terms(self, batch: dict[str, Any], eps_labelled: torch.Tensor | None = None,
@@ -488,3 +497,8 @@ class M2(pl.LightningModule):
         z = self.latent_means(x, y).unsqueeze(1).expand(-1, k, -1)  # (B, K, Z)
         classes = torch.arange(k, device=z.device).expand(len(z), k)  # (B, K)
         return self._decode_mean(z, classes)  # (B, K, C, H, W)
+
+
+def _each(decoded, fn):
+    """``fn`` of a decoder's output, or of each tensor of a pair of them ((mean, std), (mean, log_scale))."""
+    return tuple(fn(t) for t in decoded) if isinstance(decoded, tuple) else fn(decoded)
