@@ -373,14 +373,18 @@ def included_configs(config: Path) -> list[Path]:
     return [Path(path) for path in named if Path(path).is_file()]
 
 
+def changed_configs(stage: Stage, record: dict) -> list[str]:
+    """The config files a stage reads whose contents differ from its record's (or that the record does not name)."""
+    recorded, now = record.get("configs", {}), config_digests(stage.args)
+    return [path for path in now if recorded.get(path) != now[path]]
+
+
 def stale_record(stage: Stage, record: dict) -> str | None:
-    """Why a stage's record cannot stand for the planned stage (another command, or other contents of a config
-    file it reads, or a record that does not say what they held), or None when it can."""
+    """Why a stage's record cannot stand for the planned stage: ``command`` (it ran another command), ``config``
+    (a config file it reads has other contents, or the record does not say what it held), or None when it can."""
     if record["args"] != list(stage.args):
         return "command"
-    recorded, now = record.get("configs", {}), config_digests(stage.args)
-    changed = [path for path in now if recorded.get(path) != now[path]]
-    return f"config {', '.join(changed)}" if changed else None
+    return "config" if changed_configs(stage, record) else None
 
 
 def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
@@ -392,9 +396,10 @@ def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
             f"{stage.key} in {cache_file} was run with a different command:\n  recorded: "
             f"{shlex.join(['ssvae', *record['args']])}\n  planned:  {command_line(stage)}\n{fix}"
         )
-    if why:
-        raise StageFailed(f"{stage.key} in {cache_file} was run with other contents of {why.removeprefix('config ')} "
-                          f"(the config has changed since, or the record does not say what it held). {fix}")
+    if why == "config":
+        raise StageFailed(f"{stage.key} in {cache_file} was run with other contents of "
+                          f"{', '.join(changed_configs(stage, record))} (the config has changed since, or the record "
+                          f"does not say what it held). {fix}")
 
 
 def run_stage(stage: Stage, log_file: Path) -> float:
@@ -792,9 +797,12 @@ def main(argv: list[str] | None = None) -> int:
         cache = load_cache(cache_file)
         forget_lost_fits(stages, cache)
         for i, stage in enumerate(stages, 1):
-            why = stage.key in cache and stale_record(stage, cache[stage.key])
-            done = "" if stage.key not in cache else f"  (recorded with another {why.split()[0]}: would stop)" \
-                if why else "  (done: would skip)"
+            if stage.key not in cache:
+                done = ""
+            elif why := stale_record(stage, cache[stage.key]):
+                done = f"  (recorded with another {why}: would stop)"
+            else:
+                done = "  (done: would skip)"
             print(f"# [{i}/{len(stages)}] {stage.key}{done}\n{command_line(stage)}")
         return 0
 
