@@ -40,6 +40,10 @@ finished sweep runs only the new stages. A recorded stage whose command differs 
 changing EPOCHS), or whose config files have changed since it ran, stops the script: use a new --out folder or
 --record file.
 
+Side by side (--jobs N, default the profile's): N stages run at once, each `ssvae` with OMP_NUM_THREADS = the cores
+/ N; a stage starts once the fits it reads are recorded, a test as soon as its fit is. After a failed stage none
+starts, those running finish and are recorded, and the script stops with the failure.
+
 Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
 
     quick   m1, m2, m1m2, seed 0.
@@ -52,14 +56,14 @@ Profiles (--models, --labels, --seeds, --epochs override a profile's lists and e
             epoch) with epochs from EPOCHS["quick_colour"] (VAE 5, M1 classifier 10, M2 5, M1+M2 10)
                 python scripts/reproduce_table1.py --dataset svhn --profile quick
                 python scripts/reproduce_table1.py --dataset cifar10 --profile quick
-    hour    mnist: m1m2 at 100 labels, seeds 0 1 2, each seed one hour of 2 CPU cores (HOUR_TIMES: VAE 25 min,
-            M1+M2 35), the shipped configs and nothing but time limits; rerun to resume in a later sitting
+    hour    mnist: m1m2 at 100 labels, seeds 0 1 2, per seed 25 min of VAE then 35 of M1+M2 (HOUR_TIMES), the
+            shipped configs and nothing but time limits; two stages at a time, one core each; rerun to resume
                 python scripts/reproduce_table1.py --profile hour --docs docs/results.md
     cpu     mnist: m1, m2, m1m2 at 100, 600, 1000 and 3000 labels, seeds 0 1 2, each fit stopped by time
-            (CPU_TIMES: VAE 25 min, M1 classifier 3, M2 14, M1+M2 14; M1+M2 above 100 labels in labelled
-            batches of 100, M1M2_LABELLED_BATCH): under 8 hours of 2 CPU cores; rerun the same command to resume
-            it in a later sitting
-                python scripts/reproduce_table1.py --profile cpu
+            (CPU_TIMES: VAE 25 min, M1 classifier 3, M2 28, M1+M2 30; M1+M2 above 100 labels in labelled
+            batches of 100, M1M2_LABELLED_BATCH), two stages at a time, one core each: under 8 hours of 2 CPU
+            cores; rerun the same command to resume it in a later sitting
+                python scripts/reproduce_table1.py --profile cpu --docs docs/results.md
     full    m1, m2, m1m2, seeds 0 1 2; epochs from EPOCHS["full"] (VAE 100, the config's own; M1 classifier 50;
             M2 300; M1+M2 300, in labelled batches of 100 above 100 labels), meant for a GPU.
             mnist: 100, 600, 1000 and 3000 labels: 3 VAEs and 36 classifier runs
@@ -92,6 +96,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,11 +116,13 @@ EPOCHS: dict[str, dict[str, int]] = {
     "quick_colour": {"vae": 5, "m1": 10,  "m2": 5,   "m1m2": 10},
     "cpu":   {"vae": -1,  "m1": -1,       "m2": -1,  "m1m2": -1},  # stopped by CPU_TIMES
 }
-# trainer.max_time of each fit in the cpu profile (days:hours:minutes:seconds): the whole MNIST table, 3 seeds x
-# 4 label budgets, in under 8 hours of 2 CPU cores: 3 x 25 min of VAE, 12 x (3 + 14 + 14) min of classifiers, and
-# about 20 s per test
-CPU_TIMES = {"vae": "00:00:25:00", "m1": "00:00:03:00", "m2": "00:00:14:00", "m1m2": "00:00:14:00"}
-# the hour profile: M1+M2 at 100 labels in one hour of 2 CPU cores per seed, 25 min of M1's VAE then 35 of M2
+# trainer.max_time of each fit in the cpu profile (days:hours:minutes:seconds), two stages at a time on one core each
+# (a core does more on its own than half of two: docs/results.md): the whole MNIST table, 3 seeds x 4 label budgets,
+# 3 x 25 min of VAE and 12 x (3 + 28 + 30) min of classifiers, 13.5 core-hours, about 20 s per test: under 8 hours
+# of 2 CPU cores
+CPU_TIMES = {"vae": "00:00:25:00", "m1": "00:00:03:00", "m2": "00:00:28:00", "m1m2": "00:00:30:00"}
+# the hour profile: M1+M2 at 100 labels, per seed 25 min of M1's VAE then 35 of M2, two stages at a time on one core
+# each: one hour of one core per seed
 HOUR_TIMES = {"vae": "00:00:25:00", "m1m2": "00:00:35:00"}
 # M1+M2 above 100 labels: labelled batches of 100, not m1m2.yaml's 20 (which suits 100 labels), so that each labelled
 # image recurs about as often as at 100 labels (3000 labels, seed 0: 2.67% test error against 2.79% with 20)
@@ -137,6 +144,7 @@ class Profile:
     extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # by stage, or stage-nN for one budget
     fit_configs: tuple[str, ...] = ()  # more `-c` files for every fit, right after the stage's own config
     times: dict[str, str] = field(default_factory=dict)  # trainer.max_time of each stage's fit
+    jobs: int = 1  # stages run at once, the cores shared out among them (--jobs)
 
 
 # the datasets, each with the configs configs/<dataset>/<CONFIGS[stage]>
@@ -151,8 +159,9 @@ PROFILES: dict[str, dict[str, Profile]] = {
         "full": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
                         epochs=EPOCHS["full"], extra_args=M1M2_LABELLED_BATCH),
         "cpu": Profile(models=("m1", "m2", "m1m2"), labels=(100, 600, 1000, 3000), seeds=(0, 1, 2),
-                       epochs=EPOCHS["cpu"], times=CPU_TIMES, extra_args=M1M2_LABELLED_BATCH),
-        "hour": Profile(models=("m1m2",), labels=(100,), seeds=(0, 1, 2), epochs=EPOCHS["cpu"], times=HOUR_TIMES),
+                       epochs=EPOCHS["cpu"], times=CPU_TIMES, extra_args=M1M2_LABELLED_BATCH, jobs=2),
+        "hour": Profile(models=("m1m2",), labels=(100,), seeds=(0, 1, 2), epochs=EPOCHS["cpu"], times=HOUR_TIMES,
+                        jobs=2),
     },
     **{dataset: {
         "quick": Profile(models=("m1", "m2", "m1m2"), labels=(labels,), seeds=(0,), epochs=EPOCHS["quick_colour"],
@@ -402,19 +411,19 @@ def check_same_command(stage: Stage, record: dict, cache_file: Path) -> None:
                           f"does not say what it held). {fix}")
 
 
-def run_stage(stage: Stage, log_file: Path) -> float:
-    """Run one `ssvae` command with its output in ``log_file``; return its duration in seconds. A fit's run folder
-    left by an interrupted attempt is removed first (a fit refuses a folder that holds a run); a test logs into its
-    fit's folder."""
+def run_stage(stage: Stage, log_file: Path, threads: int | None = None) -> float:
+    """Run one `ssvae` command with its output in ``log_file``; return its duration in seconds. ``threads``: its
+    OMP_NUM_THREADS when stages run side by side (None: the environment's). A fit's run folder left by an interrupted
+    attempt is removed first (a fit refuses a folder that holds a run); a test logs into its fit's folder."""
     if stage.args[0] == "fit" and stage.run_dir.exists():
         shutil.rmtree(stage.run_dir)
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with log_file.open("w") as log:
         log.write(f"$ {command_line(stage)}\n\n")
         log.flush()
-        result = subprocess.run([*SSVAE, *stage.args], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
+        result = subprocess.run([*SSVAE, *stage.args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode:
         tail = "\n".join(log_file.read_text().splitlines()[-15:])
         raise StageFailed(f"{stage.key} failed (exit {result.returncode}):\n  {command_line(stage)}\n"
@@ -478,39 +487,88 @@ def summarise_fits(stages: list[Stage], cache: dict[str, dict]) -> bool:
     return added
 
 
-def execute(stages: list[Stage], cache_file: Path, out: Path) -> dict[str, dict]:
-    """Run every stage not yet recorded in ``cache_file``, recording each as it finishes; return the cache."""
+def stage_threads(jobs: int) -> int | None:
+    """The threads of each stage when ``jobs`` stages run at once: this process's cores shared out evenly (None for
+    one job at a time, which leaves the environment's OMP_NUM_THREADS alone)."""
+    if jobs == 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def ready_stages(pending: list[Stage], cache: dict[str, dict]) -> list[Stage]:
+    """The stages whose inputs are recorded, tests first (each runs as soon as its fit is done), then in plan order."""
+    ready = [stage for stage in pending if all(key in cache for key in stage.needs)]
+    return sorted(ready, key=lambda stage: stage.args[0] != "test")
+
+
+def finish_record(stage: Stage, seconds: float, log_file: Path, threads: int | None) -> dict:
+    """The record of a stage that has run: its command, configs' digests, duration, log and, for a test, test/acc;
+    for a fit, what its events say of it."""
+    record: dict = {"args": list(stage.args), "configs": config_digests(stage.args), "seconds": round(seconds, 1),
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
+    if threads is not None:
+        record["threads"] = threads
+    if stage.key.endswith("-test"):
+        record["test_acc"] = read_test_accuracy(stage)
+        record["test_error"] = 100 * (1 - record["test_acc"])
+    else:
+        record["summary"] = fit_summary(stage)
+    return record
+
+
+def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1) -> dict[str, dict]:
+    """Run every stage not yet recorded in ``cache_file``, up to ``jobs`` at once (a stage starts once the fits it
+    reads are recorded), recording each as it finishes; return the cache. After a failure no stage starts; those
+    running finish and are recorded, then the first failure is raised."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache = load_cache(cache_file)
     for key in forget_lost_fits(stages, cache):
         print(f"{key}: recorded as done, but its checkpoint is gone and a stage still to run needs it: runs again",
               flush=True)
     width = max(len(stage.key) for stage in stages)
-    for i, stage in enumerate(stages, 1):
-        prefix = f"[{i:>{len(str(len(stages)))}}/{len(stages)}] {stage.key:<{width}}"
+    number = {stage.key: f"[{i:>{len(str(len(stages)))}}/{len(stages)}] {stage.key:<{width}}"
+              for i, stage in enumerate(stages, 1)}
+    pending: list[Stage] = []
+    for stage in stages:
         if stage.key in cache:
             check_same_command(stage, cache[stage.key], cache_file)
-            print(f"{prefix}  skip (done in {cache[stage.key]['seconds']:.0f} s, recorded in {shown(cache_file)})",
-                  flush=True)
-            continue
-        log_file = out / "logs" / f"{stage.key}.log"
-        print(f"{prefix}  ...", end="", flush=True)
-        try:
-            seconds = run_stage(stage, log_file)
-            record: dict = {"args": list(stage.args), "configs": config_digests(stage.args),
-                            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
-            if stage.key.endswith("-test"):
-                record["test_acc"] = read_test_accuracy(stage)
-                record["test_error"] = 100 * (1 - record["test_acc"])
-            else:
-                record["summary"] = fit_summary(stage)
-        except StageFailed:
-            print(" FAILED", flush=True)
-            raise
-        cache[stage.key] = record
-        write_json(cache_file, cache)
-        error = f", test error {record['test_error']:.2f} %" if "test_error" in record else ""
-        print(f" {seconds:.0f} s{error}   log: {shown(log_file)}", flush=True)
+            print(f"{number[stage.key]}  skip (done in {cache[stage.key]['seconds']:.0f} s, recorded in "
+                  f"{shown(cache_file)})", flush=True)
+        else:
+            pending.append(stage)
+    threads = stage_threads(jobs)
+    if threads is not None and pending:
+        print(f"{jobs} stages at a time, {threads} thread{'s' * (threads > 1)} each (OMP_NUM_THREADS)", flush=True)
+    failures: list[StageFailed] = []
+    running: dict[Future, tuple[Stage, Path]] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while True:
+            startable = [] if failures else ready_stages(pending, cache)[:jobs - len(running)]
+            for stage in startable:
+                pending.remove(stage)
+                log_file = out / "logs" / f"{stage.key}.log"
+                print(f"{number[stage.key]}  ..." if jobs == 1 else f"{number[stage.key]}  started",
+                      end="" if jobs == 1 else "\n", flush=True)
+                running[pool.submit(run_stage, stage, log_file, threads)] = stage, log_file
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, log_file = running.pop(future)
+                end = "" if jobs == 1 else f"{number[stage.key]}  "
+                try:
+                    record = finish_record(stage, future.result(), log_file, threads)
+                except StageFailed as err:
+                    print(f"{' ' if jobs == 1 else end}FAILED", flush=True)
+                    failures.append(err)
+                    continue
+                cache[stage.key] = record
+                write_json(cache_file, cache)
+                error = f", test error {record['test_error']:.2f} %" if "test_error" in record else ""
+                print(f"{end} {record['seconds']:.0f} s{error}   log: {shown(log_file)}", flush=True)
+    if failures:
+        raise failures[0]
     return cache
 
 
@@ -760,11 +818,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, metavar="MARKDOWN",
                         help="also render the table, the machine and the runs' times into this file (e.g. "
                              "docs/results.md), between markers named after the sweep")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="stages run at once, each with OMP_NUM_THREADS = the cores / N; a stage waits for the "
+                             "fits it reads (default: the profile's, 2 for cpu and hour, else 1)")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the table, plot and JSON (and --docs) of the stages finished so far, "
                              "for a sweep that resumes across sittings")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more stages to run at once")
     if args.profile not in PROFILES[args.dataset]:
         parser.error(f"--profile {args.profile} is for mnist only; {args.dataset} has "
                      f"{', '.join(sorted(PROFILES[args.dataset]))}")
@@ -788,12 +851,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan_runs(models, labels, seeds, settings)
     stages = unique_stages(runs)
     command = shlex.join(["python", "scripts/reproduce_table1.py", *(a for a in argv if a != "--report")])
+    jobs = args.jobs or profile.jobs
 
     sweep = args.profile if args.dataset == "mnist" else f"{args.dataset}, {args.profile}"
     print(f"Table 1 sweep ({sweep}): models {' '.join(models)}, labels {' '.join(map(str, labels))}, "
           f"seeds {' '.join(map(str, seeds))}; epochs {', '.join(f'{k} {v}' for k, v in settings.epochs.items())}")
     print(f"{len(runs)} runs, {len(stages)} stages, under {shown(out)} (commands run from {ROOT})", flush=True)
     if args.dry_run:
+        if threads := stage_threads(jobs):
+            print(f"# {jobs} stages at a time, each with OMP_NUM_THREADS={threads}")
         cache = load_cache(cache_file)
         forget_lost_fits(stages, cache)
         for i, stage in enumerate(stages, 1):
@@ -813,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(cache_file, cache)
     else:
         try:
-            cache = execute(stages, cache_file, out)
+            cache = execute(stages, cache_file, out, jobs)
         except StageFailed as err:
             print(f"\nreproduce_table1: {err}", file=sys.stderr)
             return 1

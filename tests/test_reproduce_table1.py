@@ -519,7 +519,7 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
     still to run."""
     ran: list[str] = []
 
-    def fake_run(stage, log_file) -> float:
+    def fake_run(stage, log_file, threads=None) -> float:
         ran.append(stage.key)
         if stage.args[0] == "fit":
             stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -543,6 +543,72 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
     assert ran == ["vae-seed0-fit", "m1-seed0-n600-fit", "m1-seed0-n600-test"]
     assert "vae-seed0-fit: recorded as done, but its checkpoint is gone" in capsys.readouterr().out
     assert json.loads((out / "table1.json").read_text())["summary"]["m1"].keys() == {"100", "600"}
+
+
+def test_jobs_run_stages_side_by_side_each_after_the_fits_it_reads(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--jobs 2 on 4 cores: two stages at a time (never more), each with 2 threads; a classifier starts only after
+    its seed's VAE is recorded, a test only after its fit; every stage is recorded once."""
+    spans: dict[str, tuple[float, float, int | None]] = {}
+
+    def fake_run(stage, log_file, threads=None) -> float:
+        started = time.monotonic()
+        time.sleep(0.3 if stage.args[0] == "fit" else 0.05)
+        if stage.args[0] == "fit":
+            stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            stage.checkpoint.write_bytes(b"ckpt")
+        spans[stage.key] = started, time.monotonic(), threads
+        return time.monotonic() - started
+
+    monkeypatch.setattr(table1, "run_stage", fake_run)
+    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
+    monkeypatch.setattr(table1.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    out = tmp_path / "out"
+    assert table1.main(["--profile", "quick", "--seeds", "0", "1", "--jobs", "2", "--out", str(out)]) == 0
+    assert "2 stages at a time, 2 threads each (OMP_NUM_THREADS)" in capsys.readouterr().out
+    stages = table1.unique_stages(table1.plan_runs(
+        ["m1", "m2", "m1m2"], [100], [0, 1], table1.Settings(out=out, data_dir=REPO / "data",
+                                                            epochs=table1.EPOCHS["quick"], extra_args={},
+                                                            trainer_args=())))
+    assert sorted(spans) == sorted(stage.key for stage in stages) == sorted(json.loads((out / "results.json").read_text()))
+    assert {threads for _, _, threads in spans.values()} == {2}
+    for stage in stages:
+        for need in stage.needs:
+            assert spans[stage.key][0] >= spans[need][1], (stage.key, need)
+    at_once = [sum(start <= t < end for start, end, _ in spans.values()) for t, _, _ in spans.values()]
+    assert max(at_once) == 2
+
+
+def test_after_a_failed_stage_none_starts_and_the_running_one_is_recorded(tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:
+    """--jobs 2: M2's fit fails while the VAE trains beside it; the VAE finishes and is recorded, nothing else
+    starts, and the sweep stops with M2's failure."""
+    ran: list[str] = []
+
+    def fake_run(stage, log_file, threads=None) -> float:
+        ran.append(stage.key)
+        if stage.key == "m2-seed0-n100-fit":
+            raise table1.StageFailed("m2-seed0-n100-fit failed (exit 3)")
+        time.sleep(0.3)
+        stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        stage.checkpoint.write_bytes(b"ckpt")
+        return 0.3
+
+    monkeypatch.setattr(table1, "run_stage", fake_run)
+    out = tmp_path / "out"
+    assert table1.main(["--profile", "quick", "--jobs", "2", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert sorted(ran) == ["m2-seed0-n100-fit", "vae-seed0-fit"]
+    assert list(json.loads((out / "results.json").read_text())) == ["vae-seed0-fit"]
+    assert "m2-seed0-n100-fit failed (exit 3)" in captured.err and "FAILED" in captured.out
+
+
+def test_a_stage_run_side_by_side_gets_its_share_of_the_threads(tmp_path: Path, monkeypatch) -> None:
+    """run_stage with threads: the `ssvae` process sees OMP_NUM_THREADS (and MKL's) set to it."""
+    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "import os; print('threads', "
+                                          "os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"])
+    stage = table1.Stage(key="m2-seed0-n100-test", args=("test",), run_dir=tmp_path / "run")
+    table1.run_stage(stage, tmp_path / "log.txt", threads=3)
+    assert "threads 3 3" in (tmp_path / "log.txt").read_text()
 
 
 def test_fit_summary_reads_a_runs_events(tmp_path: Path) -> None:
