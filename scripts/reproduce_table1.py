@@ -706,11 +706,12 @@ def plot(summary: dict[str, dict[int, Cell]], path: Path, dataset: str = "mnist"
     plt.close(fig)
 
 
-def render_docs(docs: Path, key: str, table: str, machine: str, records: list[dict]) -> None:
-    """Put ``table`` (table1.md's text, its title a level down), the machine and each run's fit time and summary
-    (its epochs and last validation figures, ``fit_summary``; the VAEs' too) into ``docs`` between the markers
-    ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what they held; appended
-    at the end when they are not there yet."""
+def render_docs(docs: Path, key: str, table: str, machine: str, records: list[dict],
+                figure: Path | None = None) -> None:
+    """Put ``table`` (table1.md's text, its title a level down), the plot ``figure`` (linked relative to ``docs``),
+    the machine and each run's fit time and summary (its epochs and last validation figures, ``fit_summary``; the
+    VAEs' too) into ``docs`` between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY
+    -->``, replacing what they held; appended at the end when they are not there yet."""
     from ssvae_pl.results import replace_marked_section
 
     vaes = {r["seed"]: r["vae"] for r in records if r["vae"]}
@@ -718,9 +719,11 @@ def render_docs(docs: Path, key: str, table: str, machine: str, records: list[di
     lines += [f"- {OUR_NAMES[r['model']]}, seed {r['seed']}, {r['num_labelled']} labels: fit "
               f"{r['fit_seconds'] / 60:.0f} min{', ' + describe_fit(r['fit']) if r['fit'] else ''}; test error "
               f"{r['test_error']:.2f} %" for r in records]
+    picture = [f"![test error against the number of labels]({os.path.relpath(figure, docs.parent)})", ""] \
+        if figure is not None else []
     replace_marked_section(docs, f"reproduce_table1 {key}",
-                           "\n".join(["##" + table.strip(), "", f"Machine: {machine}. Runs (from their TensorBoard "
-                                       "events):", "", *lines]))
+                           "\n".join(["##" + table.strip(), "", *picture, f"Machine: {machine}. Runs (from their "
+                                       "TensorBoard events):", "", *lines]))
 
 
 def describe_fit(summary: dict[str, float]) -> str:
@@ -816,8 +819,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help='extra `ssvae` arguments for one stage\'s fit, e.g. "m2=--model.init_args.alpha 5000"; '
                              "repeatable")
     parser.add_argument("--docs", type=Path, metavar="MARKDOWN",
-                        help="also render the table, the machine and the runs' times into this file (e.g. "
-                             "docs/results.md), between markers named after the sweep")
+                        help="also render the table, the plot (copied to runs/table1-<profile>.png beside the file), "
+                             "the machine and the runs' times into this file (e.g. docs/results.md), between markers "
+                             "named after the sweep")
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="stages run at once, each with OMP_NUM_THREADS = the cores / N; a stage waits for the "
                              "fits it reads (default: the profile's, 2 for cpu and hour, else 1)")
@@ -903,8 +907,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs is not None:
         from ssvae_pl.precision import describe_machine
 
-        render_docs(args.docs, folder, table, describe_machine(), records)
-        print(f"Rendered the table into {shown(args.docs)}")
+        figure = args.docs.resolve().parent / "runs" / f"table1-{folder}.png"
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "table1.png", figure)
+        render_docs(args.docs, folder, table, describe_machine(), records, figure)
+        print(f"Rendered the table into {shown(args.docs)}, its plot into {shown(figure)}")
     print(f"\n{table}")
     print(f"Wrote {shown(out / 'table1.md')}, {shown(out / 'table1.png')}, {shown(out / 'table1.json')}")
     return 0

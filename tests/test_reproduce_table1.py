@@ -507,6 +507,8 @@ def test_report_tables_the_finished_runs_without_running_anything(tmp_path: Path
     assert [(r["model"], r["test_error"]) for r in results["runs"]] == [("m2", pytest.approx(4.0))]
     section = docs.read_text()
     assert "| M2 | 4.00 ± 0.00 (1 seed)" in section and "--report" not in section
+    assert "![test error against the number of labels](runs/table1-quick.png)" in section
+    assert (tmp_path / "runs" / "table1-quick.png").read_bytes() == (out / "table1.png").read_bytes()
     assert f"`python scripts/reproduce_table1.py --profile quick --models m2 m1m2 --out {out} --docs {docs}`" in section
     empty = tmp_path / "empty"
     assert table1.main(["--profile", "quick", "--out", str(empty), "--report"]) == 1
