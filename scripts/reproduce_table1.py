@@ -42,7 +42,8 @@ changing EPOCHS), or whose config files have changed since it ran, stops the scr
 
 Side by side (--jobs N, default the profile's): N stages run at once, each `ssvae` with OMP_NUM_THREADS = the cores
 / N; a stage starts once the fits it reads are recorded, a test as soon as its fit is. After a failed stage none
-starts, those running finish and are recorded, and the script stops with the failure.
+starts, those running finish and are recorded, and the script stops with the failure. A sitting (--hours H) starts
+only the stages that end within H hours (a fit's max_time plus 90 s), then writes the table of the runs finished.
 
 Profiles (--models, --labels, --seeds, --epochs override a profile's lists and epochs):
 
@@ -127,6 +128,9 @@ HOUR_TIMES = {"vae": "00:00:25:00", "m1m2": "00:00:35:00"}
 # M1+M2 above 100 labels: labelled batches of 100, not m1m2.yaml's 20 (which suits 100 labels), so that each labelled
 # image recurs about as often as at 100 labels (3000 labels, seed 0: 2.67% test error against 2.79% with 20)
 M1M2_LABELLED_BATCH = {f"m1m2-n{n}": ("--data.labelled_batch_size", "100") for n in (600, 1000, 3000)}
+# seconds a time-limited fit takes beyond its max_time (start-up, the last validation and checkpoint), and at most a
+# test: what --hours allows for
+STAGE_MARGIN = 90.0
 # stacked right after the stage's own config on every fit of the colour datasets' quick profile: at most 100 training
 # and 20 validation batches an epoch (its max_epochs gives way to the script's --trainer.max_epochs)
 QUICK_COLOUR = "configs/presets/quick_colour.yaml"
@@ -496,6 +500,18 @@ def stage_threads(jobs: int) -> int | None:
     return max(1, cores // jobs)
 
 
+def stage_seconds(stage: Stage) -> float | None:
+    """How long a stage takes at most: a fit's --trainer.max_time plus STAGE_MARGIN (start-up, the last validation
+    and checkpoint), a test's STAGE_MARGIN; None for a fit stopped by its epochs alone."""
+    if stage.args[0] == "test":
+        return STAGE_MARGIN
+    limits = [value for flag, value in zip(stage.args, stage.args[1:]) if flag == "--trainer.max_time"]
+    if not limits:
+        return None
+    days, hours, minutes, seconds = (int(part) for part in limits[-1].split(":"))
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds + STAGE_MARGIN
+
+
 def ready_stages(pending: list[Stage], cache: dict[str, dict]) -> list[Stage]:
     """The stages whose inputs are recorded, tests first (each runs as soon as its fit is done), then in plan order."""
     ready = [stage for stage in pending if all(key in cache for key in stage.needs)]
@@ -517,10 +533,12 @@ def finish_record(stage: Stage, seconds: float, log_file: Path, threads: int | N
     return record
 
 
-def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1) -> dict[str, dict]:
+def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1,
+            deadline: float | None = None) -> dict[str, dict]:
     """Run every stage not yet recorded in ``cache_file``, up to ``jobs`` at once (a stage starts once the fits it
-    reads are recorded), recording each as it finishes; return the cache. After a failure no stage starts; those
-    running finish and are recorded, then the first failure is raised."""
+    reads are recorded), recording each as it finishes; return the cache. With a ``deadline`` (time.monotonic()),
+    a stage starts only if ``stage_seconds`` says it ends by then (one that has no known length starts anyway).
+    After a failure no stage starts; those running finish and are recorded, then the first failure is raised."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache = load_cache(cache_file)
     for key in forget_lost_fits(stages, cache):
@@ -544,7 +562,10 @@ def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1) -> 
     running: dict[Future, tuple[Stage, Path]] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while True:
-            startable = [] if failures else ready_stages(pending, cache)[:jobs - len(running)]
+            startable = [] if failures else [
+                stage for stage in ready_stages(pending, cache) if deadline is None
+                or (seconds := stage_seconds(stage)) is None or time.monotonic() + seconds <= deadline
+            ][:jobs - len(running)]
             for stage in startable:
                 pending.remove(stage)
                 log_file = out / "logs" / f"{stage.key}.log"
@@ -569,6 +590,9 @@ def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1) -> 
                 print(f"{end} {record['seconds']:.0f} s{error}   log: {shown(log_file)}", flush=True)
     if failures:
         raise failures[0]
+    if pending:
+        print(f"{len(pending)} stage{'s' * (len(pending) > 1)} would not end within --hours: rerun the same command "
+              f"to go on in a later sitting", flush=True)
     return cache
 
 
@@ -825,11 +849,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="stages run at once, each with OMP_NUM_THREADS = the cores / N; a stage waits for the "
                              "fits it reads (default: the profile's, 2 for cpu and hour, else 1)")
+    parser.add_argument("--hours", type=float, metavar="H",
+                        help="start only the stages that end within H hours (a fit's max_time plus 90 s; a fit "
+                             "stopped by epochs alone starts anyway), then stop: a sitting's share of a long sweep")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the table, plot and JSON (and --docs) of the stages finished so far, "
                              "for a sweep that resumes across sittings")
     args = parser.parse_args(argv)
+    if args.hours is not None and args.hours <= 0:
+        parser.error(f"--hours {args.hours}: give the hours this sitting has, a number above 0")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more stages to run at once")
     if args.profile not in PROFILES[args.dataset]:
@@ -883,14 +912,18 @@ def main(argv: list[str] | None = None) -> int:
             write_json(cache_file, cache)
     else:
         try:
-            cache = execute(stages, cache_file, out, jobs)
+            deadline = None if args.hours is None else time.monotonic() + args.hours * 3600
+            cache = execute(stages, cache_file, out, jobs, deadline)
         except StageFailed as err:
             print(f"\nreproduce_table1: {err}", file=sys.stderr)
             return 1
     records = run_records(runs, cache)
-    if not records:
+    if not records and args.report:
         print("reproduce_table1: no run of this sweep has finished yet; run it without --report.", file=sys.stderr)
         return 1
+    if not records:  # --hours ended the sitting before a test
+        print("No run of this sweep has finished yet: no table.")
+        return 0
     if len(records) < len(runs):
         print(f"{len(records)} of {len(runs)} runs finished; the table holds those.")
     summary = summarise(records)

@@ -604,6 +604,34 @@ def test_after_a_failed_stage_none_starts_and_the_running_one_is_recorded(tmp_pa
     assert "m2-seed0-n100-fit failed (exit 3)" in captured.err and "FAILED" in captured.out
 
 
+def test_hours_start_only_the_stages_that_end_within_the_sitting(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--hours 0.5 of the hour profile (VAE 25 min, M1+M2 35, each plus 90 s): the three VAEs start, no M1+M2
+    fit does; the sweep says what is left and exits 0. A stage without a time limit starts whatever the hours."""
+    ran: list[str] = []
+
+    def fake_run(stage, log_file, threads=None) -> float:
+        ran.append(stage.key)
+        stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        stage.checkpoint.write_bytes(b"ckpt")
+        return 1.0
+
+    monkeypatch.setattr(table1, "run_stage", fake_run)
+    monkeypatch.setattr(table1, "fit_summary", lambda stage: {})
+    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.97)
+    out = tmp_path / "out"
+    assert table1.main(["--profile", "hour", "--hours", "0.5", "--out", str(out)]) == 0
+    assert sorted(ran) == ["vae-seed0-fit", "vae-seed1-fit", "vae-seed2-fit"]
+    printed = capsys.readouterr().out
+    assert "6 stages would not end within --hours: rerun the same command" in printed
+    assert "No run of this sweep has finished yet" in printed
+    ran.clear()
+    assert table1.main(["--profile", "hour", "--hours", "0.7", "--seeds", "0", "--out", str(out)]) == 0
+    assert ran == ["m1m2-seed0-n100-fit", "m1m2-seed0-n100-test"]
+    assert table1.stage_seconds(table1.Stage("m2-seed0-n100-fit", ("fit", "--trainer.max_epochs", "5"), out)) is None
+    assert table1.stage_seconds(table1.Stage("x", ("fit", "--trainer.max_time", "01:02:03:04"), out)) == \
+        93784 + table1.STAGE_MARGIN
+
+
 def test_a_stage_run_side_by_side_gets_its_share_of_the_threads(tmp_path: Path, monkeypatch) -> None:
     """run_stage with threads: the `ssvae` process sees OMP_NUM_THREADS (and MKL's) set to it."""
     monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "import os; print('threads', "
