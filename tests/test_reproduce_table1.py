@@ -138,6 +138,22 @@ def test_m1m2_above_100_labels_takes_labelled_batches_of_100(tmp_path: Path, cap
         table1.parse_stage_args(["m1m2-nx=--a 1"], {})
 
 
+def test_cpu_profile_compiles_m2_and_m1m2_within_their_time_limits(tmp_path: Path, capsys) -> None:
+    """--profile cpu: M2's and M1+M2's fits compile their loss, the VAE's and the classifier's do not (nor does any
+    test); each fit has its CPU_TIMES limit and no epoch limit."""
+    commands = dry_run_commands(capsys, "--profile", "cpu", "--seeds", "0", "--out", str(tmp_path))
+    by_config = {}
+    for command in commands:
+        by_config.setdefault((command[0], Path(option(command, "-c")).stem), []).append(command)
+    for (subcommand, config), group in by_config.items():
+        compiled = {option(c, "--model.init_args.compile") for c in group}
+        assert compiled == ({"true"} if subcommand == "fit" and config in ("m2", "m1m2") else {None}), config
+    limits = {config: {option(c, "--trainer.max_time") for c in group} for (sub, config), group in by_config.items()
+              if sub == "fit"}
+    assert limits == {"m1_vae": {"00:00:25:00"}, "m1_classifier": {"00:00:03:00"}, "m2": {"00:00:28:00"},
+                      "m1m2": {"00:00:30:00"}}
+
+
 def test_hour_profile_is_the_one_hour_m1m2_recipe_per_seed(tmp_path: Path, capsys) -> None:
     """--profile hour: per seed, the VAE for 25 minutes and M1+M2 at 100 labels for 35, stopped by time alone
     (max_epochs -1), then the test of M1+M2's last checkpoint."""
