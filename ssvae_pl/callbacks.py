@@ -726,6 +726,9 @@ class SaveOnInterrupt(pl.Callback):
         self._restore_sigint()
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.global_step == 0:
             return
+        if _training_finished(trainer):  # the signal came after the last epoch: last.ckpt holds the finished run
+            exception.signal_name, exception.finished = self._signal_name, True
+            return
         path = _last_checkpoint_path(trainer)
         if path is None:
             return
@@ -734,6 +737,13 @@ class SaveOnInterrupt(pl.Callback):
         exception.global_step, exception.epoch = trainer.global_step, trainer.current_epoch
         rank_zero_info(f"{self._signal_name}: saved global step {trainer.global_step} (epoch "
                        f"{trainer.current_epoch}) to {path}")
+
+
+def _training_finished(trainer: pl.Trainer) -> bool:
+    """Whether the fit has done all its epochs or steps (a signal in the moments after that stops nothing)."""
+    epochs, steps = trainer.max_epochs, trainer.max_steps
+    completed = trainer.fit_loop.epoch_progress.current.completed
+    return (epochs is not None and epochs >= 0 and completed >= epochs) or (steps >= 0 and trainer.global_step >= steps)
 
 
 def _mix(*numbers: int) -> int:

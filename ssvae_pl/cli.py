@@ -235,6 +235,10 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except SIGTERMException as stop:  # SIGTERM or a first Ctrl-C, at the end of a batch (callbacks.SaveOnInterrupt)
+        if getattr(stop, "finished", False):  # it came after the last epoch: nothing to resume
+            print(f"ssvae: {stop.signal_name} came after training had finished: the run is complete",
+                  file=sys.stderr)
+            sys.exit(0)
         saved = getattr(stop, "checkpoint", None)
         where = (f"global step {stop.global_step} (epoch {stop.epoch}) saved to {saved}; resume with: "
                  f"{resume_command(command_line, Path(saved).parent.parent.name)}" if saved else "nothing saved")

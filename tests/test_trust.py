@@ -120,6 +120,24 @@ def test_a_deferred_verdict_is_read_before_a_checkpoint_and_at_the_end(make_dm, 
     assert not (tmp_path / "bad.ckpt").exists()
 
 
+def test_a_signal_after_the_last_epoch_writes_nothing_and_marks_the_run_finished(make_dm, monkeypatch) -> None:
+    """SaveOnInterrupt: a SIGTERM or Ctrl-C that stops the fit after its last epoch (in the moments before ``fit``
+    returns) writes no checkpoint of that after-training state (last.ckpt keeps the run as its last epoch saved it,
+    as without the signal) and marks the stop finished, which ``ssvae`` reports as a complete run (exit 0)."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from ssvae_pl.callbacks import SaveOnInterrupt
+
+    model, callback = nan_vae(), SaveOnInterrupt()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(model, datamodule=make_dm())
+    saved: list = []
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, *args, **kwargs: saved.append(path))
+    stop = SIGTERMException()
+    callback.on_exception(trainer, model, stop)
+    assert getattr(stop, "finished", False) and stop.signal_name == "SIGTERM" and saved == []
+
+
 def test_deferred_skip_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="deferred needs action stop"):
         NonFiniteGuard(action="skip", deferred=True)
