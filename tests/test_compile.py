@@ -72,3 +72,40 @@ def test_cuda_graphs_refuse_to_accumulate_gradients(make_dm) -> None:
     trainer = quiet_trainer(accelerator="gpu", devices=1, max_steps=2, limit_val_batches=0, accumulate_grad_batches=2)
     with pytest.raises(ConfigError, match="accumulate_grad_batches=2"):
         trainer.fit(tiny_m2(compile="reduce-overhead"), datamodule=make_dm())
+
+
+SEEN: list[bool] = []  # torch.is_grad_enabled() of each graph the counting backend compiled
+
+
+@torch._dynamo.register_backend
+def ssvae_test_counting(graph, example_inputs):
+    """aot_eager, counting its graphs: those compiled without gradients are evaluation graphs."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    SEEN.append(torch.is_grad_enabled())
+    return aot_eager(graph, example_inputs)
+
+
+@pytest.mark.parametrize("name", ["m2", "vae"])
+def test_a_fits_validation_runs_compiled_and_a_lone_test_does_not(name, make_dm) -> None:
+    from ssvae_pl.models import VAE
+
+    torch._dynamo.reset()
+    SEEN.clear()
+    model = tiny_m2(compile="ssvae_test_counting") if name == "m2" else \
+        VAE(hidden_dims=[16], latent_dim=4, compile="ssvae_test_counting")
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
+    trainer.fit(model, datamodule=make_dm())
+    assert True in SEEN and False in SEEN, SEEN  # the training loss and the validation terms
+    compiled_in_fit = len(SEEN)
+    trainer.test(model, datamodule=make_dm())
+    assert len(SEEN) == compiled_in_fit  # a test runs once: no compilation to wait for
+
+    x = binary_images(6, seed=3)
+    with torch.no_grad():
+        if name == "m2":
+            eps = torch.randn(6, 10, 4)
+            for compiled_term, eager_term in zip(model._validation_terms(x, eps), model.evaluation_terms(x, eps)):
+                torch.testing.assert_close(compiled_term, eager_term)
+        else:  # the VAE's bound draws z: the posterior means are the deterministic part
+            torch.testing.assert_close(model._validation_terms(x)["z_mean"], model.evaluation_terms(x)["z_mean"])

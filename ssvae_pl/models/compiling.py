@@ -1,4 +1,5 @@
-"""The opt-in ``compile`` of the models: torch.compile applied to the training loss, not to the module.
+"""The opt-in ``compile`` of the models: torch.compile applied to the training loss and to a fit's validation
+terms, not to the module.
 
 ``model.compile`` takes ``true`` (inductor, torch.compile's default), a torch.compile mode, or a backend's name. The
 mode ``reduce-overhead`` (and ``max-autotune``) also captures the compiled forward and backward passes in CUDA graphs
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Union
 
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 
 from ssvae_pl.errors import ConfigError
 
@@ -33,6 +35,12 @@ def check_graphs_can_train(setting: CompileSetting, trainer) -> None:
         raise ConfigError(f"model.compile={setting} (CUDA graphs) cannot accumulate gradients over "
                           f"trainer.accumulate_grad_batches={accumulate} batches; use model.compile true, or a "
                           f"batch {accumulate} times larger.")
+
+
+def fitting(module) -> bool:
+    """Whether ``module`` runs inside ``Trainer.fit``: its validations then repeat every epoch, so a compiled
+    evaluation pays for its compilation; a lone ``test`` or ``predict`` runs eagerly."""
+    return module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
 
 
 def compiled(fn: Callable, setting: CompileSetting) -> Callable:

@@ -11,7 +11,7 @@ import torch
 
 from ssvae_pl import elbo
 from ssvae_pl.prediction import check_class_names
-from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled
+from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled, fitting
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
@@ -150,6 +150,7 @@ class VAE(pl.LightningModule):
         self.register_buffer("latent_mean_std", torch.zeros(latent_dim))
         check_compile(compile)
         self._training_terms = compiled(self.forward, compile)
+        self._validation_terms = compiled(self.evaluation_terms, compile)
         self._step_scalars = StepScalars(progress_bar="train/elbo")
 
     def log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -178,17 +179,18 @@ class VAE(pl.LightningModule):
         kl = elbo.kl_standard_normal(mean, std)
         return {"elbo": elbo.elbo(recon, kl), "recon": recon, "kl": kl}
 
-    def _evaluation_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-        """The bound's terms, their names to log, and ``z_mean``, the posterior means (B, Z)."""
+    def evaluation_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The bound's terms of evaluation images (``bits_per_dim`` too for 8-bit images) and ``z_mean``, the
+        posterior means (B, Z). With ``compile``, a fit's validations run it compiled (``compiling.fitting``)."""
         x = unit_images(x)
         mean, std = self.encoder(x)
         terms = {**self._bound_terms(x, mean, std), "z_mean": mean}
-        if self.likelihood == "bernoulli":
-            return terms, ("elbo", "recon", "kl")
-        terms["bits_per_dim"] = elbo.bits_per_dim(terms["elbo"], math.prod(self.hparams.input_shape))
-        return terms, ("elbo", "recon", "kl", "bits_per_dim")
+        if self.likelihood != "bernoulli":
+            terms["bits_per_dim"] = elbo.bits_per_dim(terms["elbo"], math.prod(self.hparams.input_shape))
+        return terms
 
-    def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], names: Sequence[str]) -> None:
+    def _log_terms(self, stage: str, terms: dict[str, torch.Tensor]) -> None:
+        names = ("elbo", "recon", "kl") if self.likelihood == "bernoulli" else ("elbo", "recon", "kl", "bits_per_dim")
         for name in names:
             self.log(f"{stage}/{name}", terms[name].mean(), prog_bar=name == "elbo", sync_dist=True,
                      batch_size=len(terms[name]))
@@ -219,8 +221,8 @@ class VAE(pl.LightningModule):
         self._mean_moments = torch.zeros(3, self.hparams.latent_dim, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        terms, names = self._evaluation_terms(batch[0])
-        self._log_terms("val", terms, names)
+        terms = (self._validation_terms if fitting(self) else self.evaluation_terms)(batch[0])
+        self._log_terms("val", terms)
         mean = terms["z_mean"].detach().double()  # (B, Z): count, sum and sum of squares per dimension
         self._mean_moments += torch.stack([torch.ones_like(mean).sum(0), mean.sum(0), mean.square().sum(0)])
 
@@ -232,7 +234,7 @@ class VAE(pl.LightningModule):
             self.log("val/active_units", (self.latent_mean_std > ACTIVE_UNIT_STD).sum().float())
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._log_terms("test", *self._evaluation_terms(batch[0]))
+        self._log_terms("test", self.evaluation_terms(batch[0]))
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         mean, std = self.encoder(unit_images(batch[0]))
