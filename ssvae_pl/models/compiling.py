@@ -13,6 +13,7 @@ from typing import Callable, Union
 
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
+from torch.utils._pytree import tree_leaves
 
 from ssvae_pl.errors import ConfigError
 
@@ -47,19 +48,29 @@ def compiled(fn: Callable, setting: CompileSetting) -> Callable:
     """``fn`` itself when ``setting`` is False, else ``fn`` through torch.compile with the given mode or backend.
     Compiling the bound loss method leaves the module and its state dict untouched: checkpoints carry no
     ``_orig_mod.`` keys and load without compile. With CUDA graphs, each call starts a new step
-    (``cudagraph_mark_step_begin``): the previous step's outputs, already used, may be overwritten."""
+    (``cudagraph_mark_step_begin``): the previous step's outputs, already used, may be overwritten.
+
+    On a CPU, inductor's code draws random numbers (the reparameterisation's noise) one at a time: 5.8 ms for
+    M2's 105,000 normals of a step on one core, against 0.38 ms from ATen's vectorised generator. There it calls
+    ATen's instead (``fallback_random``), so compiled and eager steps also draw the same noise from the same seed."""
     if setting is False:
         return fn
-    if setting is True:
-        return torch.compile(fn)
-    if setting not in MODES:
+    if setting is not True and setting not in MODES:
         return torch.compile(fn, backend=setting)
-    graph = torch.compile(fn, mode=setting)
-    if setting not in CUDA_GRAPH_MODES:
-        return graph
+    from torch._inductor import list_mode_options
+
+    mode = "default" if setting is True else setting
+    graphs: dict[str, Callable] = {}  # one per device type
 
     def step(*args, **kwargs):
-        torch.compiler.cudagraph_mark_step_begin()
+        device = next((leaf.device.type for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)),
+                      "cpu")
+        graph = graphs.get(device)
+        if graph is None:
+            options = {**list_mode_options(mode), "fallback_random": device == "cpu"}
+            graph = graphs[device] = torch.compile(fn, options=options)
+        if device == "cuda" and mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
         return graph(*args, **kwargs)
 
     return step
