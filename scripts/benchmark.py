@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
     parser.add_argument("--docs", default=None, metavar="MARKDOWN", help="render the table, the command and the "
                         "machine into MARKDOWN between <!-- benchmark PRECISION DEVICE --> markers")
+    parser.add_argument("--section", default="", metavar="NAME", help="with --docs: a section of its own, between "
+                        "<!-- benchmark PRECISION DEVICE NAME --> markers (another setting beside the main table)")
     parser.add_argument("--render", default=None, metavar="JSON", help="render a measured table (its JSON, written "
                         "by an earlier run, e.g. on another machine) into --docs instead of measuring")
     return parser
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def render(record: dict, docs: Path) -> None:
     """A measured table (the JSON record) with its command and machine, between ``<!-- benchmark PRECISION DEVICE
-    [tiny] -->`` markers in ``docs``; the command without ``--json`` and ``--docs``, which say where it wrote."""
+    [tiny] [SECTION] -->`` markers in ``docs``; the command without ``--json`` and ``--docs``, which say where it wrote."""
     shown, skip = [], False
     for arg in record["argv"][1:]:
         if skip or arg in ("--json", "--docs"):
@@ -418,7 +420,8 @@ def render(record: dict, docs: Path) -> None:
         shown.append(arg)
     command = "python scripts/benchmark.py " + " ".join(shown)
     args = build_parser().parse_args(shown)
-    key = f"benchmark {args.precision} {torch.device(args.device).type}{' tiny' * args.tiny}"
+    key = " ".join(filter(None, ["benchmark", args.precision, torch.device(args.device).type, "tiny" * args.tiny,
+                                 args.section]))
     replace_marked_section(docs, key, "\n".join([f"`{command}`", "", f"Machine: {record['setting']}.", "",
                                                  *table_lines(record["rows"])]))
 

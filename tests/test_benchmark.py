@@ -57,3 +57,22 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     section = text[text.index("<!-- benchmark 32-true cpu -->"):]
     assert again.read_text().strip() == section.strip() and "--json" not in section
+
+
+def test_a_section_of_its_own_leaves_the_main_table_in_place(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    row = {"model": "m2", "way": "fit", "batch": "200+100", "images_per_s": 1.0, "ms_per_step": 1.0, "epoch_s": 2.0,
+           "train_epoch_s": 1.5, "gflop_per_s": 1.0, "peak_gflop_per_s": 1.0, "limit_epoch_s": 1.0, "vs_limit": 2.0,
+           "vs_reference": 1.0}
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\n<!-- benchmark bf16-mixed cpu -->\nthe main table\n<!-- /benchmark bf16-mixed cpu -->\n")
+    argv = ["scripts/benchmark.py", "--models", "m2", "--fit", "--fit-compile", "true", "--precision", "bf16-mixed",
+            "--section", "compiled", "--json", "x.json"]
+    benchmark.render({"argv": argv, "setting": "a machine", "rows": [row]}, docs)
+    text = docs.read_text()
+    assert "the main table" in text
+    section = text[text.index("<!-- benchmark bf16-mixed cpu compiled -->"):]
+    assert "--section compiled" in section and "| m2 | fit |" in section and section.rstrip().endswith(
+        "<!-- /benchmark bf16-mixed cpu compiled -->")
