@@ -30,6 +30,10 @@ the measured peak of a large matrix product on the same device and precision. Th
 FLOPs over that peak (``limit s``), and ``x limit`` how many times the limit an epoch takes. The table is also
 written as JSON, and ``--docs`` renders it into a marked section of a Markdown file (docs/results.md).
 
+``--breakdown`` (CPU) also profiles the plain loop's step, eager and compiled: the time in matrix products (which do
+every FLOP counted) against the rest (activations, the Bernoulli terms, the optimiser), and the products' own
+GFLOP/s: how far from the limit the products alone would leave a step.
+
     python scripts/benchmark.py                                  # CPU, fp32, both models
     python scripts/benchmark.py --precision bf16-mixed           # autocast to bfloat16
     python scripts/benchmark.py --device cuda --steps 200        # a GPU
@@ -38,6 +42,7 @@ written as JSON, and ``--docs`` renders it into a marked section of a Markdown f
         --precision bf16-mixed
     python scripts/benchmark.py --models vae m2 --fit --precision bf16-mixed --docs docs/results.md
     python scripts/benchmark.py --models vae m2 --tiny --steps 200        # framework work per step
+    python scripts/benchmark.py --models m2 --ways compiled --breakdown --precision bf16-mixed  # where a step goes
     python scripts/benchmark.py --device cuda --models m2 --ways lightning graphed guarded synced --fit \
         --fit-compile reduce-overhead --precision bf16-mixed --steps 200 --warmup 30  # a GPU's CUDA graphs
 
@@ -123,11 +128,12 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
     return M2(alpha=float(num_train), weighting="batch", compile=compile, **sizes)  # m2.yaml: 500 units, z 50
 
 
-def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False) -> torch.Tensor:
+def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False, compiled: bool = False) -> torch.Tensor:
+    """The loss of a training step; ``compiled``: through the model's ``model.compile`` path, as Lightning steps."""
     if isinstance(model, VAE):
-        return -model(batch["unlabelled"])["elbo"].mean()
+        return -(model._training_terms if compiled else model)(batch["unlabelled"])["elbo"].mean()
     if not naive:
-        return model.loss_terms(batch)["loss"]
+        return (model._training_loss if compiled else model.loss_terms)(batch)["loss"]
     # the naive enumeration: L(x, y) evaluated once per class, each a full pass of the encoder and the decoder
     x_l, y_l = batch["labelled"]
     x_u = batch["unlabelled"]
@@ -174,22 +180,56 @@ def step_flops(model: pl.LightningModule, batch: dict, naive: bool = False) -> i
     return counter.get_total_flops()
 
 
-def time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool) -> float:
-    """Seconds per step of the hand-written loop."""
+def time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool = False,
+                   compiled: bool = False, profiler=None) -> float:
+    """Seconds per step of the hand-written loop; with a ``torch.profiler.profile``, its timed steps profiled."""
     model.to(device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
+            if profiler is not None:
+                profiler.start()
             start = time.perf_counter()
         batch = batches()
         with autocast(device, precision):
-            loss = training_loss(model, batch, naive)
+            loss = training_loss(model, batch, naive, compiled)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    if profiler is not None:
+        profiler.stop()
+    return seconds
+
+
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def breakdown(name: str, args, dm: SemiSupervisedDataModule, batches: Batches, device: torch.device, peak: float,
+              flops: int) -> list[dict]:
+    """Where a step of the plain loop goes on the CPU, eager and through ``model.compile: true``, under
+    torch.profiler: the matrix products (every FLOP the counter counts) against everything else (the element-wise
+    work: activations, the Bernoulli terms, the optimiser). The products alone at the measured peak are the limit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for loop in ("eager", "compiled"):
+        model = make_model(name, dm.num_train, args.vae_checkpoint, "compiled" if loop == "compiled" else "",
+                           tiny=args.tiny)
+        if name != "vae":
+            model.set_data_sizes(dm.hparams.num_labelled, dm.num_unlabelled, dm.num_train)
+        profiler = profile(activities=[ProfilerActivity.CPU])
+        seconds = time_reference(model, batches, device, args.precision, args.warmup, args.steps,
+                                 compiled=loop == "compiled", profiler=profiler)
+        products = sum(e.self_cpu_time_total for e in profiler.key_averages() if e.key in MATRIX_PRODUCTS) / 1e6
+        products /= args.steps
+        limit = flops / peak / 1e9
+        rows.append({"model": name, "loop": loop, "ms_per_step": 1e3 * seconds, "products_ms": 1e3 * products,
+                     "products_gflop_per_s": flops / products / 1e9, "rest_ms": 1e3 * (seconds - products),
+                     "limit_ms": 1e3 * limit, "vs_limit": seconds / limit, "products_vs_limit": products / limit})
+    return rows
 
 
 class _StepClock(pl.Callback):
@@ -281,6 +321,9 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             "epoch_s": steps * seconds, "gflop_per_step": flops / 1e9,
             "gflop_per_s": flops / seconds / 1e9, "peak_gflop_per_s": peak,
         })
+    if args.breakdown:
+        parts = breakdown(name, args, dm, cached if name == "m1m2" else batches, device, peak,
+                          round(rows[0]["gflop_per_step"] * 1e9))
     if args.fit:
         training, whole = time_fit(name, args, device)
         rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / whole,
@@ -295,7 +338,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
         naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
         for row in rows:
             row["vs_naive"] = row["images_per_s"] / naive
-    return rows
+    return rows + (parts if args.breakdown else [])
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -309,6 +352,17 @@ def table_lines(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} | {r['way']} | {r['batch']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
                      f"{r['epoch_s']:.1f} | {validation} | {r['gflop_per_s']:.1f} | {r['peak_gflop_per_s']:.0f} | "
                      f"{r['limit_epoch_s']:.1f} | {r['vs_limit']:.2f} | {r['vs_reference']:.2f} | {naive} |")
+    return lines
+
+
+def breakdown_lines(parts: list[dict]) -> list[str]:
+    """``--breakdown``'s table: a plain-loop step's matrix products against the rest, eager and compiled."""
+    lines = ["| model | loop | ms/step | matrix products ms | their GFLOP/s | the rest ms | limit ms | x limit "
+             "| products alone, x limit |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in parts:
+        lines.append(f"| {r['model']} | {r['loop']} | {r['ms_per_step']:.1f} | {r['products_ms']:.1f} | "
+                     f"{r['products_gflop_per_s']:.1f} | {r['rest_ms']:.1f} | {r['limit_ms']:.1f} | "
+                     f"{r['vs_limit']:.2f} | {r['products_vs_limit']:.2f} |")
     return lines
 
 
@@ -340,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ways", nargs="+", default=None, help="time only these ways beside the reference "
                         "(default: every way the device has; graphed, guarded and synced only on a GPU)",
                         choices=["lightning", "compiled", "graphed", "guarded", "synced", "naive", "uncached"])
+    parser.add_argument("--breakdown", action="store_true", help="also profile the plain loop's step, eager and "
+                        "compiled (CPU): time in matrix products against the rest")
     parser.add_argument("--fit-compile", default=None, metavar="MODE", help="the `fit` way with --model.compile "
                         "MODE, e.g. reduce-overhead (CUDA graphs on a GPU)")
     parser.add_argument("--json", default="lightning_logs/benchmark/benchmark.json", help="where the table goes")
@@ -378,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--models m1m2 needs --vae-checkpoint <M1's checkpoint>")
     if min(args.steps, args.labelled_batch_size or 1) <= 0 or args.warmup < 0:
         parser.error("--steps and --labelled-batch-size must be positive, --warmup >= 0")
+    if args.breakdown and device.type != "cpu":
+        parser.error("--breakdown reads the CPU's time of each operator; on a GPU use the torch.profiler trace")
     if args.tiny and args.fit:
         parser.error("--tiny times the hand-built models; --fit runs the shipped configs: choose one")
     if args.threads:
@@ -394,13 +452,13 @@ def main(argv: list[str] | None = None) -> None:
     setting = (f"device {device} ({machine}; {torch.get_num_threads()} threads), precision {args.precision}, torch "
                f"{torch.__version__}, pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s")
     print(setting + "\n")
-    rows = [row for name in args.models for row in benchmark(name, args, dm, device, peak)]
-    lines = table_lines(rows)
-    print("\n".join(lines))
+    measured = [row for name in args.models for row in benchmark(name, args, dm, device, peak)]
+    rows, parts = [r for r in measured if "loop" not in r], [r for r in measured if "loop" in r]
+    print("\n".join(table_lines(rows) + (["", *breakdown_lines(parts)] if parts else [])))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"argv": ["scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])], "machine": machine,
-              "setting": setting, "rows": rows}
+              "setting": setting, "rows": rows, **({"breakdown": parts} if parts else {})}
     with atomic_output(out, overwrite=True) as temporary:
         temporary.write_text(json.dumps(record, indent=1))
     print(f"\nwritten: {out}")
@@ -422,8 +480,9 @@ def render(record: dict, docs: Path) -> None:
     args = build_parser().parse_args(shown)
     key = " ".join(filter(None, ["benchmark", args.precision, torch.device(args.device).type, "tiny" * args.tiny,
                                  args.section]))
+    parts = ["", *breakdown_lines(record["breakdown"])] if record.get("breakdown") else []
     replace_marked_section(docs, key, "\n".join([f"`{command}`", "", f"Machine: {record['setting']}.", "",
-                                                 *table_lines(record["rows"])]))
+                                                 *table_lines(record["rows"]), *parts]))
 
 
 if __name__ == "__main__":

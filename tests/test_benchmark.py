@@ -24,7 +24,7 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
     docs = tmp_path / "results.md"
     docs.write_text("# Results\n\nkept\n")
     out = tmp_path / "bench.json"
-    command = [sys.executable, "scripts/benchmark.py", "--models", "vae", "m2", "m1m2", "--fit",
+    command = [sys.executable, "scripts/benchmark.py", "--models", "vae", "m2", "m1m2", "--fit", "--breakdown",
                "--vae-checkpoint", str(active_vae), "--steps", "2", "--warmup", "1", "--batch-size", "50",
                "--labelled-batch-size", "10", "--threads", "1", "--peak-size", "128",
                "--data-dir", str(shared_mnist_dir), "--data-option", "val_size=100", "--data-option", "download=false",
@@ -41,6 +41,12 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
     for row in rows:
         assert row["ms_per_step"] > 0 and row["limit_epoch_s"] > 0
         assert abs(row["vs_limit"] - row["epoch_s"] / row["limit_epoch_s"]) < 1e-9
+    parts = json.loads(out.read_text())["breakdown"]
+    assert {(p["model"], p["loop"]) for p in parts} == {(m, loop) for m in ("vae", "m2", "m1m2")
+                                                        for loop in ("eager", "compiled")}
+    for part in parts:  # the products take part of the step, and do its FLOPs at a positive rate
+        assert 0 < part["products_ms"] < part["ms_per_step"] and part["products_gflop_per_s"] > 0
+        assert abs(part["products_ms"] + part["rest_ms"] - part["ms_per_step"]) < 1e-6
     fit = next(row for row in rows if row["way"] == "fit" and row["model"] == "m2")
     assert 0 < fit["train_epoch_s"] <= fit["epoch_s"]  # the whole epoch holds its training loop
 
@@ -49,6 +55,7 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
     assert "<!-- benchmark 32-true cpu -->" in text and "<!-- /benchmark 32-true cpu -->" in text
     assert "python scripts/benchmark.py --models vae m2 m1m2 --fit" in text
     assert text.count("| m2 | fit |") == 1 and "Machine: device cpu" in text
+    assert text.count("| m2 | compiled | ") == 2  # the main table's way, and the breakdown's loop
 
     # the same table rendered again from its JSON alone (as one measured on another machine is): the same section
     again = tmp_path / "again.md"
