@@ -288,7 +288,9 @@ def time_fit(name: str, args, device: torch.device) -> tuple[float, float]:
     return training[1], elapsed[1] - elapsed[0]
 
 
-def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.device, peak: float) -> list[dict]:
+def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.device,
+              peak: float) -> tuple[list[dict], list[dict]]:
+    """The table's rows of one model, and ``--breakdown``'s (empty without it)."""
     torch.manual_seed(0)
     labelled_batch = 0 if name == "vae" else args.labelled_batch_size or {"m2": 100, "m1m2": 20}[name]
     batch = args.batch_size or (500 if name == "vae" else 200)
@@ -321,9 +323,8 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
             "epoch_s": steps * seconds, "gflop_per_step": flops / 1e9,
             "gflop_per_s": flops / seconds / 1e9, "peak_gflop_per_s": peak,
         })
-    if args.breakdown:
-        parts = breakdown(name, args, dm, cached if name == "m1m2" else batches, device, peak,
-                          round(rows[0]["gflop_per_step"] * 1e9))
+    parts = breakdown(name, args, dm, cached if name == "m1m2" else batches, device, peak,
+                      round(rows[0]["gflop_per_step"] * 1e9)) if args.breakdown else []
     if args.fit:
         training, whole = time_fit(name, args, device)
         rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / whole,
@@ -338,7 +339,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
         naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
         for row in rows:
             row["vs_naive"] = row["images_per_s"] / naive
-    return rows + (parts if args.breakdown else [])
+    return rows, parts
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -452,8 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     setting = (f"device {device} ({machine}; {torch.get_num_threads()} threads), precision {args.precision}, torch "
                f"{torch.__version__}, pytorch-lightning {pl.__version__}; matmul peak {peak:.1f} GFLOP/s")
     print(setting + "\n")
-    measured = [row for name in args.models for row in benchmark(name, args, dm, device, peak)]
-    rows, parts = [r for r in measured if "loop" not in r], [r for r in measured if "loop" in r]
+    rows, parts = [], []
+    for name in args.models:
+        model_rows, model_parts = benchmark(name, args, dm, device, peak)
+        rows, parts = rows + model_rows, parts + model_parts
     print("\n".join(table_lines(rows) + (["", *breakdown_lines(parts)] if parts else [])))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
