@@ -37,8 +37,8 @@ command resumes an interrupted sweep, in a later sitting or a fresh clone (the u
 scratch). A recorded fit whose checkpoint is gone (a fresh clone has the record, not the runs) runs again when a
 stage still to run needs it: a seed's VAE, for its classifiers still to train. Adding seeds or label counts to a
 finished sweep runs only the new stages. A recorded stage whose command differs from the planned one (e.g. after
-changing EPOCHS), or whose config files have changed since it ran, stops the script: use a new --out folder or
---record file.
+changing EPOCHS), or whose config files, or those of the fits it reads (the VAE's), have changed since it ran,
+stops the script: use a new --out folder or --record file, or delete the records of the stages the change touches.
 
 Side by side (--jobs N, default the profile's): N stages run at once, each `ssvae` with OMP_NUM_THREADS = the cores
 / N; a stage starts once the fits it reads are recorded, a test as soon as its fit is. After a failed stage none
@@ -230,6 +230,7 @@ class Stage:
     args: tuple[str, ...]  # the arguments after `ssvae`
     run_dir: Path  # the run's version folder
     needs: tuple[str, ...] = ()  # the keys of the fits whose checkpoints it reads
+    upstream: tuple[tuple[str, ...], ...] = ()  # the arguments of every fit it reads, directly or through another
 
     @property
     def checkpoint(self) -> Path:
@@ -287,9 +288,10 @@ def logger_name(stage: str, dataset: str = "mnist") -> str:
 
 
 def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, num_labelled: int | None,
-               settings: Settings, checkpoint_args: tuple[str, ...] = (), needs: tuple[str, ...] = ()) -> Stage:
+               settings: Settings, checkpoint_args: tuple[str, ...] = (), reads: tuple[Stage, ...] = ()) -> Stage:
     """The `ssvae fit` or `ssvae test` of one stage; a fit trains from scratch in the run folder ``version``, a test
-    reads ``checkpoint_args`` and logs into that checkpoint's run folder (``version``, the fit's)."""
+    reads ``checkpoint_args`` and logs into that checkpoint's run folder (``version``, the fit's). ``reads``: the
+    fits whose checkpoints it reads."""
     labels = ("--data.num_labelled", str(num_labelled)) if num_labelled is not None else ()
     configs = settings.fit_configs if subcommand == "fit" else ()
     where = ("--trainer.logger.init_args.version", version) if subcommand == "fit" else ()
@@ -307,7 +309,8 @@ def make_stage(stage: str, subcommand: str, key: str, version: str, seed: int, n
     if subcommand == "fit":
         args += settings.extra_args.get(stage, ()) + settings.extra_args.get(f"{stage}-n{num_labelled}", ())
     return Stage(key=key, args=tuple(args), run_dir=settings.out / logger_name(stage, settings.dataset) / version,
-                 needs=needs)
+                 needs=tuple(fit.key for fit in reads),
+                 upstream=tuple(a for fit in reads for a in (fit.args, *fit.upstream)))
 
 
 def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: Settings) -> list[Run]:
@@ -321,9 +324,9 @@ def plan_runs(models: list[str], labels: list[int], seeds: list[int], settings: 
                 version = f"seed{seed}-n{n}"
                 vae_args = ("--model.init_args.vae_checkpoint", shown(vae.checkpoint)) if model in NEEDS_VAE else ()
                 fit = make_stage(model, "fit", f"{model}-{version}-fit", version, seed, n, settings, vae_args,
-                                 (vae.key,) if model in NEEDS_VAE else ())
+                                 (vae,) if model in NEEDS_VAE else ())
                 test = make_stage(model, "test", f"{model}-{version}-test", version, seed, n, settings,
-                                  ("--ckpt_path", shown(fit.checkpoint)), (fit.key,))
+                                  ("--ckpt_path", shown(fit.checkpoint)), (fit,))
                 stages = (vae, fit, test) if model in NEEDS_VAE else (fit, test)
                 runs.append(Run(model, n, seed, stages))
     return runs
@@ -358,11 +361,13 @@ def command_line(stage: Stage) -> str:
     return shlex.join(["ssvae", *stage.args])
 
 
-def config_digests(args: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """The SHA-256 (16 hex digits) of each config file a stage reads, by path: its ``-c`` arguments and the files
-    they include (``model: ../colour/conv_vae.yaml``), so that an edit to any of them after the stage ran is noticed."""
+def config_digests(*commands: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The SHA-256 (16 hex digits) of each config file that ``commands`` (a stage's arguments, then those of the
+    fits it reads) read, by path: their ``-c`` arguments and the files those include (``model:
+    ../colour/conv_vae.yaml``), so that an edit to any of them after the stage ran is noticed, an edit to the VAE's
+    config by the classifiers trained on that VAE too."""
     digests: dict[str, str] = {}
-    pending = [ROOT / path for flag, path in zip(args, args[1:]) if flag == "-c"]
+    pending = [ROOT / path for args in commands for flag, path in zip(args, args[1:]) if flag == "-c"]
     while pending:
         path = pending.pop(0)
         key = os.path.relpath(path, ROOT)
@@ -392,7 +397,7 @@ def included_configs(config: Path) -> list[Path]:
 
 def changed_configs(stage: Stage, record: dict) -> list[str]:
     """The config files a stage reads whose contents differ from its record's (or that the record does not name)."""
-    recorded, now = record.get("configs", {}), config_digests(stage.args)
+    recorded, now = record.get("configs", {}), config_digests(stage.args, *stage.upstream)
     return [path for path in now if recorded.get(path) != now[path]]
 
 
@@ -525,7 +530,8 @@ def ready_stages(pending: list[Stage], cache: dict[str, dict]) -> list[Stage]:
 def finish_record(stage: Stage, seconds: float, log_file: Path, threads: int | None) -> dict:
     """The record of a stage that has run: its command, configs' digests, duration, log and, for a test, test/acc;
     for a fit, what its events say of it."""
-    record: dict = {"args": list(stage.args), "configs": config_digests(stage.args), "seconds": round(seconds, 1),
+    record: dict = {"args": list(stage.args), "configs": config_digests(stage.args, *stage.upstream),
+                    "seconds": round(seconds, 1),
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
     if threads is not None:
         record["threads"] = threads

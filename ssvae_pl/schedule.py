@@ -11,6 +11,12 @@ from pytorch_lightning.callbacks import Timer
 from ssvae_pl.errors import ConfigError
 
 
+def has_budget(trainer: pl.Trainer) -> bool:
+    """Whether the run has a limit for ``budget_progress`` to follow: ``max_time``, ``max_steps`` or ``max_epochs``."""
+    timed = any(isinstance(c, Timer) and c.time_remaining() is not None for c in trainer.callbacks)
+    return timed or (trainer.max_steps or 0) > 0 or (trainer.max_epochs or 0) > 0
+
+
 def budget_progress(trainer: pl.Trainer, batch_idx: int = 0) -> float:
     """How far the run is into its budget, in [0, 1]: the largest of elapsed / ``max_time``, global step /
     ``max_steps`` and (epoch + batch / batches) / ``max_epochs`` among the limits that are set; 0 with none."""

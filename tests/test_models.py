@@ -74,7 +74,7 @@ def test_kl_warmup_weighs_the_kl_term_by_a_rising_beta_and_validation_counts_act
     torch.manual_seed(0)
     vae = VAE(hidden_dims=[64], latent_dim=8)
     x = binary_batch(16)
-    vae.kl_weight = lambda: 0.0
+    vae.kl_weight = lambda batch_idx=0: 0.0
     torch.manual_seed(1)
     loss = vae.training_step({"unlabelled": x}, 0)
     torch.manual_seed(1)
@@ -100,6 +100,37 @@ def test_kl_warmup_weighs_the_kl_term_by_a_rising_beta_and_validation_counts_act
     assert vae.kl_weight() == 1.0 and "train/kl_weight" in trainer.logged_metrics
     means = torch.cat([vae.encoder(to_model_input(b)[0])[0] for b in list(dm.val_dataloader())[:2]])
     assert trainer.callback_metrics["val/active_units"].item() == int((means.var(dim=0) > 0.01).sum())
+
+
+def test_kl_warmup_fraction_follows_the_runs_budget_and_needs_one(tmp_path: Path, shared_mnist_dir: Path) -> None:
+    """``kl_warmup_fraction``: beta = budget_progress / fraction, capped at 1, so a run warms up over the same share
+    of its budget however many epochs it gets; a run without max_epochs, max_steps or max_time has no budget to take
+    a share of and stops with a ConfigError."""
+    import pytorch_lightning as pl
+
+    class Betas(pl.Callback):
+        def __init__(self) -> None:
+            self.betas: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.betas.append(pl_module.kl_weight(batch_idx))
+
+    dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=50,
+                                  labelled_batch_size=20)
+    betas = Betas()
+    vae = VAE(hidden_dims=[32], latent_dim=4, kl_warmup_fraction=0.5)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=1, callbacks=[betas],
+                            default_root_dir=str(tmp_path))
+    trainer.fit(vae, datamodule=dm)
+    # progress at step s of 8 is s / 8; the warm-up ends half-way
+    assert betas.betas == pytest.approx([min(1.0, step / 4) for step in range(8)])
+    assert VAE(kl_warmup_epochs=1.5, kl_warmup_fraction=0.5).hparams.kl_warmup_epochs == 1.5  # epochs take its place
+    with pytest.raises(ConfigError, match="model.kl_warmup_fraction"):
+        VAE(kl_warmup_fraction=1.5)
+    unbounded = quiet_trainer(max_epochs=-1, limit_train_batches=1, limit_val_batches=0,
+                              default_root_dir=str(tmp_path / "unbounded"))
+    with pytest.raises(ConfigError, match="model.kl_warmup_fraction=0.5 is a share of the run's budget"):
+        unbounded.fit(VAE(hidden_dims=[32], latent_dim=4), datamodule=dm)
 
 
 def test_latent_probe_logs_the_knn_vote_of_the_labelled_images(tmp_path: Path, shared_mnist_dir: Path) -> None:

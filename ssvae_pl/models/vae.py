@@ -11,6 +11,7 @@ import torch
 
 from ssvae_pl import elbo
 from ssvae_pl.prediction import check_class_names
+from ssvae_pl.schedule import budget_progress, has_budget
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled, fitting
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
@@ -107,8 +108,12 @@ class VAE(pl.LightningModule):
         kl_warmup_epochs: KL warm-up (deterministic annealing; Bowman et al. 2016, Sonderby et al. 2016): the
             training loss weighs the KL term by beta, rising linearly from 0 to 1 over this many epochs (step by
             step), then the true ELBO. Early on the encoder is free to use its latent dimensions before the KL
-            term prunes them. 0 (the paper's): no warm-up; the default is configs/mnist/m1_vae.yaml's 50.
+            term prunes them. 0 (the paper's, and the default): no warm-up, or the one ``kl_warmup_fraction`` sets.
             Validation and test always report the true ELBO; ``train/kl_weight`` logs beta.
+        kl_warmup_fraction: the same warm-up over this share of the run's budget (``budget_progress``: its
+            ``max_time``, ``max_steps`` or ``max_epochs``, whichever ends it first), so that a run stopped by time
+            warms up over the same part of it on a fast machine as on a slow one; the default is
+            configs/mnist/m1_vae.yaml's 0.5. ``kl_warmup_epochs`` above 0 takes its place; 0: no warm-up.
 
     ``val/active_units`` counts the latent dimensions whose posterior mean has a standard deviation above
     ``ACTIVE_UNIT_STD`` across the validation images (Burda et al. 2016): the ones the model uses. The standard
@@ -128,7 +133,8 @@ class VAE(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         conv_channels: Sequence[int] = (),
         likelihood: Literal["bernoulli", "discretized_logistic"] = "bernoulli",
-        kl_warmup_epochs: float = 50.0,
+        kl_warmup_epochs: float = 0.0,
+        kl_warmup_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -136,6 +142,11 @@ class VAE(pl.LightningModule):
             from ssvae_pl.errors import ConfigError
 
             raise ConfigError(f"model.kl_warmup_epochs must be >= 0 (0: no warm-up), got {kl_warmup_epochs}.")
+        if not 0 <= kl_warmup_fraction <= 1:
+            from ssvae_pl.errors import ConfigError
+
+            raise ConfigError(f"model.kl_warmup_fraction must be in [0, 1] (a share of the run's budget; 0: no "
+                              f"warm-up), got {kl_warmup_fraction}.")
         if likelihood not in ("bernoulli", "discretized_logistic"):
             from ssvae_pl.errors import ConfigError
 
@@ -195,24 +206,33 @@ class VAE(pl.LightningModule):
             self.log(f"{stage}/{name}", terms[name].mean(), prog_bar=name == "elbo", sync_dist=True,
                      batch_size=len(terms[name]))
 
-    def kl_weight(self) -> float:
-        """beta of the KL warm-up at this training step: global step / (kl_warmup_epochs x batches per epoch),
-        at most 1; 1 without warm-up or outside training."""
-        warmup = self.hparams.kl_warmup_epochs
-        if warmup <= 0 or self._trainer is None or not math.isfinite(self.trainer.num_training_batches):
+    def kl_weight(self, batch_idx: int = 0) -> float:
+        """beta of the KL warm-up at this training step, at most 1: global step / (kl_warmup_epochs x batches per
+        epoch), else the run's budget_progress / kl_warmup_fraction; 1 without warm-up or outside training."""
+        epochs, fraction = self.hparams.kl_warmup_epochs, self.hparams.kl_warmup_fraction
+        if self._trainer is None or not self.trainer.training:
             return 1.0
-        return min(1.0, self.trainer.global_step / (warmup * self.trainer.num_training_batches))
+        if epochs > 0:
+            batches = self.trainer.num_training_batches
+            return min(1.0, self.trainer.global_step / (epochs * batches)) if math.isfinite(batches) else 1.0
+        return min(1.0, budget_progress(self.trainer, batch_idx) / fraction) if fraction > 0 else 1.0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self._training_terms(batch["unlabelled"])  # every training image, labelled or not
         self._step_scalars.add(self, {f"train/{name}": terms[name] for name in ("elbo", "recon", "kl")})
-        beta = self.kl_weight()
-        if self.hparams.kl_warmup_epochs > 0 and beta < 1.0:
+        beta = self.kl_weight(batch_idx)
+        if beta < 1.0:
             self.log("train/kl_weight", beta, on_step=True, on_epoch=False)
         return -terms["elbo"].mean() if beta == 1.0 else -(terms["recon"] - beta * terms["kl"]).mean()
 
     def on_fit_start(self) -> None:
         check_graphs_can_train(self.hparams.compile, self.trainer)
+        if self.hparams.kl_warmup_epochs <= 0 < self.hparams.kl_warmup_fraction and not has_budget(self.trainer):
+            from ssvae_pl.errors import ConfigError
+
+            raise ConfigError(f"model.kl_warmup_fraction={self.hparams.kl_warmup_fraction} is a share of the run's "
+                              "budget, and this run has none: set trainer.max_epochs, max_steps or max_time, or "
+                              "warm up over model.kl_warmup_epochs instead.")
 
     def on_train_epoch_end(self) -> None:
         self._step_scalars.log_epoch(self)
