@@ -35,7 +35,9 @@ docs/runs/table1-<profile>.json (table1-<dataset>-<profile>.json for the colour 
 file; with --out, results.json there), which is kept in git. A recorded stage is skipped, so rerunning the same
 command resumes an interrupted sweep, in a later sitting or a fresh clone (the unfinished stage restarts from
 scratch). A recorded fit whose checkpoint is gone (a fresh clone has the record, not the runs) runs again when a
-stage still to run needs it: a seed's VAE, for its classifiers still to train. Adding seeds or label counts to a
+stage still to run needs it: a seed's VAE, for its classifiers still to train; the recorded stages that read it run
+again too, so that every figure of a seed comes from the one VAE its record describes. A sitting in a fresh clone
+should therefore finish a seed's VAE and all its classifiers. Adding seeds or label counts to a
 finished sweep runs only the new stages. A recorded stage whose command differs from the planned one (e.g. after
 changing EPOCHS), or whose config files, or those of the fits it reads (the VAE's), have changed since it ran,
 stops the script: use a new --out folder or --record file, or delete the records of the stages the change touches.
@@ -453,19 +455,28 @@ def read_test_accuracy(stage: Stage) -> float:
     return scalars["test/acc"]
 
 
-def forget_lost_fits(stages: list[Stage], cache: dict[str, dict]) -> list[str]:
+def forget_lost_fits(stages: list[Stage], cache: dict[str, dict]) -> tuple[list[str], list[str]]:
     """Drop from ``cache`` the fits recorded as done whose checkpoint is gone (a fresh clone holds the record, not
-    the runs) but which a stage still to run reads, so that they run again; return their keys."""
+    the runs) but which a stage still to run reads, so that they run again, and with them the records of every
+    stage that read them, directly or through another: a seed's figures all come from one VAE. Return the keys of
+    the lost fits and those of their readers."""
     by_key = {stage.key: stage for stage in stages}
     lost: list[str] = []
+    readers: list[str] = []
     while True:
         needed = {key for stage in stages if stage.key not in cache for key in stage.needs}
         gone = [key for key in needed if key in cache and not by_key[key].checkpoint.is_file()]
         if not gone:
-            return lost
+            return lost, readers
         for key in gone:
             del cache[key]
         lost += gone
+        rerun = set(gone)
+        for stage in stages:  # in plan order: a stage comes after the fits it reads
+            if stage.key in cache and rerun.intersection(stage.needs):
+                del cache[stage.key]
+                rerun.add(stage.key)
+                readers.append(stage.key)
 
 
 def fit_summary(stage: Stage) -> dict[str, float]:
@@ -551,9 +562,12 @@ def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1,
     After a failure no stage starts; those running finish and are recorded, then the first failure is raised."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache = load_cache(cache_file)
-    for key in forget_lost_fits(stages, cache):
+    lost, readers = forget_lost_fits(stages, cache)
+    for key in lost:
         print(f"{key}: recorded as done, but its checkpoint is gone and a stage still to run needs it: runs again",
               flush=True)
+    for key in readers:
+        print(f"{key}: recorded as done on a fit that runs again: runs again", flush=True)
     width = max(len(stage.key) for stage in stages)
     number = {stage.key: f"[{i:>{len(str(len(stages)))}}/{len(stages)}] {stage.key:<{width}}"
               for i, stage in enumerate(stages, 1)}

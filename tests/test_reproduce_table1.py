@@ -534,7 +534,8 @@ def test_report_tables_the_finished_runs_without_running_anything(tmp_path: Path
 def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkeypatch, capsys) -> None:
     """The record of finished stages (--record; docs/runs/ by default, kept in git) is all a fresh clone has: its
     finished tests are skipped, and a seed's VAE, whose checkpoint is gone, trains again only for the classifiers
-    still to run."""
+    still to run; the classifiers recorded on the lost VAE then train again on the new one, so that the seed's
+    figures all come from one VAE."""
     ran: list[str] = []
 
     def fake_run(stage, log_file, threads=None) -> float:
@@ -556,10 +557,13 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
     ran.clear()
     assert table1.main(args) == 0
     assert ran == []
-    shutil.rmtree(out)  # one more budget there: its classifier needs the VAE, which trains again
+    shutil.rmtree(out)  # one more budget there: its classifier needs the VAE, which trains again, and so does 100's
     assert table1.main([*args, "--labels", "100", "600"]) == 0
-    assert ran == ["vae-seed0-fit", "m1-seed0-n600-fit", "m1-seed0-n600-test"]
-    assert "vae-seed0-fit: recorded as done, but its checkpoint is gone" in capsys.readouterr().out
+    assert ran == ["vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test", "m1-seed0-n600-fit",
+                   "m1-seed0-n600-test"]
+    printed = capsys.readouterr().out
+    assert "vae-seed0-fit: recorded as done, but its checkpoint is gone" in printed
+    assert "m1-seed0-n100-test: recorded as done on a fit that runs again: runs again" in printed
     assert json.loads((out / "table1.json").read_text())["summary"]["m1"].keys() == {"100", "600"}
 
 
