@@ -238,6 +238,11 @@ class Stage:
     def checkpoint(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
+    @property
+    def configs(self) -> dict[str, str]:
+        """The digests of the config files that it and the fits it reads read (``config_digests``)."""
+        return config_digests(self.args, *self.upstream)
+
 
 @dataclass(frozen=True)
 class Run:
@@ -399,7 +404,7 @@ def included_configs(config: Path) -> list[Path]:
 
 def changed_configs(stage: Stage, record: dict) -> list[str]:
     """The config files a stage reads whose contents differ from its record's (or that the record does not name)."""
-    recorded, now = record.get("configs", {}), config_digests(stage.args, *stage.upstream)
+    recorded, now = record.get("configs", {}), stage.configs
     return [path for path in now if recorded.get(path) != now[path]]
 
 
@@ -541,8 +546,7 @@ def ready_stages(pending: list[Stage], cache: dict[str, dict]) -> list[Stage]:
 def finish_record(stage: Stage, seconds: float, log_file: Path, threads: int | None) -> dict:
     """The record of a stage that has run: its command, configs' digests, duration, log and, for a test, test/acc;
     for a fit, what its events say of it."""
-    record: dict = {"args": list(stage.args), "configs": config_digests(stage.args, *stage.upstream),
-                    "seconds": round(seconds, 1),
+    record: dict = {"args": list(stage.args), "configs": stage.configs, "seconds": round(seconds, 1),
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "log": shown(log_file)}
     if threads is not None:
         record["threads"] = threads
