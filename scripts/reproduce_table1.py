@@ -41,6 +41,8 @@ should therefore finish a seed's VAE and all its classifiers. Adding seeds or la
 finished sweep runs only the new stages. A recorded stage whose command differs from the planned one (e.g. after
 changing EPOCHS), or whose config files, or those of the fits it reads (the VAE's), have changed since it ran,
 stops the script: use a new --out folder or --record file, or delete the records of the stages the change touches.
+Two sweeps of one record may run at once, on different stages (e.g. `--models m2` on the core a seed's VAE leaves
+free): each writes only its own stages' records into the file, under a lock on its folder.
 
 Side by side (--jobs N, default the profile's): N stages run at once, each `ssvae` with OMP_NUM_THREADS = the cores
 / N; a stage starts once the fits it reads are recorded, a test as soon as its fit is. After a failed stage none
@@ -89,6 +91,7 @@ Other examples:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import json
@@ -99,6 +102,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,6 +363,28 @@ def load_cache(path: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@contextmanager
+def locked(folder: Path):
+    """Hold an exclusive lock on ``folder`` (flock on the folder itself: no lock file is left behind)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def save_records(cache_file: Path, cache: dict[str, dict], keys: set[str]) -> None:
+    """Write this sweep's records of ``keys`` into ``cache_file``, each as ``cache`` holds it or, where ``cache`` has
+    none (a stage to run again), absent; keep the file's other records as they are now. Two sweeps of one profile
+    may so run side by side (say M2's stages on a spare core), neither undoing what the other recorded."""
+    with locked(cache_file.parent):
+        merged = {key: cache[key] if key in keys else record for key, record in load_cache(cache_file).items()
+                  if key not in keys or key in cache}
+        merged.update({key: cache[key] for key in sorted(keys) if key in cache and key not in merged})
+        write_json(cache_file, merged)
+
+
 def write_json(path: Path, data) -> None:
     """Write ``data`` as JSON atomically: an interrupted write never leaves a broken file."""
     write_text_atomically(path, json.dumps(data, indent=2) + "\n")
@@ -572,6 +598,9 @@ def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1,
               flush=True)
     for key in readers:
         print(f"{key}: recorded as done on a fit that runs again: runs again", flush=True)
+    keys = {stage.key for stage in stages}
+    if lost:
+        save_records(cache_file, cache, keys)
     width = max(len(stage.key) for stage in stages)
     number = {stage.key: f"[{i:>{len(str(len(stages)))}}/{len(stages)}] {stage.key:<{width}}"
               for i, stage in enumerate(stages, 1)}
@@ -613,7 +642,7 @@ def execute(stages: list[Stage], cache_file: Path, out: Path, jobs: int = 1,
                     failures.append(err)
                     continue
                 cache[stage.key] = record
-                write_json(cache_file, cache)
+                save_records(cache_file, cache, keys)
                 error = f", test error {record['test_error']:.2f} %" if "test_error" in record else ""
                 print(f"{end} {record['seconds']:.0f} s{error}   log: {shown(log_file)}", flush=True)
     if failures:
@@ -937,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         cache = load_cache(cache_file)
         if summarise_fits(stages, cache):  # records written before fits were summarised
-            write_json(cache_file, cache)
+            save_records(cache_file, cache, {stage.key for stage in stages})
     else:
         try:
             deadline = None if args.hours is None else time.monotonic() + args.hours * 3600

@@ -567,6 +567,37 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
     assert json.loads((out / "table1.json").read_text())["summary"]["m1"].keys() == {"100", "600"}
 
 
+def test_two_sweeps_of_one_record_side_by_side_keep_each_others_records(tmp_path: Path, monkeypatch) -> None:
+    """A sweep of M2 (which reads no VAE) runs to its end while another sweep of the same record trains its seed's
+    VAE: the record keeps both sweeps' stages. The first sweep's VAE was lost (a fresh clone), so the classifier
+    recorded on it is dropped from the record at once, not only once a stage ends."""
+    record, out = tmp_path / "record.json", tmp_path / "out"
+    args = ["--profile", "quick", "--record", str(record), "--out", str(out)]
+    seen_during_the_vae: list[set[str]] = []
+
+    def fake_run(stage, log_file, threads=None) -> float:
+        if stage.args[0] == "fit":
+            stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            stage.checkpoint.write_bytes(b"ckpt")
+        if stage.key == "vae-seed0-fit" and seen_during_the_vae is not None and not seen_during_the_vae:
+            seen_during_the_vae.append(set(json.loads(record.read_text())))
+            assert table1.main([*args, "--models", "m2"]) == 0  # the other sweep, start to end
+        return 1.0
+
+    monkeypatch.setattr(table1, "run_stage", fake_run)
+    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
+    monkeypatch.setattr(table1, "fit_summary", lambda stage: {})
+    seen_during_the_vae = None
+    assert table1.main([*args, "--models", "m1"]) == 0
+    shutil.rmtree(out)  # a fresh clone: the VAE is gone; the classifier recorded on it must go too
+    seen_during_the_vae = []
+    assert table1.main([*args, "--models", "m1", "--labels", "100", "600"]) == 0
+    assert seen_during_the_vae == [set()]
+    assert set(json.loads(record.read_text())) == {
+        "vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test", "m1-seed0-n600-fit", "m1-seed0-n600-test",
+        "m2-seed0-n100-fit", "m2-seed0-n100-test"}
+
+
 def test_jobs_run_stages_side_by_side_each_after_the_fits_it_reads(tmp_path: Path, monkeypatch, capsys) -> None:
     """--jobs 2 on 4 cores: two stages at a time (never more), each with 2 threads; a classifier starts only after
     its seed's VAE is recorded, a test only after its fit; every stage is recorded once."""
