@@ -379,10 +379,13 @@ def save_records(cache_file: Path, cache: dict[str, dict], keys: set[str]) -> No
     none (a stage to run again), absent; keep the file's other records as they are now. Two sweeps of one profile
     may so run side by side (say M2's stages on a spare core), neither undoing what the other recorded."""
     with locked(cache_file.parent):
-        merged = {key: cache[key] if key in keys else record for key, record in load_cache(cache_file).items()
-                  if key not in keys or key in cache}
-        merged.update({key: cache[key] for key in sorted(keys) if key in cache and key not in merged})
-        write_json(cache_file, merged)
+        records = load_cache(cache_file)
+        for key in sorted(keys):
+            if key in cache:
+                records[key] = cache[key]  # in its place if the file has it, else at the end
+            else:
+                records.pop(key, None)
+        write_json(cache_file, records)
 
 
 def write_json(path: Path, data) -> None:

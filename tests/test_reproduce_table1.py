@@ -579,7 +579,7 @@ def test_two_sweeps_of_one_record_side_by_side_keep_each_others_records(tmp_path
         if stage.args[0] == "fit":
             stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             stage.checkpoint.write_bytes(b"ckpt")
-        if stage.key == "vae-seed0-fit" and seen_during_the_vae is not None and not seen_during_the_vae:
+        if stage.key == "vae-seed0-fit" and record.is_file() and not seen_during_the_vae:  # the second sweep's VAE
             seen_during_the_vae.append(set(json.loads(record.read_text())))
             assert table1.main([*args, "--models", "m2"]) == 0  # the other sweep, start to end
         return 1.0
@@ -587,10 +587,9 @@ def test_two_sweeps_of_one_record_side_by_side_keep_each_others_records(tmp_path
     monkeypatch.setattr(table1, "run_stage", fake_run)
     monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
     monkeypatch.setattr(table1, "fit_summary", lambda stage: {})
-    seen_during_the_vae = None
-    assert table1.main([*args, "--models", "m1"]) == 0
+    assert table1.main([*args, "--models", "m1"]) == 0  # its VAE runs before anything is recorded
+    assert seen_during_the_vae == []
     shutil.rmtree(out)  # a fresh clone: the VAE is gone; the classifier recorded on it must go too
-    seen_during_the_vae = []
     assert table1.main([*args, "--models", "m1", "--labels", "100", "600"]) == 0
     assert seen_during_the_vae == [set()]
     assert set(json.loads(record.read_text())) == {
