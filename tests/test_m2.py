@@ -457,20 +457,23 @@ def test_m1m2_config_debug_run_through_the_command(tmp_path: Path, shared_mnist_
                                "model.vae_checkpoint")
 
 
+class RecordClassifierWeights(pl.Callback):
+    """The classifier's first weight matrix after every training step."""
+
+    def __init__(self) -> None:
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.weights.append(pl_module.classifier.net[0].weight.detach().clone())
+
+
 def test_ema_weights_average_every_step_and_travel_in_the_checkpoint(make_dm, tmp_path: Path) -> None:
     """EMAWeights: after the fit (and in its checkpoint's state_dict) the weights are w_avg, updated after every step
     as decay * w_avg + (1 - decay) * w from the first step's weights on; the checkpoint keeps the current weights
     too, for a resumed fit."""
     from ssvae_pl.callbacks import EMAWeights
 
-    class Record(pl.Callback):
-        def __init__(self) -> None:
-            self.weights = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-            self.weights.append(pl_module.classifier.net[0].weight.detach().clone())
-
-    record, decay = Record(), 0.9
+    record, decay = RecordClassifierWeights(), 0.9
     model = tiny_m2()
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=str(tmp_path),
                             callbacks=[record, EMAWeights(decay)])
@@ -484,6 +487,27 @@ def test_ema_weights_average_every_step_and_travel_in_the_checkpoint(make_dm, tm
     torch.testing.assert_close(ckpt["state_dict"]["classifier.net.0.weight"], average)
     with pytest.raises(ConfigError, match="decay"):
         EMAWeights(1.0)
+
+
+def test_ema_weights_every_n_steps_use_the_decay_of_n_steps_and_catch_up_at_the_end(make_dm, tmp_path: Path) -> None:
+    """EMAWeights(every_n_steps=2) over 5 steps: the first update (step 2) takes the weights, step 4 averages with
+    decay^2, and the end of training catches up on step 5 with decay^1; the checkpoint's state_dict is that average."""
+    from ssvae_pl.callbacks import EMAWeights
+
+    record, decay = RecordClassifierWeights(), 0.9
+    model = tiny_m2()
+    trainer = quiet_trainer(max_steps=5, limit_val_batches=0, default_root_dir=str(tmp_path),
+                            callbacks=[record, EMAWeights(decay, every_n_steps=2)])
+    trainer.fit(model, datamodule=make_dm(batch_size=100, labelled_batch_size=50))
+    w = record.weights
+    average = decay**2 * w[1] + (1 - decay**2) * w[3]
+    average = decay * average + (1 - decay) * w[4]
+    torch.testing.assert_close(model.classifier.net[0].weight, average)
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    ckpt = torch.load(tmp_path / "ema.ckpt", weights_only=False)
+    torch.testing.assert_close(ckpt["state_dict"]["classifier.net.0.weight"], average)
+    with pytest.raises(ConfigError, match="every_n_steps"):
+        EMAWeights(every_n_steps=0)
 
 
 def test_ema_weights_leave_the_frozen_encoder_out_of_the_update(m1m2_run, make_dm, tmp_path: Path) -> None:

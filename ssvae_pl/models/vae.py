@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssvae_pl import elbo
+from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.prediction import check_class_names
 from ssvae_pl.schedule import budget_progress, has_budget
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled, fitting
@@ -139,17 +140,11 @@ class VAE(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if not 0 <= kl_warmup_epochs < float("inf"):
-            from ssvae_pl.errors import ConfigError
-
             raise ConfigError(f"model.kl_warmup_epochs must be >= 0 (0: no warm-up), got {kl_warmup_epochs}.")
         if not 0 <= kl_warmup_fraction <= 1:
-            from ssvae_pl.errors import ConfigError
-
             raise ConfigError(f"model.kl_warmup_fraction must be in [0, 1] (a share of the run's budget; 0: no "
                               f"warm-up), got {kl_warmup_fraction}.")
         if likelihood not in ("bernoulli", "discretized_logistic"):
-            from ssvae_pl.errors import ConfigError
-
             raise ConfigError(f"model.likelihood={likelihood!r} is not 'bernoulli' or 'discretized_logistic'.")
         self.likelihood = likelihood
         conv_channels = list(conv_channels)
@@ -228,8 +223,6 @@ class VAE(pl.LightningModule):
     def on_fit_start(self) -> None:
         check_graphs_can_train(self.hparams.compile, self.trainer)
         if self.hparams.kl_warmup_epochs <= 0 < self.hparams.kl_warmup_fraction and not has_budget(self.trainer):
-            from ssvae_pl.errors import ConfigError
-
             raise ConfigError(f"model.kl_warmup_fraction={self.hparams.kl_warmup_fraction} is a share of the run's "
                               "budget, and this run has none: set trainer.max_epochs, max_steps or max_time, or "
                               "warm up over model.kl_warmup_epochs instead.")
@@ -291,7 +284,6 @@ def load_frozen_encoder(path: str, field: str = "model.vae_checkpoint"
     Raises ``CheckpointError`` naming ``field`` and the file when it is missing, unreadable or not a VAE.
     """
     from ssvae_pl.checkpoint_io import read_checkpoint
-    from ssvae_pl.errors import CheckpointError
 
     retrain = "train one with `ssvae fit -c configs/mnist/m1_vae.yaml` and pass its checkpoints/last.ckpt"
     ckpt = read_checkpoint(path, field, retrain)
@@ -318,8 +310,6 @@ def frozen_encoder(vae_checkpoint: str | None, vae_hparams: dict[str, Any] | Non
     (M1+M2) it hands on M1's active dimensions only (``active_dims``; recorded in the hparams as ``active_dims``),
     judged by the VAE's ``latent_mean_std``. The VAE must have seen images of ``input_shape``.
     """
-    from ssvae_pl.errors import CheckpointError, ConfigError
-
     field = "model.vae_checkpoint"
     if vae_hparams is not None:
         _check_input_shape(vae_hparams, input_shape, field)
@@ -351,8 +341,6 @@ def frozen_encoder(vae_checkpoint: str | None, vae_hparams: dict[str, Any] | Non
 
 def _check_input_shape(vae_hparams: dict[str, Any], input_shape: Sequence[int], field: str) -> None:
     if list(vae_hparams["input_shape"]) != list(input_shape):
-        from ssvae_pl.errors import CheckpointError
-
         raise CheckpointError(
             f"{field}: the VAE was trained on images of shape {tuple(vae_hparams['input_shape'])} "
             f"but the data are {tuple(input_shape)}; use a VAE trained on the same dataset."
