@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ssvae_pl.softplus import softplus, softplus_and_sigmoid
+from ssvae_pl.softplus import softplus
 
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
@@ -35,29 +35,8 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor, batch_dims: 
     """log p(x|z) = sum_d [x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)] = sum_d [x_d l_d - softplus(l_d)],
     from the logits l for stability. Over the dimensions after the first ``batch_dims``, where ``x`` broadcasts
     against the logits (M2's K classes: logits (B, K, ...) of images (B, 1, ...), no K copies of the images)."""
-    if x.requires_grad or not (torch.is_grad_enabled() and logits.requires_grad):
-        # no gradient (evaluation), or one with respect to x too (autograd's): the plain formula
-        logits, x = _flat32(logits, batch_dims), _flat32(x, batch_dims)
-        return (x * logits - softplus(logits)).sum(dim=-1)
-    return _BernoulliLogLikelihood.apply(logits.flatten(start_dim=batch_dims), x.flatten(start_dim=batch_dims))
-
-
-class _BernoulliLogLikelihood(torch.autograd.Function):
-    """sum_d [x_d l_d - softplus(l_d)] over the last dimension, in float32, with its gradient x - sigmoid(l)
-    computed in the forward pass (``softplus_and_sigmoid``) and kept in the logits' dtype: the backward pass is one
-    product. ``x`` is data (no gradient) and broadcasts against the logits."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        logits32, x32 = logits.float(), x.float()
-        value, sigmoid = softplus_and_sigmoid(logits32)
-        ctx.save_for_backward((x32 - sigmoid).to(logits.dtype))
-        return (x32 * logits32 - value).sum(dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (slope,) = ctx.saved_tensors
-        return (slope.float() * grad.float().unsqueeze(-1)).to(slope.dtype), None
+    logits, x = _flat32(logits, batch_dims), _flat32(x, batch_dims)
+    return (x * logits - softplus(logits)).sum(dim=-1)
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
