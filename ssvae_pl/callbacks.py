@@ -122,7 +122,7 @@ class EMAWeights(WeightAveraging):
         super().__init__(multi_avg_fn=self._update, use_buffers=False)
         self.decay, self.every_n_steps = decay, every_n_steps
         self._frozen: set[int] = set()  # data_ptr of the frozen weights, where the training runs
-        self._steps = 1  # training steps since the last update, which the next one averages in
+        self._steps = 1  # training steps since the last update: the exponent of the next one's decay
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._frozen = {p.data_ptr() for p in pl_module.parameters() if not p.requires_grad}
@@ -131,11 +131,12 @@ class EMAWeights(WeightAveraging):
         return step_idx is not None and (step_idx + 1) % self.every_n_steps == 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._steps = trainer.global_step - self._latest_update_step
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.should_update(step_idx=trainer.global_step - 1):
+            self._catch_up(trainer, pl_module)
 
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Average in the steps since the last update (fewer than ``every_n_steps``), if any."""
+        """Average in the steps since the last update, if any: every ``every_n_steps``-th step, and the remainder
+        before a validation, a checkpoint and the end of training."""
         if self._average_model is not None and trainer.global_step > self._latest_update_step:
             self._steps = trainer.global_step - self._latest_update_step
             self._average_model.update_parameters(pl_module)
