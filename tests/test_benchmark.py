@@ -83,3 +83,20 @@ def test_a_section_of_its_own_leaves_the_main_table_in_place(tmp_path: Path) -> 
     section = text[text.index("<!-- benchmark bf16-mixed cpu compiled -->"):]
     assert "--section compiled" in section and "| m2 | fit |" in section and section.rstrip().endswith(
         "<!-- /benchmark bf16-mixed cpu compiled -->")
+
+
+def test_repeated_fits_report_the_fit_of_median_ratio_each_beside_its_own_peak() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    fits = [{"epoch_s": 8.0, "train_epoch_s": 7.0, "peak_gflop_per_s": 400.0, "vs_limit": 1.6},
+            {"epoch_s": 7.0, "train_epoch_s": 6.5, "peak_gflop_per_s": 300.0, "vs_limit": 1.05},
+            {"epoch_s": 9.0, "train_epoch_s": 8.0, "peak_gflop_per_s": 330.0, "vs_limit": 1.49}]
+    assert benchmark.median_fit(fits) == (8.0, 9.0, 330.0)  # the middle ratio, not the middle epoch (8.0 s)
+    assert benchmark.median_fit(fits[:2]) == (6.5, 7.0, 300.0)  # an even count: the lower of the middle two
+    row = {"model": "m2", "way": "fit", "batch": "200+100", "images_per_s": 1.0, "ms_per_step": 1.0, "epoch_s": 9.0,
+           "train_epoch_s": 8.0, "gflop_per_s": 1.0, "peak_gflop_per_s": 330.0, "limit_epoch_s": 6.04,
+           "vs_limit": 1.49, "vs_reference": 1.0, "fits": fits}
+    lines = benchmark.table_lines([row])
+    assert lines[-1] == ("m2 `fit`, the median of 3 fits, each beside its own peak (epoch, peak GFLOP/s, x limit): "
+                         "7.00 s at 300 (1.05), 9.00 s at 330 (1.49), 8.00 s at 400 (1.60).")
