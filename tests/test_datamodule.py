@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import CombinedLoader
 
 from conftest import N_TRAIN, SYNTHETIC, VAL_SIZE, quiet_trainer
 from ssvae_pl.data.sources import idx as sources
-from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule, to_model_input
+from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule, binarize, to_model_input
 from ssvae_pl.errors import ConfigError
 
 
@@ -72,6 +72,19 @@ def test_labelled_stream_is_reshuffled_on_every_pass(make_dm) -> None:
     for p in passes:
         assert sorted(p) == list(range(20))  # every image exactly once per pass
     assert all(a != b for a, b in zip(passes, passes[1:]))
+
+
+def test_binarize_is_a_bernoulli_sample_of_each_pixel() -> None:
+    """Black stays 0 and white 1 in every draw, a grey level p is 1 in a share p of the draws, and each draw is
+    fresh."""
+    torch.manual_seed(0)
+    ends = torch.tensor([0.0, 1.0]).repeat(50_000)
+    assert torch.equal(binarize(ends), ends)
+    grey = torch.full((400_000,), 0.3)
+    first, second = binarize(grey), binarize(grey)
+    assert first.dtype == torch.float32 and ((first == 0) | (first == 1)).all()
+    assert abs(first.mean().item() - 0.3) < 0.003  # 4 standard errors
+    assert abs((first == second).float().mean().item() - (0.3**2 + 0.7**2)) < 0.003  # independent draws
 
 
 def test_dynamic_static_and_no_binarisation(make_dm, synthetic_mnist) -> None:

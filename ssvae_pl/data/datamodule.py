@@ -50,13 +50,20 @@ def _batch_as_is(batch):
     return batch
 
 
+def binarize(x: torch.Tensor) -> torch.Tensor:
+    """A Bernoulli sample of x in [0, 1], elementwise, as floats: 1 where a uniform draw u in [0, 1) is below x.
+    The same law as ``torch.bernoulli(x)``, whose CPU kernel is several times slower: 4.9 ms against 1.3 ms for the
+    VAE's 500-image MNIST batch on the 2 cores of an AMD EPYC (5% of its training step)."""
+    return (torch.rand_like(x) < x).to(x.dtype)
+
+
 def to_model_input(batch: Any, dynamic: bool = False) -> Any:
     """uint8 images anywhere in ``batch`` -> float32 in [0, 1], on the device they are on; with ``dynamic`` each is
     replaced by a fresh Bernoulli sample of itself (the paper's dynamic binarisation). Labels pass through."""
 
     def convert(images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)
-        return torch.bernoulli(x) if dynamic else x
+        return binarize(x) if dynamic else x
 
     return apply_to_collection(batch, torch.Tensor, lambda t: convert(t) if t.dtype == torch.uint8 else t)
 
