@@ -49,13 +49,15 @@ GFLOP/s: how far from the limit the products alone would leave a step.
         --fit-compile reduce-overhead --precision bf16-mixed --steps 200 --warmup 30  # a GPU's CUDA graphs
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
-speed. On a machine shared with other work the numbers move: run it alone.
+speed. Every way binarises as the model's shipped config does (``data.binarize``: the VAE's batches afresh each
+step, M2's grey levels as they are), unless ``--data-option binarize=...`` says otherwise. On a machine shared with other work the numbers move: run it alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -153,8 +155,9 @@ def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False, c
 
 
 class Batches:
-    """Random training batches indexed from the data module's uint8 tensors, made ready on ``device``; for M1+M2's
-    fast path, from the cached posterior rows of M1 (``model._posterior_rows``) instead."""
+    """Random training batches indexed from the data module's uint8 tensors, made ready on ``device`` as the data
+    module makes them (binarised afresh where its ``binarize`` is ``dynamic``); for M1+M2's fast path, from the
+    cached posterior rows of M1 (``model._posterior_rows``) instead."""
 
     def __init__(self, dm: SemiSupervisedDataModule, device: torch.device, labelled_batch: int, batch: int,
                  model: pl.LightningModule | None = None) -> None:
@@ -166,12 +169,13 @@ class Batches:
             self.u, self.l_images = (torch.cat([model._posterior_rows(to_model_input(chunk), generator)
                                                 for chunk in t.split(1000)]) for t in (self.u, self.l_images))
         self.batch, self.labelled_batch, self.device = batch, labelled_batch, device
+        self.dynamic = dm.hparams.binarize == "dynamic"
 
     def __call__(self) -> dict:
         iu = torch.randint(len(self.u), (self.batch,), device=self.device)
         il = torch.randint(len(self.l_images), (self.labelled_batch,), device=self.device)
         raw = {"labelled": (self.l_images[il], self.l_labels[il]), "unlabelled": self.u[iu]}
-        return to_model_input(raw, dynamic=True)
+        return to_model_input(raw, dynamic=self.dynamic)
 
 
 def step_flops(model: pl.LightningModule, batch: dict, naive: bool = False) -> int:
@@ -297,6 +301,12 @@ def median_fit(fits: list[dict]) -> tuple[float, float, float]:
     return fit["train_epoch_s"], fit["epoch_s"], fit["peak_gflop_per_s"]
 
 
+def config_binarize(name: str) -> str:
+    """``data.binarize`` of the model's shipped config, or the data module's default where it names none."""
+    data = yaml.safe_load((REPO / CONFIGS[name]).read_text()).get("data") or {}
+    return data.get("binarize", inspect.signature(SemiSupervisedDataModule).parameters["binarize"].default)
+
+
 def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.device,
               peak: float) -> tuple[list[dict], list[dict]]:
     """The table's rows of one model, and ``--breakdown``'s (empty without it)."""
@@ -304,6 +314,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     labelled_batch = 0 if name == "vae" else args.labelled_batch_size or {"m2": 100, "m1m2": 20}[name]
     batch = args.batch_size or (500 if name == "vae" else 200)
     dm.hparams.batch_size, dm.hparams.labelled_batch_size = batch, max(labelled_batch, 1)
+    dm.hparams.binarize = args.data_options.get("binarize", config_binarize(name))  # every way's, as the fit's
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images, steps = batch + labelled_batch, dm.num_train / batch  # images a step, steps an epoch
     rows = []

@@ -100,3 +100,21 @@ def test_repeated_fits_report_the_fit_of_median_ratio_each_beside_its_own_peak()
     lines = benchmark.table_lines([row])
     assert lines[-1] == ("m2 `fit`, the median of 3 fits, each beside its own peak (epoch, peak GFLOP/s, x limit): "
                          "7.00 s at 300 (1.05), 9.00 s at 330 (1.49), 8.00 s at 400 (1.60).")
+
+
+def test_every_way_binarises_as_the_shipped_config(make_dm) -> None:
+    """The plain loop's batches follow the data module's ``binarize``, which the benchmark sets from each model's
+    config: the VAE's binarised afresh, M2's grey levels as they are, like the Lightning way and the fit."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    dm = make_dm(binarize="none")
+    dm.setup("fit")
+    batch = benchmark.Batches(dm, torch.device("cpu"), 20, 50)()["unlabelled"]
+    lightning = dm.on_after_batch_transfer({"unlabelled": dm.unlabelled_dataset().__getitems__(list(range(50)))}, 0)
+    for images in (batch, lightning["unlabelled"]):  # grey levels strictly between black and white survive
+        assert ((images > 0) & (images < 1)).any()
+    dm.hparams.binarize = "dynamic"
+    batch = benchmark.Batches(dm, torch.device("cpu"), 20, 50)()["unlabelled"]
+    assert ((batch == 0) | (batch == 1)).all()
+    assert (benchmark.config_binarize("vae"), benchmark.config_binarize("m2")) == ("dynamic", "none")
