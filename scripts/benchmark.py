@@ -26,8 +26,9 @@ For each model it times, after warm-up steps, the same model, batch and optimise
                 with ``--fit-repeats N``, the fit of median ``x limit`` among N, each beside a peak measured just
                 before it (the table lists them all)
 
-and prints images per second (labelled and unlabelled), milliseconds per step, the seconds one epoch over the 50,000
-training images would take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
+With ``--repeats N`` each way is timed N times, the ways in turn, and its row is the median. It prints images per
+second (labelled and unlabelled), milliseconds per step, the seconds one epoch over the 50,000 training images would
+take, and the achieved GFLOP/s (FLOPs of one step counted by torch.utils.flop_counter) beside
 the measured peak of a large matrix product on the same device and precision. The limit of an epoch is its training
 FLOPs over that peak (``limit s``), and ``x limit`` how many times the limit an epoch takes. The table is also
 written as JSON, and ``--docs`` renders it into a marked section of a Markdown file (docs/results.md).
@@ -50,7 +51,8 @@ GFLOP/s: how far from the limit the products alone would leave a step.
 
 Data: MNIST under --data-dir (fetched like every run, offline sources included); its content does not change the
 speed. Every way binarises as the model's shipped config does (``data.binarize``: the VAE's batches afresh each
-step, M2's grey levels as they are), unless ``--data-option binarize=...`` says otherwise. On a machine shared with other work the numbers move: run it alone.
+step, M2's grey levels as they are), unless ``--data-option binarize=...`` says otherwise. On a machine shared
+with other work the numbers move: run it alone.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import inspect
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -321,6 +324,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     gpu_ways = GPU_WAYS if device.type == "cuda" else ()
     ways = ["reference", "lightning", "compiled", *gpu_ways, *{"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]]
     ways = [way for way in ways if way == "reference" or not args.ways or way in args.ways]  # reference: the ratios'
+    prepared = []  # (way, model, its batches, FLOPs of a step)
     for way in ways:
         model = make_model(name, dm.num_train, args.vae_checkpoint, way, tiny=args.tiny)
         if name != "vae":
@@ -329,13 +333,19 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
         if name == "m1m2" and way == "reference":  # M1's posterior cached once, as the fast path does
             cached = Batches(dm, device, labelled_batch, batch, model)
         way_batches = cached if name == "m1m2" and way != "uncached" else batches
-        flops = step_flops(model, way_batches(), naive=way == "naive")
-        if way not in ("reference", "naive"):  # through Trainer.fit
-            guard = {"guarded": [NonFiniteGuard()], "synced": [NonFiniteGuard(deferred=False)]}.get(way, [])
-            seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps, guard)
-        else:
-            seconds = time_reference(model, way_batches, device, args.precision, args.warmup, args.steps,
-                                     naive=way == "naive")
+        prepared.append((way, model, way_batches, step_flops(model, way_batches(), naive=way == "naive")))
+    timings = {way: [] for way in ways}
+    for _ in range(args.repeats):  # the ways in turn, so that the machine's drift falls on all of them alike
+        for way, model, way_batches, _ in prepared:
+            if way not in ("reference", "naive"):  # through Trainer.fit
+                guard = {"guarded": [NonFiniteGuard()], "synced": [NonFiniteGuard(deferred=False)]}.get(way, [])
+                seconds = time_lightning(model, dm, device, args.precision, args.warmup, args.steps, guard)
+            else:
+                seconds = time_reference(model, way_batches, device, args.precision, args.warmup, args.steps,
+                                         naive=way == "naive")
+            timings[way].append(seconds)
+    for way, _, _, flops in prepared:
+        seconds = statistics.median(timings[way])
         rows.append({
             "model": name, "way": way, "device": str(device), "precision": args.precision,
             "batch": f"{batch}+{labelled_batch}" if labelled_batch else str(batch),
@@ -425,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "is then the framework's own work, and lightning minus reference its cost per step")
     parser.add_argument("--fit", action="store_true", help="also time a full `ssvae fit` epoch of each model's "
                         "shipped config (the `fit` way; with --batch-size, only the other ways take it)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N", help="time every way N times, the ways in "
+                        "turn, and report each way's median (default: 1)")
     parser.add_argument("--fit-repeats", type=int, default=1, metavar="N", help="with --fit: N fits of each model, "
                         "each beside a matmul peak measured just before it; the row is the fit of median x limit "
                         "(default: 1, beside the run's one peak)")
@@ -473,8 +485,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps and --labelled-batch-size must be positive, --warmup >= 0")
     if args.breakdown and device.type != "cpu":
         parser.error("--breakdown reads the CPU's time of each operator; on a GPU use the torch.profiler trace")
-    if args.fit_repeats < 1:
-        parser.error("--fit-repeats must be at least 1")
+    if min(args.repeats, args.fit_repeats) < 1:
+        parser.error("--repeats and --fit-repeats must be at least 1")
     if args.tiny and args.fit:
         parser.error("--tiny times the hand-built models; --fit runs the shipped configs: choose one")
     if args.threads:

@@ -25,8 +25,8 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
     docs.write_text("# Results\n\nkept\n")
     out = tmp_path / "bench.json"
     command = [sys.executable, "scripts/benchmark.py", "--models", "vae", "m2", "m1m2", "--fit", "--breakdown",
-               "--vae-checkpoint", str(active_vae), "--steps", "2", "--warmup", "1", "--batch-size", "50",
-               "--labelled-batch-size", "10", "--threads", "1", "--peak-size", "128",
+               "--vae-checkpoint", str(active_vae), "--steps", "2", "--warmup", "1", "--repeats", "2",
+               "--batch-size", "50", "--labelled-batch-size", "10", "--threads", "1", "--peak-size", "128",
                "--data-dir", str(shared_mnist_dir), "--data-option", "val_size=100", "--data-option", "download=false",
                "--data-option", "check_md5=false", "--json", str(out), "--docs", str(docs)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
