@@ -355,13 +355,18 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
         })
     parts = breakdown(name, args, dm, cached if name == "m1m2" else batches, device, peak,
                       round(rows[0]["gflop_per_step"] * 1e9)) if args.breakdown else []
+
+    def limit_epoch_s(at_peak: float) -> float:
+        """An epoch's training FLOPs (the reference's step, counted) over a peak in GFLOP/s."""
+        return steps * rows[0]["gflop_per_step"] / at_peak
+
     if args.fit:
         fits = []
         for _ in range(args.fit_repeats):  # each beside a peak of its own: the machine's speed drifts between fits
             fit_peak = matmul_peak(device, args.precision, args.peak_size) if args.fit_repeats > 1 else peak
             training, whole = time_fit(name, args, device)
             fits.append({"epoch_s": whole, "train_epoch_s": training, "peak_gflop_per_s": fit_peak,
-                         "vs_limit": whole * fit_peak / (steps * rows[0]["gflop_per_step"])})
+                         "vs_limit": whole / limit_epoch_s(fit_peak)})
         training, whole, fit_peak = median_fit(fits)
         rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / whole,
                      "ms_per_step": 1e3 * training / steps, "epoch_s": whole, "train_epoch_s": training,
@@ -370,7 +375,7 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     reference = rows[0]["images_per_s"]
     for row in rows:
         row["vs_reference"] = row["images_per_s"] / reference
-        row["limit_epoch_s"] = steps * rows[0]["gflop_per_step"] / row["peak_gflop_per_s"]
+        row["limit_epoch_s"] = limit_epoch_s(row["peak_gflop_per_s"])
         row["vs_limit"] = row["epoch_s"] / row["limit_epoch_s"]
     if name == "m2" and any(row["way"] == "naive" for row in rows):
         naive = next(row for row in rows if row["way"] == "naive")["images_per_s"]
