@@ -82,6 +82,7 @@ from ssvae_pl.callbacks import NonFiniteGuard  # noqa: E402
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
 from ssvae_pl.models import M2, VAE  # noqa: E402
 from ssvae_pl.files import atomic_output  # noqa: E402
+from ssvae_pl.host import NVML_CHECK  # noqa: E402
 from ssvae_pl.precision import describe_machine  # noqa: E402
 from ssvae_pl.results import read_series, replace_marked_section  # noqa: E402
 
@@ -189,9 +190,28 @@ def step_flops(model: pl.LightningModule, batch: dict, naive: bool = False) -> i
     return counter.get_total_flops()
 
 
+@contextlib.contextmanager
+def without_lightning_environment():
+    """The environment of a script that never imports Lightning: without the ``PYTORCH_NVML_BASED_CUDA_CHECK=1``
+    that Lightning's import sets (``ssvae_pl.host``), which a plain loop would not pay for at every Adam step."""
+    saved = os.environ.pop(NVML_CHECK, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[NVML_CHECK] = saved
+
+
 def time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool = False,
                    compiled: bool = False, profiler=None) -> float:
-    """Seconds per step of the hand-written loop; with a ``torch.profiler.profile``, its timed steps profiled."""
+    """Seconds per step of the hand-written loop, as a script without Lightning runs it; with a
+    ``torch.profiler.profile``, its timed steps profiled."""
+    with without_lightning_environment():
+        return _time_reference(model, batches, device, precision, warmup, steps, naive, compiled, profiler)
+
+
+def _time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool,
+                    compiled: bool, profiler) -> float:
     model.to(device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     for i in range(warmup + steps):

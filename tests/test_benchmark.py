@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +119,20 @@ def test_every_way_binarises_as_the_shipped_config(make_dm) -> None:
     batch = benchmark.Batches(dm, torch.device("cpu"), 20, 50)()["unlabelled"]
     assert ((batch == 0) | (batch == 1)).all()
     assert (benchmark.config_binarize("vae"), benchmark.config_binarize("m2")) == ("dynamic", "none")
+
+
+def test_the_plain_loop_runs_without_lightnings_environment(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference is the loop a user would write without Lightning: its steps run without the
+    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` that Lightning's import sets (an NVML lookup at every Adam step where CUDA
+    is never initialised), which is put back afterwards."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+    from ssvae_pl.host import NVML_CHECK
+
+    monkeypatch.setenv(NVML_CHECK, "1")
+    seen = []
+    model = torch.nn.Linear(2, 1)
+    monkeypatch.setattr(benchmark, "training_loss", lambda *a, **k: (seen.append(os.environ.get(NVML_CHECK)),
+                                                                     model(torch.ones(1, 2)).sum())[1])
+    benchmark.time_reference(model, lambda: {}, torch.device("cpu"), "32-true", warmup=1, steps=2)
+    assert seen == [None] * 3 and os.environ[NVML_CHECK] == "1"

@@ -94,7 +94,7 @@ def test_kl_warmup_weighs_the_kl_term_by_a_rising_beta_and_validation_counts_act
                                   labelled_batch_size=20)
     vae = VAE(hidden_dims=[32], latent_dim=4, kl_warmup_epochs=1.5)
     trainer = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, callbacks=[betas],
-                            default_root_dir=str(tmp_path))
+                            default_root_dir=str(tmp_path), log_every_n_steps=2)
     trainer.fit(vae, datamodule=dm)
     assert betas.betas == pytest.approx([min(1.0, step / 6) for step in range(8)])
     assert vae.kl_weight() == 1.0 and "train/kl_weight" in trainer.logged_metrics

@@ -68,6 +68,65 @@ def test_training_scalars_are_written_every_n_steps_and_as_epoch_means_with_few_
         assert len(events.Scalars(f"train/{name}_epoch")) == 1
 
 
+def test_the_kl_warm_up_weight_is_logged_only_when_written(tmp_path: Path, make_dm,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """During the VAE's KL warm-up, ``train/kl_weight`` reaches TensorBoard every ``log_every_n_steps`` steps with
+    that step's beta, as before, but ``self.log`` runs only then (at every step before: Lightning's result
+    bookkeeping for a value nobody writes)."""
+    from ssvae_pl.models import VAE
+
+    calls: list[str] = []
+    log = pl.LightningModule.log
+    monkeypatch.setattr(pl.LightningModule, "log", lambda self, name, *a, **k: (calls.append(name),
+                                                                                log(self, name, *a, **k))[1])
+
+    class Betas(pl.Callback):
+        def __init__(self) -> None:
+            self.betas: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.betas.append(pl_module.kl_weight(batch_idx))
+
+    betas = Betas()
+    vae = VAE(hidden_dims=[16], latent_dim=3, kl_warmup_epochs=10)  # beta < 1 at every step of this run
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=STEPS, limit_val_batches=0, log_every_n_steps=EVERY,
+                            logger=TensorBoardLogger(str(tmp_path), name="vae", version="v"), callbacks=[betas])
+    trainer.fit(vae, datamodule=make_dm())
+
+    assert calls.count("train/kl_weight") == STEPS // EVERY, calls
+    (events_file,) = (tmp_path / "vae" / "v").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file), size_guidance={"scalars": 0})
+    events.Reload()
+    written = events.Scalars("train/kl_weight")
+    assert [event.step for event in written] == list(range(EVERY - 1, STEPS, EVERY))
+    assert [event.value for event in written] == pytest.approx(betas.betas[EVERY - 1::EVERY], rel=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="a machine with a CUDA device keeps the fork-safe check")
+def test_a_fit_without_cuda_devices_does_not_ask_nvml_at_every_step(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's fork-safe CUDA check (``PYTORCH_NVML_BASED_CUDA_CHECK=1``) has torch look NVML up at every call,
+    and Adam's step calls it at every step; where there is no CUDA device, no step asks."""
+    from ssvae_pl.host import NVML_CHECK
+
+    monkeypatch.setenv(NVML_CHECK, "1")  # as Lightning's import leaves it (and put back afterwards)
+    probes = []
+    probe = torch.cuda._raw_device_count_nvml
+    monkeypatch.setattr(torch.cuda, "_raw_device_count_nvml", lambda: (probes.append(1), probe())[1])
+    seen = {}
+
+    class Steps(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            seen["before"] = len(probes)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            seen["steps"] = len(probes) - seen["before"]
+
+    model = M2(hidden_dims=[8], classifier_hidden_dims=[8], latent_dim=2)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=STEPS, limit_val_batches=0, callbacks=[Steps()])
+    trainer.fit(model, datamodule=make_dm())
+    assert seen["steps"] == 0, f"NVML asked {seen['steps']} times in {STEPS} steps"
+
+
 def test_budget_annealing_follows_a_half_cosine_over_the_last_part_of_the_epochs(make_dm) -> None:
     """With ``max_epochs`` as the budget, the rate stays at its base until the last ``fraction`` of the steps, then
     falls along (1 + cos(pi u)) / 2."""

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.host import check_cuda_once
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import frozen_encoder
@@ -107,6 +108,9 @@ class LatentClassifier(pl.LightningModule):
         confidence, pseudo_label = probs.detach().max(dim=-1)
         weight = confidence * (confidence >= self.hparams.confidence_threshold)
         return (weight * F.cross_entropy(logits.float(), pseudo_label, reduction="none")).mean()
+
+    def on_fit_start(self) -> None:
+        check_cuda_once()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["labelled"]

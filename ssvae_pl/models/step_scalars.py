@@ -23,8 +23,11 @@ class StepScalars:
         self.sums: torch.Tensor | None = None
         self.steps = 0
 
-    def add(self, module: pl.LightningModule, scalars: dict[str, torch.Tensor]) -> None:
-        """One step's scalars (each a tensor; its mean is taken), logged as ``<name>_step`` when written."""
+    def add(self, module: pl.LightningModule, scalars: dict[str, torch.Tensor],
+            step_only: dict[str, float] | None = None) -> None:
+        """One step's scalars (each a tensor; its mean is taken), logged as ``<name>_step`` when written; and
+        ``step_only`` values (a schedule's weight, a number on the host) logged under their own names then, with no
+        epoch mean: what ``self.log(name, value, on_step=True, on_epoch=False)`` writes, at the same cadence."""
         values = torch.stack([value.detach().float().mean() for value in scalars.values()])
         if list(scalars) != self.names:
             self.names, self.sums, self.steps = list(scalars), None, 0
@@ -39,6 +42,8 @@ class StepScalars:
             for name, value in zip(self.names, values):
                 module.log(f"{name}_step", value, on_step=True, on_epoch=False,
                            prog_bar=name == self.progress_bar)
+            for name, number in (step_only or {}).items():
+                module.log(name, number, on_step=True, on_epoch=False)
 
     def log_epoch(self, module: pl.LightningModule) -> None:
         """The means over the epoch's steps as ``<name>_epoch`` (averaged over processes), then a fresh start."""

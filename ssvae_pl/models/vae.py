@@ -11,6 +11,7 @@ import torch
 
 from ssvae_pl import elbo
 from ssvae_pl.errors import CheckpointError, ConfigError
+from ssvae_pl.host import check_cuda_once
 from ssvae_pl.prediction import check_class_names
 from ssvae_pl.schedule import budget_progress, has_budget
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled, fitting
@@ -214,14 +215,14 @@ class VAE(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self._training_terms(batch["unlabelled"])  # every training image, labelled or not
-        self._step_scalars.add(self, {f"train/{name}": terms[name] for name in ("elbo", "recon", "kl")})
         beta = self.kl_weight(batch_idx)
-        if beta < 1.0:
-            self.log("train/kl_weight", beta, on_step=True, on_epoch=False)
+        self._step_scalars.add(self, {f"train/{name}": terms[name] for name in ("elbo", "recon", "kl")},
+                               step_only={"train/kl_weight": beta} if beta < 1.0 else None)
         return -terms["elbo"].mean() if beta == 1.0 else -(terms["recon"] - beta * terms["kl"]).mean()
 
     def on_fit_start(self) -> None:
         check_graphs_can_train(self.hparams.compile, self.trainer)
+        check_cuda_once()
         if self.hparams.kl_warmup_epochs <= 0 < self.hparams.kl_warmup_fraction and not has_budget(self.trainer):
             raise ConfigError(f"model.kl_warmup_fraction={self.hparams.kl_warmup_fraction} is a share of the run's "
                               "budget, and this run has none: set trainer.max_epochs, max_steps or max_time, or "
