@@ -21,8 +21,9 @@ For each model it times, after warm-up steps, the same model, batch and optimise
                 ``lightning`` and ``reference`` draw z1 from q(z1|x) cached once (M1+M2's fast path)
     fit         ``ssvae fit`` of the shipped config (configs/mnist/m1_vae.yaml, m2.yaml, m1m2.yaml) for three
                 epochs, as a user runs it: validation, checkpoints and every callback; the second epoch's time,
-                validation included (``epoch s``; ``of it validation``: validation and checkpoints; the pictures,
-                drawn every 10 epochs and at the end, fall in no such epoch), and its training loop (``ms/step``);
+                validation included (``epoch s``; ``of it validation``: the validation with its callbacks, then
+                the checkpoints; the pictures, drawn every 10 epochs and at the end, fall in no such epoch), and its
+                training loop (``ms/step``);
                 with ``--fit-repeats N``, the fit of median ``x limit`` among N, each beside a peak measured just
                 before it (the table lists them all)
 
@@ -291,10 +292,11 @@ def time_lightning(model, dm, device, precision, warmup: int, steps: int, callba
     return (clock.end - clock.start) / clock.steps
 
 
-def time_fit(name: str, args, device: torch.device) -> tuple[float, float]:
-    """``ssvae fit`` of the shipped config for three epochs in a fresh process, as a user runs it: (seconds of the
-    second epoch's training loop, ``time/epoch_seconds``; seconds of the whole second epoch with its validation and
-    checkpoints, between the first two epochs' ``time/elapsed_seconds``). The first epoch holds the warm-up (and
+def time_fit(name: str, args, device: torch.device) -> dict[str, float]:
+    """``ssvae fit`` of the shipped config for three epochs in a fresh process, as a user runs it; of its second
+    epoch, in seconds: ``train_epoch_s``, the training loop (``time/epoch_seconds``); ``epoch_s``, the whole epoch
+    with its validation and checkpoints (between the first two epochs' ``time/elapsed_seconds``); ``validation_s``,
+    the validation with its callbacks (``time/validation_seconds``). The first epoch holds the warm-up (and
     compilation), the last one the pictures that every run draws once at its end."""
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "ssvae_pl.cli", "fit", "-c", CONFIGS[name], "--trainer.max_epochs", "3",
@@ -314,14 +316,13 @@ def time_fit(name: str, args, device: torch.device) -> tuple[float, float]:
             raise SystemExit(f"benchmark: `{' '.join(command)}` failed:\n{done.stderr[-2000:]}")
         (run,) = Path(folder).glob("*/version_0")
         training, elapsed = read_series(run, "time/epoch_seconds"), read_series(run, "time/elapsed_seconds")
-    return training[1], elapsed[1] - elapsed[0]
+        validation = read_series(run, "time/validation_seconds")
+    return {"train_epoch_s": training[1], "epoch_s": elapsed[1] - elapsed[0], "validation_s": validation[1]}
 
 
-def median_fit(fits: list[dict]) -> tuple[float, float, float]:
-    """The fit whose ratio to its own limit is the median (the lower one of an even count): its seconds of the
-    training loop and of the whole epoch, and its peak."""
-    fit = sorted(fits, key=lambda f: f["vs_limit"])[(len(fits) - 1) // 2]
-    return fit["train_epoch_s"], fit["epoch_s"], fit["peak_gflop_per_s"]
+def median_fit(fits: list[dict]) -> dict:
+    """The fit whose ratio to its own limit is the median (the lower one of an even count)."""
+    return sorted(fits, key=lambda f: f["vs_limit"])[(len(fits) - 1) // 2]
 
 
 def config_binarize(name: str) -> str:
@@ -384,14 +385,14 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
         fits = []
         for _ in range(args.fit_repeats):  # each beside a peak of its own: the machine's speed drifts between fits
             fit_peak = matmul_peak(device, args.precision, args.peak_size) if args.fit_repeats > 1 else peak
-            training, whole = time_fit(name, args, device)
-            fits.append({"epoch_s": whole, "train_epoch_s": training, "peak_gflop_per_s": fit_peak,
-                         "vs_limit": whole / limit_epoch_s(fit_peak)})
-        training, whole, fit_peak = median_fit(fits)
-        rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / whole,
-                     "ms_per_step": 1e3 * training / steps, "epoch_s": whole, "train_epoch_s": training,
-                     "gflop_per_s": rows[0]["gflop_per_step"] * steps / whole, "peak_gflop_per_s": fit_peak,
-                     **({"fits": fits} if len(fits) > 1 else {})})
+            fit = time_fit(name, args, device)
+            fits.append({**fit, "peak_gflop_per_s": fit_peak, "vs_limit": fit["epoch_s"] / limit_epoch_s(fit_peak)})
+        fit = median_fit(fits)
+        rows.append({**rows[0], "way": "fit", "images_per_s": images * steps / fit["epoch_s"],
+                     "ms_per_step": 1e3 * fit["train_epoch_s"] / steps, "epoch_s": fit["epoch_s"],
+                     "train_epoch_s": fit["train_epoch_s"], "validation_s": fit["validation_s"],
+                     "gflop_per_s": rows[0]["gflop_per_step"] * steps / fit["epoch_s"],
+                     "peak_gflop_per_s": fit["peak_gflop_per_s"], **({"fits": fits} if len(fits) > 1 else {})})
     reference = rows[0]["images_per_s"]
     for row in rows:
         row["vs_reference"] = row["images_per_s"] / reference
@@ -404,14 +405,25 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
     return rows, parts
 
 
+def fit_shares(row: dict) -> str:
+    """A fit's epoch beyond its training loop, seconds and share: its validation with the callbacks, then the rest
+    (the checkpoints); records without ``validation_s`` hold the two together."""
+    def share(seconds: float) -> str:
+        return f"{seconds:.1f} s ({100 * seconds / row['epoch_s']:.0f}%)"
+
+    beyond = row["epoch_s"] - row["train_epoch_s"]
+    if "validation_s" not in row:
+        return share(beyond)
+    return f"{share(row['validation_s'])}; checkpoints {share(beyond - row['validation_s'])}"
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     """The table as Markdown: one row per model and way."""
     lines = ["| model | way | batch | images/s | ms/step | epoch s | of it validation | GFLOP/s | peak | limit s "
              "| x limit | x ref | x naive |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         naive = f"{r['vs_naive']:.2f}" if "vs_naive" in r else ""
-        validation = (f"{r['epoch_s'] - r['train_epoch_s']:.1f} s "
-                      f"({100 * (1 - r['train_epoch_s'] / r['epoch_s']):.0f}%)" if "train_epoch_s" in r else "")
+        validation = fit_shares(r) if "train_epoch_s" in r else ""
         lines.append(f"| {r['model']} | {r['way']} | {r['batch']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
                      f"{r['epoch_s']:.1f} | {validation} | {r['gflop_per_s']:.1f} | {r['peak_gflop_per_s']:.0f} | "
                      f"{r['limit_epoch_s']:.1f} | {r['vs_limit']:.2f} | {r['vs_reference']:.2f} | {naive} |")

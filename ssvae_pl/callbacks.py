@@ -69,32 +69,47 @@ class EpochTimer(pl.Callback):
 class LatentProbe(pl.Callback):
     """A cheap measure of a VAE's latents for the classifiers built on them: ``val/knn_acc``, the accuracy of the
     k-nearest-neighbour vote (Euclidean, on the posterior means) of the labelled training images for each validation
-    image, logged after every validation of a fit. Other models, and data without labelled images, are skipped."""
+    image, logged after every validation of a fit. It votes with the posterior means that the model's
+    ``validation_step`` returns (``z_mean``), without a second pass of the encoder over the validation images, and
+    adds up the ranks' counts. Other models, and data without labelled images, are skipped."""
 
     def __init__(self, k: int = 5) -> None:
         self.k = k
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None  # the labelled images' means and labels
+        self.counts: torch.Tensor | None = None  # correct votes, validation images
 
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from ssvae_pl.data.datamodule import to_model_input
+    def _active(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         from ssvae_pl.models.vae import VAE
 
         datamodule = getattr(trainer, "datamodule", None)
-        if not isinstance(pl_module, VAE) or trainer.sanity_checking or not hasattr(datamodule, "labelled_dataset") \
-                or not trainer.state.fn == "fit":
+        return isinstance(pl_module, VAE) and not trainer.sanity_checking and trainer.state.fn == "fit" \
+            and hasattr(datamodule, "labelled_dataset")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.reference, self.counts = None, torch.zeros(2, dtype=torch.long, device=pl_module.device)
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if not self._active(trainer, pl_module) or not isinstance(outputs, dict) or "z_mean" not in outputs:
             return
-        labelled = datamodule.labelled_dataset()
-        if labelled.labels is None or len(labelled) < self.k:
+        if self.reference is None:  # the weights validated (an average's, where one is swapped in)
+            from ssvae_pl.data.datamodule import to_model_input
+
+            labelled = trainer.datamodule.labelled_dataset()
+            if labelled.labels is None or len(labelled) < self.k:
+                return
+            means = pl_module.latent_means(to_model_input(labelled.images.to(pl_module.device))).float()
+            self.reference = means, labelled.labels.to(pl_module.device)
+        means, labels = self.reference
+        nearest = torch.cdist(outputs["z_mean"].float(), means).topk(self.k, largest=False).indices  # (B, k)
+        votes = torch.nn.functional.one_hot(labels[nearest], pl_module.hparams.num_classes).sum(dim=1)
+        y = batch[1].to(pl_module.device)
+        self.counts += torch.stack([(votes.argmax(dim=1) == y).sum(), torch.tensor(len(y), device=y.device)])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer, pl_module) or self.reference is None:
             return
-        reference = pl_module.latent_means(to_model_input(labelled.images.to(pl_module.device))).float()
-        labels = labelled.labels.to(pl_module.device)
-        correct = total = 0
-        for x, y in datamodule.val_dataloader():
-            means = pl_module.latent_means(to_model_input(x.to(pl_module.device))).float()
-            nearest = torch.cdist(means, reference).topk(self.k, largest=False).indices  # (B, k)
-            votes = torch.nn.functional.one_hot(labels[nearest], pl_module.hparams.num_classes).sum(dim=1)
-            correct += int((votes.argmax(dim=1) == y.to(pl_module.device)).sum())
-            total += len(y)
+        correct, total = trainer.strategy.reduce(self.counts, reduce_op="sum").tolist()  # every rank's share
         if total:
             pl_module.log("val/knn_acc", correct / total)
 

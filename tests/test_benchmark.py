@@ -50,6 +50,7 @@ def test_benchmark_times_every_way_and_a_full_fit_and_renders_its_table(tmp_path
         assert abs(part["products_ms"] + part["rest_ms"] - part["ms_per_step"]) < 1e-6
     fit = next(row for row in rows if row["way"] == "fit" and row["model"] == "m2")
     assert 0 < fit["train_epoch_s"] <= fit["epoch_s"]  # the whole epoch holds its training loop
+    assert 0 < fit["validation_s"] <= fit["epoch_s"] - fit["train_epoch_s"]  # and its validation, then checkpoints
 
     text = docs.read_text()
     assert text.startswith("# Results\n\nkept\n")
@@ -93,12 +94,14 @@ def test_repeated_fits_report_the_fit_of_median_ratio_each_beside_its_own_peak()
     fits = [{"epoch_s": 8.0, "train_epoch_s": 7.0, "peak_gflop_per_s": 400.0, "vs_limit": 1.6},
             {"epoch_s": 7.0, "train_epoch_s": 6.5, "peak_gflop_per_s": 300.0, "vs_limit": 1.05},
             {"epoch_s": 9.0, "train_epoch_s": 8.0, "peak_gflop_per_s": 330.0, "vs_limit": 1.49}]
-    assert benchmark.median_fit(fits) == (8.0, 9.0, 330.0)  # the middle ratio, not the middle epoch (8.0 s)
-    assert benchmark.median_fit(fits[:2]) == (6.5, 7.0, 300.0)  # an even count: the lower of the middle two
+    assert benchmark.median_fit(fits) == fits[2]  # the middle ratio, not the middle epoch (8.0 s)
+    assert benchmark.median_fit(fits[:2]) == fits[1]  # an even count: the lower of the middle two
     row = {"model": "m2", "way": "fit", "batch": "200+100", "images_per_s": 1.0, "ms_per_step": 1.0, "epoch_s": 9.0,
            "train_epoch_s": 8.0, "gflop_per_s": 1.0, "peak_gflop_per_s": 330.0, "limit_epoch_s": 6.04,
            "vs_limit": 1.49, "vs_reference": 1.0, "fits": fits}
     lines = benchmark.table_lines([row])
+    assert "| 9.0 | 1.0 s (11%) |" in lines[2]  # a record without the validation's own time: the two together
+    assert benchmark.fit_shares({**row, "validation_s": 0.7}) == "0.7 s (8%); checkpoints 0.3 s (3%)"
     assert lines[-1] == ("m2 `fit`, the median of 3 fits, each beside its own peak (epoch, peak GFLOP/s, x limit): "
                          "7.00 s at 300 (1.05), 9.00 s at 330 (1.49), 8.00 s at 400 (1.60).")
 

@@ -217,6 +217,25 @@ def test_unlabelled_bound_alone_trains_the_classifier() -> None:
         assert all(g.abs().sum() > 0 for g in grads), name
 
 
+def test_an_eager_cpu_evaluation_runs_in_pieces_with_the_whole_batchs_numbers(monkeypatch) -> None:
+    """An eager evaluation batch on a CPU goes through the K-class bound in pieces of at most EVAL_PIECE_VALUES
+    decoder outputs (here 7 images of 10 x 784), whose bounds and predictions are the whole batch's."""
+    import ssvae_pl.models.m2 as m2_module
+
+    monkeypatch.setattr(m2_module, "EVAL_PIECE_VALUES", 7 * 10 * 784)
+    torch.manual_seed(0)
+    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3).eval()
+    pieces, whole = [], model.evaluation_terms
+    monkeypatch.setattr(model, "evaluation_terms", lambda x, eps: pieces.append(whole(x, eps)) or pieces[-1])
+    x, y = torch.rand(20, 1, 28, 28), torch.randint(10, (20,))
+    with torch.no_grad():
+        predicted = model.validation_step((x, y), 0)["pred"]
+        logits, bound = whole(x, torch.randn(20, 10, 3, generator=torch.Generator().manual_seed(0)))
+    assert [len(piece_logits) for piece_logits, _ in pieces] == [7, 7, 6]
+    torch.testing.assert_close(torch.cat([piece_bound for _, piece_bound in pieces]), bound)
+    assert torch.equal(predicted, logits.argmax(dim=-1))
+
+
 def test_sample_and_analogies_shapes() -> None:
     model = tiny_m2()
     samples = model.sample(torch.tensor([0, 7]), num_samples_per_class=3)

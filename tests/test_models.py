@@ -135,16 +135,20 @@ def test_kl_warmup_fraction_follows_the_runs_budget_and_needs_one(tmp_path: Path
 
 def test_latent_probe_logs_the_knn_vote_of_the_labelled_images(tmp_path: Path, shared_mnist_dir: Path) -> None:
     """``LatentProbe``: val/knn_acc is the accuracy, on every validation image, of the majority class among the k
-    labelled training images nearest to it by posterior mean."""
+    labelled training images nearest to it by posterior mean; the validation images' means are the ones validation
+    computed, so the encoder runs once more per validation, over the labelled images only (once per batch before)."""
     from ssvae_pl.callbacks import LatentProbe
 
     torch.manual_seed(0)
     dm = SemiSupervisedDataModule(**SYNTHETIC, data_dir=str(shared_mnist_dir), num_labelled=100, batch_size=50,
-                                  labelled_batch_size=20)
+                                  labelled_batch_size=20, eval_batch_size=64)
     vae = VAE(hidden_dims=[32], latent_dim=4)
+    probes, latent_means = [], vae.latent_means
+    vae.latent_means = lambda x: probes.append(len(x)) or latent_means(x)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[LatentProbe(k=3)],
                             default_root_dir=str(tmp_path))
     trainer.fit(vae, datamodule=dm)
+    assert probes == [100]  # the labelled images, once
     labelled = dm.labelled_dataset()
     reference = vae.latent_means(to_model_input(labelled.images))
     x, y = (torch.cat(parts) for parts in zip(*dm.val_dataloader()))

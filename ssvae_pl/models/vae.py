@@ -234,11 +234,14 @@ class VAE(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._mean_moments = torch.zeros(3, self.hparams.latent_dim, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The bound's terms logged, the moments of the posterior means added up; returns those means (B, Z) as
+        ``z_mean`` (for ``LatentProbe``'s vote)."""
         terms = (self._validation_terms if fitting(self) else self.evaluation_terms)(batch[0])
         self._log_terms("val", terms)
         mean = terms["z_mean"].detach().double()  # (B, Z): count, sum and sum of squares per dimension
         self._mean_moments += torch.stack([torch.ones_like(mean).sum(0), mean.sum(0), mean.square().sum(0)])
+        return {"z_mean": terms["z_mean"].detach()}
 
     def on_validation_epoch_end(self) -> None:
         count, total, squares = self.all_gather(self._mean_moments).reshape(-1, 3, self.hparams.latent_dim).sum(0)
