@@ -137,6 +137,17 @@ def test_bad_label_budget_is_one_line_error(tmp_path: Path, cli_data: Path) -> N
     assert_one_line_user_error(result, "data.num_labelled")
 
 
+def test_compile_without_a_cpp_compiler_is_one_line_error(tmp_path: Path, cli_data: Path) -> None:
+    """model.compile true on a CPU with no working C++ compiler: one line naming the field and the fix, not
+    inductor's traceback from inside the first step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CXX": str(tmp_path / "no-such-g++")}
+    result = subprocess.run([*COMMAND, "fit", "-c", VAE_CONFIG, *data_args(cli_data), *TINY_VAE,
+                             "--model.init_args.compile", "true", "--trainer.max_steps", "1"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert_one_line_user_error(result, "model.compile=true")
+    assert "set model.compile false" in result.stderr
+
+
 def test_missing_vae_checkpoint_is_one_line_error(tmp_path: Path, cli_data: Path) -> None:
     """A missing --model.vae_checkpoint stops the command with one line naming the field and the path."""
     result = ssvae(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data_args(cli_data),

@@ -40,6 +40,25 @@ def test_unknown_compile_backend_is_a_config_error() -> None:
         tiny_m2(compile="nonsense")
 
 
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_config_error_before_the_first_step(make_dm,
+                                                                                            tmp_path) -> None:
+    """Inductor writes C++ for a CPU: without a working compiler the fit stops before its first step with a
+    ConfigError naming model.compile and the compilers tried (inductor's own error, deep in the first step, before);
+    a backend that writes no code (aot_eager) needs none."""
+    from torch._inductor import config
+
+    model = tiny_m2(compile=True)
+    steps = []
+    model.training_step = lambda batch, batch_idx: steps.append(batch_idx)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path))
+    with config.patch({"cpp.cxx": (None, "/nonexistent/g++")}), \
+            pytest.raises(ConfigError, match=r"model.compile=true .* \(tried /nonexistent/g\+\+\)"):
+        trainer.fit(model, datamodule=make_dm())
+    assert steps == []
+    quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path / "b")).fit(
+        tiny_m2(compile=BACKEND), datamodule=make_dm())
+
+
 def test_a_torch_compile_mode_is_a_valid_setting() -> None:
     model = tiny_m2(compile="reduce-overhead")  # compiled lazily: building it compiles nothing
     assert model._training_loss is not model.loss_terms

@@ -29,13 +29,31 @@ def check_compile(setting: CompileSetting) -> None:
                           f"false, one of the modes {list(MODES)} or a backend of {sorted(backends)}.")
 
 
-def check_graphs_can_train(setting: CompileSetting, trainer) -> None:
-    """CUDA graphs write each step's gradients into the same buffers, so they cannot add up several batches' own."""
+def check_compile_can_train(setting: CompileSetting, trainer) -> None:
+    """Before a fit's first step, what would otherwise fail inside it: CUDA graphs write each step's gradients into
+    the same buffers, so they cannot add up several batches' own; and inductor turns a CPU's graphs into C++, so it
+    needs a working C++ compiler (``CXX``, else g++), which it would first look for in the middle of a step."""
+    if setting is False:
+        return
+    device = trainer.strategy.root_device.type
     accumulate = trainer.accumulate_grad_batches
-    if setting in CUDA_GRAPH_MODES and accumulate > 1 and trainer.strategy.root_device.type == "cuda":
+    if setting in CUDA_GRAPH_MODES and accumulate > 1 and device == "cuda":
         raise ConfigError(f"model.compile={setting} (CUDA graphs) cannot accumulate gradients over "
                           f"trainer.accumulate_grad_batches={accumulate} batches; use model.compile true, or a "
                           f"batch {accumulate} times larger.")
+    if device == "cpu" and (setting is True or setting in MODES):
+        from torch._inductor import config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            tried = [cxx for cxx in (config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else [config.cpp.cxx])
+                     if cxx]
+            raise ConfigError(f"model.compile={str(setting).lower()} compiles the step into C++ on a CPU, and no "
+                              f"working C++ compiler was found (tried {', '.join(tried)}): install one (g++, or name "
+                              "it in CXX), or set model.compile false.") from None
 
 
 def fitting(module) -> bool:

@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.host import check_cuda_once
-from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled, fitting
+from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compile_can_train, compiled, fitting
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import ACTIVE_UNIT_STD, frozen_encoder
@@ -302,7 +302,7 @@ class M2(pl.LightningModule):
     def on_fit_start(self) -> None:
         """M1+M2: q(z1|x) of every training image computed once (M1's encoder is frozen) and held by the data
         module in place of the images (``m1_cache``), unless it is ``off``."""
-        check_graphs_can_train(self.hparams.compile, self.trainer)
+        check_compile_can_train(self.hparams.compile, self.trainer)
         check_cuda_once()
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.m1_encoder is None or self.hparams.m1_cache == "off" \

@@ -14,7 +14,7 @@ from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.host import check_cuda_once
 from ssvae_pl.prediction import check_class_names
 from ssvae_pl.schedule import budget_progress, has_budget
-from ssvae_pl.models.compiling import CompileSetting, check_compile, check_graphs_can_train, compiled, fitting
+from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compile_can_train, compiled, fitting
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.nets import Activation, BernoulliDecoder, DiscretizedLogisticDecoder, GaussianEncoder
@@ -221,7 +221,7 @@ class VAE(pl.LightningModule):
         return -terms["elbo"].mean() if beta == 1.0 else -(terms["recon"] - beta * terms["kl"]).mean()
 
     def on_fit_start(self) -> None:
-        check_graphs_can_train(self.hparams.compile, self.trainer)
+        check_compile_can_train(self.hparams.compile, self.trainer)
         check_cuda_once()
         if self.hparams.kl_warmup_epochs <= 0 < self.hparams.kl_warmup_fraction and not has_budget(self.trainer):
             raise ConfigError(f"model.kl_warmup_fraction={self.hparams.kl_warmup_fraction} is a share of the run's "
