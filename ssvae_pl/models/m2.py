@@ -437,8 +437,8 @@ class M2(pl.LightningModule):
 
     def evaluation_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(y|x)'s logits (B, K) and U(x) (B,) of evaluation images x with the noise ``eps`` (B, K, Z). With
-        ``compile``, a fit's validations run it compiled (about 2.5 times as fast on a CPU: the K-class bound
-        makes validation a sixth of an M2 epoch otherwise); a test or a prediction, run once, does not wait for
+        ``compile``, a fit's validations run it compiled (on a CPU 0.6 s against 0.9 s for the eager pieces of
+        ``_evaluate``, for MNIST's 10,000 validation images); a test or a prediction, run once, does not wait for
         its compilation."""
         h = self.features(x)
         logits = self.classifier(h)
