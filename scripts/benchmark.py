@@ -203,16 +203,11 @@ def without_lightning_environment():
             os.environ[NVML_CHECK] = saved
 
 
+@without_lightning_environment()
 def time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool = False,
                    compiled: bool = False, profiler=None) -> float:
     """Seconds per step of the hand-written loop, as a script without Lightning runs it; with a
     ``torch.profiler.profile``, its timed steps profiled."""
-    with without_lightning_environment():
-        return _time_reference(model, batches, device, precision, warmup, steps, naive, compiled, profiler)
-
-
-def _time_reference(model, batches: Batches, device, precision, warmup: int, steps: int, naive: bool,
-                    compiled: bool, profiler) -> float:
     model.to(device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     for i in range(warmup + steps):
