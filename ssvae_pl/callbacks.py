@@ -513,10 +513,33 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self) -> None:
         super().__init__(filename="last", save_top_k=1, monitor=None, enable_version_counter=False)
+        self.restored_dirpath: str | None = None
 
     @property
     def state_key(self) -> str:
         return "LastCheckpoint"
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.restored_dirpath = state_dict.get("dirpath")
+        super().load_state_dict(state_dict)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit never replaces another fit's checkpoints: a checkpoint folder that already holds some is written
+        to only by a fit resumed from that folder's run (``--ckpt_path`` there, or a checkpoint recording it)."""
+        taken = None
+        if trainer.is_global_zero and self.dirpath is not None and not trainer.fast_dev_run:
+            folder = Path(self.dirpath).resolve()
+            existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+            ckpt = trainer.ckpt_path
+            ours = ckpt is not None and "://" not in str(ckpt) and (
+                Path(ckpt).resolve().parent == folder
+                or (self.restored_dirpath is not None and Path(self.restored_dirpath).resolve() == folder))
+            taken = str(existing[-1]) if existing and not ours else None
+        taken = trainer.strategy.broadcast(taken, 0)
+        if taken:
+            raise ConfigError(f"{taken} belongs to another fit, and this one would replace it: resume that run with "
+                              f"--ckpt_path {taken}, or give this one a folder of its own (a new "
+                              "--trainer.logger.init_args.version, or --trainer.default_root_dir).")
 
     @property
     def last_path(self) -> str | None:
@@ -785,6 +808,7 @@ class SaveOnInterrupt(pl.Callback):
             return
         trainer.save_checkpoint(path)
         exception.signal_name, exception.checkpoint = self._signal_name, path  # for the `ssvae` command's message
+        exception.run_folder = trainer.logger is not None  # whether the run has a folder to resume in
         exception.global_step, exception.epoch = trainer.global_step, trainer.current_epoch
         rank_zero_info(f"{self._signal_name}: saved global step {trainer.global_step} (epoch "
                        f"{trainer.current_epoch}) to {path}")
@@ -880,7 +904,7 @@ class ResumeWithNewOptimizerSettings(pl.Callback):
         rank_zero_info(f"ssvae: resumed with the optimiser's {', '.join(sorted(self.changes))} set anew.")
 
 
-def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
+def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object], fitting: bool = True):
     """The config's callbacks and plugins with the always-on pieces added where the config has none of their kind:
     the trust pieces (``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, the
     ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer``, ``LatentProbe`` and the TensorBoard pictures
@@ -894,7 +918,9 @@ def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object]):
     # LastCheckpoint after BestCheckpoint (Lightning keeps checkpoint callbacks in this order, after the others), so
     # that last.ckpt holds the best-so-far state updated by this epoch's score
     always_on = (NonFiniteGuard(), SaveOnInterrupt(), SeedEachEpoch(), EpochTimer(), LatentProbe(), GenerativeImages(),
-                 LatentSpace(), ConfusionMatrix(), HParamsWithMetrics(), BestCheckpoint(), LastCheckpoint())
+                 LatentSpace(), ConfusionMatrix(), HParamsWithMetrics())
+    if fitting:  # test, validate and predict write no checkpoint
+        always_on += (BestCheckpoint(), LastCheckpoint())
     callbacks += [piece for piece in always_on if not any(isinstance(callback, type(piece)) for callback in callbacks)]
     if optimizer_changes:
         callbacks.append(ResumeWithNewOptimizerSettings(optimizer_changes))

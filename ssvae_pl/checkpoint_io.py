@@ -64,6 +64,27 @@ def _running(pid: int) -> bool:
     return True
 
 
+def check_checkpoint_file(path: str | Path, field: str, fix: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` after a check of the whole file: every member of the zip archive that
+    ``torch.save`` writes must pass its checksum (a truncated or damaged file fails here, before anything loads it).
+    One ``CheckpointError`` naming ``field``, the file and ``fix`` otherwise."""
+    import zipfile
+
+    from ssvae_pl.errors import CheckpointError
+
+    file = Path(path)
+    if file.is_file():
+        try:
+            with zipfile.ZipFile(file) as archive:
+                corrupt = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            raise CheckpointError(f"{field}: {path} is truncated or not a checkpoint (not the zip archive that "
+                                  f"torch.save writes); {fix}.") from None
+        if corrupt is not None:
+            raise CheckpointError(f"{field}: {path} is corrupt ({corrupt} fails its checksum); {fix}.")
+    return read_checkpoint(file, field, fix, mmap=True)
+
+
 def read_checkpoint(path: str | Path, field: str, fix: str, mmap: bool = False) -> dict[str, Any]:
     """The Lightning checkpoint at ``path`` (loaded on the CPU, tensors only). A missing file, one that torch cannot
     load (truncated, corrupt, not a torch file) or one without a ``state_dict`` raises one ``CheckpointError`` that

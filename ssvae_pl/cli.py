@@ -23,6 +23,7 @@ from typing import NoReturn
 
 import yaml
 from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
@@ -35,6 +36,7 @@ from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, Numeri
 from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
+from ssvae_pl.settings import check_trainer_settings
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
                MisconfigurationException)
@@ -58,32 +60,37 @@ NOT_RECORDED = ("seed_everything", "model.", "data.", "ckpt_path", "trainer.logg
 class SSVAEParser(LightningArgumentParser):
     """A parser error is one line, ``ssvae: error: <what>; <command> --help lists every key``, not a usage dump."""
 
-    command_line: list[str] = []  # set by main(): where a YAML syntax error is looked for
-
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        first = " ".join(message.split())
-        broken = unreadable_config(self.command_line)
-        if broken:
-            first = broken
+        first = faults.union_error(message) or " ".join(message.split())
         print(f"ssvae: error: {first[:600]}; `{prog} --help` lists every key.", file=sys.stderr)
         sys.exit(2)
 
 
-def unreadable_config(command_line: list[str]) -> str | None:
-    """The first ``-c``/``--config`` file of the command line that is not valid YAML, as a message naming it."""
-    for flag, value in zip(command_line, command_line[1:]):
-        if flag in ("-c", "--config") and Path(value).is_file():
-            try:
-                yaml.safe_load(Path(value).read_text())
-            except yaml.YAMLError as err:
-                where = getattr(err, "problem_mark", None)
-                line = f" line {where.line + 1}, column {where.column + 1}" if where else ""
-                return f"{value}:{line} is not valid YAML ({getattr(err, 'problem', None) or err})"
-    return None
+def check_config_files(command_line: list[str]) -> None:
+    """Every ``-c``/``--config`` file of the command line must be UTF-8 text holding a YAML mapping of settings;
+    otherwise one ``ConfigError`` naming the file, the line where YAML stopped, and the fix."""
+    for i, arg in enumerate(command_line):
+        value = command_line[i + 1] if arg in ("-c", "--config") and i + 1 < len(command_line) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if value is None or not Path(value).is_file():
+            continue
+        try:
+            config = yaml.safe_load(Path(value).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{value} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                              "save it as UTF-8.") from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(f"{value}:{line} is not valid YAML ({getattr(err, 'problem', None) or err}).") from None
+        if not isinstance(config, dict):
+            what = "nothing" if config is None else f"a YAML {type(config).__name__}"
+            raise ConfigError(f"{value} holds {what}, not settings: a config file is a mapping of keys to values "
+                              "(trainer:, model:, data:, ...), as in configs/mnist/m2.yaml.")
 
 
 class SaveConfigToRunFolder(SaveConfigCallback):
@@ -137,6 +144,7 @@ class SSVAECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
+            check_trainer_settings(config.get("trainer"))
             current = yaml.safe_load(self._parser(subcommand).dump(config, skip_unset=False))
             saved = runs.prepare(config, subcommand, current)
             if saved is not None:
@@ -145,8 +153,11 @@ class SSVAECLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
+        fitting = self.subcommand in (None, "fit")
         callbacks, plugins = trainer_pieces(trainer_config.get("callbacks"), trainer_config.get("plugins"),
-                                            self.optimizer_changes)
+                                            self.optimizer_changes, fitting)
+        if not fitting and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            kwargs["enable_checkpointing"] = False  # nothing to write, nor Lightning's default checkpoint's warnings
         if trainer_config.get("precision") is None:  # none named
             if self.subcommand == "predict":  # predictions in float32, as the exports compute them
                 kwargs["precision"] = "32-true"
@@ -212,7 +223,6 @@ def quiet_lightning() -> None:
 
 def main(args: list[str] | None = None) -> None:
     command_line = sys.argv[1:] if args is None else list(args)
-    SSVAEParser.command_line = command_line
     quiet_lightning()
     try:
         if command_line[:1] == ["export"]:  # not a Trainer method: its own small parser
@@ -221,6 +231,7 @@ def main(args: list[str] | None = None) -> None:
             return export_main(command_line[1:])
         import ssvae_pl.models  # noqa: F401  (registers the model classes for short names)
 
+        check_config_files(command_line)
         faults.check_ckpt_path(command_line)
         SSVAECLI(
             parser_kwargs={"description": "Semi-supervised learning with deep generative models (Kingma et al., "
@@ -240,8 +251,9 @@ def main(args: list[str] | None = None) -> None:
                   file=sys.stderr)
             sys.exit(0)
         saved = getattr(stop, "checkpoint", None)
+        version = Path(saved).parent.parent.name if getattr(stop, "run_folder", None) else None
         where = (f"global step {stop.global_step} (epoch {stop.epoch}) saved to {saved}; resume with: "
-                 f"{resume_command(command_line, Path(saved).parent.parent.name)}" if saved else "nothing saved")
+                 f"{resume_command(command_line, version, saved)}" if saved else "nothing saved")
         print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}", file=sys.stderr)
         sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
     except Exception as err:
@@ -265,8 +277,9 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def resume_command(command_line: list[str], version: str) -> str:
-    """The command that continues an interrupted fit: the same one, in the same run folder, from its last.ckpt."""
+def resume_command(command_line: list[str], version: str | None, saved: str | None = None) -> str:
+    """The command that continues an interrupted fit: the same one, in the same run folder (``version``), from its
+    ``last.ckpt``; a fit without a run folder (no logger) continues from the ``saved`` checkpoint itself."""
     kept, skip = [], False
     for arg in command_line:
         if skip:
@@ -275,6 +288,8 @@ def resume_command(command_line: list[str], version: str) -> str:
             skip = True
         elif not arg.startswith(("--ckpt_path=", "--trainer.logger.init_args.version=")):
             kept.append(arg)
+    if version is None:
+        return shlex.join(["ssvae", *kept, "--ckpt_path", str(saved)])
     return shlex.join(["ssvae", *kept, "--trainer.logger.init_args.version", version, "--ckpt_path", "last"])
 
 

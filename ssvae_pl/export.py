@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import json
 import sys
 import warnings
@@ -35,7 +36,7 @@ from torch import nn
 from ssvae_pl.checkpoint_io import read_checkpoint
 from ssvae_pl.data.preprocess import preprocessing_of
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError, OutputError
-from ssvae_pl.files import atomic_output
+from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.prediction import class_names
 
 TOLERANCE = 1e-4  # largest absolute difference of a probability, exported model against the checkpoint
@@ -114,10 +115,14 @@ def largest_difference(run_exported, reference: pl.LightningModule, batches: lis
     return worst
 
 
-def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def torchscript_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """The traced model as the bytes of a TorchScript file. Serialised in memory, so that the file is written by a
+    plain write: a full disk or a read-only folder is an ``OSError`` naming the file, not an abort in C++."""
+    buffer = io.BytesIO()
     with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, yet still what jit.load reads
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(model, example), str(path))
+        torch.jit.save(torch.jit.trace(model, example), buffer)
+    return buffer.getvalue()
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -126,15 +131,23 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
 
 
-def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """ONNX through torch.export (``dynamo=True``, which needs onnxscript), the batch dimension left free, the
-    weights inside the one file."""
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """The model as the bytes of one ONNX file, through torch.export (``dynamo=True``, which needs onnxscript), the
+    batch dimension left free, the weights inside; serialised in memory, as ``torchscript_bytes``."""
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False,
-                          verbose=False)
+        program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def write_bytes(temporary: Path, target: Path, data: bytes) -> None:
+    """``data`` into ``target``'s temporary file; a failed write is one ``OutputError`` naming ``target``."""
+    try:
+        temporary.write_bytes(data)
+    except OSError as err:
+        raise write_error(target, err) from err
 
 
 def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: bool = False,
@@ -162,26 +175,41 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
     results = {}
     with ExitStack() as stack:  # the files replace their targets only when both are written and checked
         temporary = {kind: stack.enter_context(atomic_output(path, overwrite)) for kind, path in targets.items()}
-        write_torchscript(exported, example, temporary["torchscript"])
+        write_bytes(temporary["torchscript"], targets["torchscript"], torchscript_bytes(exported, example))
         scripted = load_torchscript(temporary["torchscript"])
         results["torchscript"] = largest_difference(scripted, model, batches, "TorchScript", atol)
 
-        write_onnx(exported, example, temporary["onnx"])
+        write_bytes(temporary["onnx"], targets["onnx"], onnx_bytes(exported, example))
         session = onnxruntime.InferenceSession(str(temporary["onnx"]), providers=["CPUExecutionProvider"])
         results["onnx"] = largest_difference(lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], model,
                                              batches, "ONNX", atol)
         # what the outputs mean and how a file becomes an input, beside them: output k is class_names[k]
         names = class_names(model, None, int(exported(example).shape[-1]))
         preprocessing = preprocessing_of(input_shape, ckpt.get("datamodule_hyper_parameters") or {})
-        temporary["json"].write_text(json.dumps({
+        write_bytes(temporary["json"], targets["json"], (json.dumps({
             "class_names": names, "input_shape": list(input_shape), "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "preprocessing": preprocessing.spec()}, indent=2) + "\n")
+            "preprocessing": preprocessing.spec()}, indent=2) + "\n").encode())
         results["json"] = None
     return {kind: (targets[kind], difference) for kind, difference in results.items()}
 
 
+class ExportParser(argparse.ArgumentParser):
+    """A wrong option is one ``ssvae: error:`` line, as in the other subcommands, not a usage dump."""
+
+    def error(self, message: str):
+        print(f"ssvae: error: {message}; `ssvae export --help` lists every option.", file=sys.stderr)
+        sys.exit(2)
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ExportParser(
         prog="ssvae export",
         description="Write a trained classifier (LatentClassifier, M2 or M1+M2 checkpoint) as TorchScript and ONNX: "
                     "float32 images (B, C, H, W) in [0, 1] -> class probabilities (B, K), any batch size B. Each "
@@ -191,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None,
                         help="where to write <stem>.torchscript.pt and <stem>.onnx (default: the checkpoint's folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace export files that already exist")
-    parser.add_argument("--atol", type=float, default=TOLERANCE,
+    parser.add_argument("--atol", type=non_negative, default=TOLERANCE,
                         help=f"largest difference allowed in a probability (default {TOLERANCE:g})")
     return parser
 

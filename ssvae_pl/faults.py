@@ -6,10 +6,11 @@ files or folders that cannot be read or written. ``SSVAE_TRACEBACK=1`` shows the
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from pathlib import Path
 
-from ssvae_pl.checkpoint_io import read_checkpoint
+from ssvae_pl.checkpoint_io import check_checkpoint_file
 from ssvae_pl.errors import CheckpointError
 from ssvae_pl.files import is_write_failure, write_error
 
@@ -32,21 +33,8 @@ def check_ckpt_path(command_line: list[str]) -> None:
     value = ckpt_path_argument(command_line)
     if value is None or value in SPECIAL_CKPT_PATHS or "://" in value:
         return
-    path = Path(value)
-    fix = "give a run's checkpoints/last.ckpt, or --ckpt_path last to resume the run in the configured folder"
-    if not path.is_file():
-        read_checkpoint(path, "--ckpt_path", fix)  # one error: it does not exist
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:  # what torch.save writes; every member's CRC is checked
-            corrupt = archive.testzip()
-    except (zipfile.BadZipFile, OSError):
-        raise CheckpointError(f"--ckpt_path: {value} is truncated or not a checkpoint (not the zip archive that "
-                              "torch.save writes).") from None
-    if corrupt is not None:
-        raise CheckpointError(f"--ckpt_path: {value} is corrupt ({corrupt} fails its checksum).")
-    read_checkpoint(path, "--ckpt_path", fix, mmap=True)
+    check_checkpoint_file(value, "--ckpt_path", "give a run's checkpoints/last.ckpt, or --ckpt_path last to resume "
+                          "the run in the configured folder")
 
 
 def describe(err: BaseException) -> str | None:
@@ -66,6 +54,8 @@ def describe(err: BaseException) -> str | None:
 def _describe_one(err: BaseException) -> str | None:
     text = str(err).strip()
     first_line = text.splitlines()[0] if text else type(err).__name__
+    if isinstance(err, ValueError) and union_error(text):
+        return union_error(text)
     if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in text:
         return ("the checkpoint's weights do not fit the configured model (" + first_line[:200] + "); resume or "
                 "test with the model settings it was trained with (the run's config.yaml).")
@@ -76,6 +66,55 @@ def _describe_one(err: BaseException) -> str | None:
             return str(write_error(err.filename, err))
         return f"{err.strerror or first_line}: {err.filename}; check that the path exists and can be written."
     return None
+
+
+UNION = "Does not validate against any of the Union subtypes"
+NOT_THE_POINT = re.compile(r"Expected a <class '(NoneType|str)'>|Expected a dot import path string|Expected a path ")
+
+
+def union_error(message: str) -> str | None:
+    """jsonargparse's report of a value that fits none of a Union's types (a class path that does not import, a
+    wrong value inside one, a source's own ``ConfigError``) as one line: the key and the one error that matters,
+    without the types tried and the parser's dump."""
+    if UNION not in message:
+        return None
+    head, _, rest = message.partition("Errors:")
+    keys = re.findall(r'Parser key "([^"]+)"', head)
+    items: list[list[str]] = []
+    indent = None
+    for line in rest.splitlines()[1:]:
+        depth = len(line) - len(line.lstrip())
+        if not line.strip():
+            continue
+        if line.strip().startswith("- ") and (indent is None or depth == indent):
+            indent = depth
+            items.append([line.strip()[2:]])
+        elif items and depth > indent:
+            items[-1].append(line)
+        else:
+            break
+    useful = [item for item in items if not NOT_THE_POINT.match(item[0])] or items[:1]
+    if not useful:
+        return None
+    inner = "\n".join(useful[0])
+    class_path = re.match(r"Problem with given class_path '([^']+)':\s*", inner)
+    if class_path:
+        inner = inner[class_path.end():]
+    nested = re.match(r'Parser key "([^"]+)":\s*', inner)
+    if nested:
+        keys.append(("init_args." if class_path else "") + nested.group(1))
+        inner = inner[nested.end():]
+    given = [g.strip() for g in re.findall(r"Given value: (.*)", inner) if not g.strip().startswith("NestedArg")]
+    inner = union_error(inner) or " ".join(inner.split())
+    if "Got value" not in inner and given:
+        inner += f", got {given[-1]!r}"
+    inner = re.sub(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>\. Got value: (.*)", r"expected \1, got \2", inner)
+    inner = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", inner)
+    where = f" ({class_path.group(1)})" if class_path and nested else ""
+    key = ".".join(keys)
+    if not key or inner.startswith(key):  # a source's own message names its field
+        return inner
+    return f"{key}{where}: {inner}"
 
 
 def _raised_in(err: BaseException, fragment: str) -> bool:

@@ -25,6 +25,7 @@ import yaml
 from lightning_fabric.utilities.rank_zero import _get_rank
 
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.checkpoint_io import check_checkpoint_file
 from ssvae_pl.files import make_folder
 
 CONFIG_FILE = "config.yaml"
@@ -91,7 +92,13 @@ def tensorboard_args(trainer_config) -> Any | None:
 
 
 def _folder_name(version) -> str:
-    return f"version_{version}" if isinstance(version, int) else str(version)
+    """The run folder's name for the logger's ``version``: one folder, never a path into another run's."""
+    name = f"version_{version}" if isinstance(version, int) else str(version)
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        fix = name.replace("/", "-").replace("\\", "-").strip(".") or "my-run"
+        raise ConfigError(f"trainer.logger.init_args.version {name!r} is not one folder name (a version names one "
+                          f"folder under the logger's save_dir/name); use one without '/', e.g. {fix!r}.")
+    return name
 
 
 def _run_of_checkpoint(ckpt: Path, parent: Path) -> Path | None:
@@ -123,10 +130,38 @@ def newest_run(parent: Path, current: dict) -> Path:
                       "without --ckpt_path (or point --trainer.logger.init_args.save_dir/name at the run).")
 
 
-def _hpc_checkpoint_waiting(trainer_config) -> bool:
-    """Whether Lightning will resume from a SLURM pre-emption checkpoint (``hpc_ckpt_<n>.ckpt``)."""
+def waiting_hpc_checkpoint(trainer_config) -> Path | None:
+    """The SLURM pre-emption checkpoint (``hpc_ckpt_<n>.ckpt``, the highest n) that Lightning resumes a fit from
+    without ``--ckpt_path``: only inside a SLURM job; elsewhere Lightning ignores the file, and so does ``ssvae``."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
     root = Path(trainer_config.get("default_root_dir") or os.getcwd())
-    return any(root.glob("hpc_ckpt_*.ckpt"))
+    numbered = [(int(p.stem.rsplit("_", 1)[1]), p) for p in root.glob("hpc_ckpt_*.ckpt")
+                if p.stem.rsplit("_", 1)[1].isdigit()]
+    return max(numbered)[1] if numbered else None
+
+
+def checkpoint_run_folder(ckpt: Path) -> Path | None:
+    """The run folder whose ``checkpoints/`` a checkpoint's ``LastCheckpoint`` wrote into, as the checkpoint
+    records it (Lightning's ``ModelCheckpoint`` state keeps its ``dirpath``); None when it records none."""
+    from ssvae_pl.checkpoint_io import check_checkpoint_file
+
+    state = check_checkpoint_file(ckpt, str(ckpt), "move it out of the way").get("callbacks") or {}
+    dirpath = (state.get("LastCheckpoint") or {}).get("dirpath")
+    return Path(dirpath).resolve().parent if dirpath else None
+
+
+def _hpc_folder(hpc: Path, parent: Path, folder: Path | None) -> Path:
+    """The run folder a waiting SLURM checkpoint continues: its own, which must be ``folder`` when one is named."""
+    own = checkpoint_run_folder(hpc)
+    if own is None or own.parent != parent.resolve() or (folder is not None and own != folder.resolve()):
+        where = f"the run {own}" if own is not None else "no run folder it records"
+        raise ConfigError(f"{hpc.resolve()} (a SLURM pre-emption checkpoint, which Lightning would resume this fit "
+                          f"from) belongs to {where}, not to {folder.resolve() if folder else parent.resolve()}; move "
+                          "it out of the working folder, or resume its own run.")
+    return own
 
 
 def prepare(config, subcommand: str, current: dict) -> dict | None:
@@ -140,6 +175,10 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
         check_model_class(ckpt_file, config.get("model"))
     logger = tensorboard_args(config.trainer)
     if subcommand != "fit":
+        if ckpt_file is None and "://" not in str(ckpt):
+            ckpt_file = trained_checkpoint(ckpt, logger, current, subcommand)
+            check_model_class(ckpt_file, config.get("model"))
+            config.ckpt_path = str(ckpt_file)
         _log_beside_checkpoint(config, logger, ckpt_file, subcommand)
         return None
     if logger is None:
@@ -147,8 +186,9 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
             raise ConfigError("--ckpt_path last resumes a run folder, and this fit has no logger (trainer.logger "
                               "false); give the checkpoint's path instead.")
         return None
-    parent = Path(logger.get("save_dir") or ".") / (logger.get("name") or "lightning_logs")
+    parent = logger_parent(logger)
     version = logger.get("version")
+    hpc = waiting_hpc_checkpoint(config.trainer) if ckpt is None else None
     if version is not None:
         folder = parent / _folder_name(version)
     elif ckpt == "last":
@@ -157,6 +197,8 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
         folder = _run_of_checkpoint(ckpt_file, parent)
     else:
         folder = None
+    if hpc is not None:
+        folder = _hpc_folder(hpc, parent, folder)
     if folder is None:
         if is_rank_zero():  # other ranks write nothing: Lightning broadcasts rank 0's folder
             logger.version = reserve_new_folder(parent).name
@@ -175,7 +217,7 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
                               "--ckpt_path.")
         return None
     check_same_run(folder, saved, current)
-    if ckpt is None and not _hpc_checkpoint_waiting(config.trainer):
+    if ckpt is None and hpc is None:
         raise ConfigError(f"the run folder {folder.resolve()} already holds this run; continue it with --ckpt_path "
                           "last, or start another with --trainer.logger.init_args.version <new name>.")
     if ckpt == "last":
@@ -183,8 +225,22 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
         if not last.is_file():
             raise ConfigError(f"--ckpt_path last: {last.resolve()} does not exist (the run stopped before its first "
                               "epoch ended); start it again without --ckpt_path, in a new folder.")
+        check_checkpoint_file(last, "--ckpt_path last", _other_checkpoints_fix(last))
         config.ckpt_path = str(last)
     return saved
+
+
+def logger_parent(logger) -> Path:
+    """``<save_dir>/<name>``: the folder that holds the logger's run folders."""
+    return Path(logger.get("save_dir") or ".") / (logger.get("name") or "lightning_logs")
+
+
+def _other_checkpoints_fix(broken: Path) -> str:
+    """The fix for a damaged checkpoint: another one of the same run, where there is one."""
+    others = sorted(p for p in broken.parent.glob("*.ckpt") if p != broken)
+    if others:
+        return f"resume from another checkpoint of the run instead: --ckpt_path {others[-1]}"
+    return "restore it from a copy, or start the run again in a new folder"
 
 
 def is_rank_zero() -> bool:
@@ -220,6 +276,42 @@ def remove_unused() -> None:
                 sub.rmdir()
             folder.rmdir()
     _RESERVED.clear()
+
+
+def trained_checkpoint(ckpt: str | None, logger, current: dict, subcommand: str) -> Path:
+    """The checkpoint that ``test``, ``validate`` or ``predict`` evaluates: ``last`` or ``best`` of the newest run
+    of this model and dataset under the logger's folder. Without ``--ckpt_path`` (an untrained model) or without
+    such a run, one error: these commands never report an untrained model."""
+    parent = logger_parent(logger) if logger is not None else Path("lightning_logs")
+    fix = (f"pass --ckpt_path <run>/checkpoints/last.ckpt, or --ckpt_path last (or best) for the newest run of this "
+           f"config under {parent}")
+    if ckpt is None:
+        raise ConfigError(f"ssvae {subcommand} needs a trained model (without --ckpt_path it would use random "
+                          f"weights); {fix}.")
+    if ckpt not in ("last", "best"):
+        raise ConfigError(f"ssvae {subcommand}: --ckpt_path {ckpt} resumes a fit; {fix}.")
+    wanted = {"model": current.get("model"), "dataset": (current.get("data") or {}).get("dataset")}
+    found = []
+    for folder in parent.iterdir() if parent.is_dir() else []:
+        try:
+            saved = read_config(folder)
+        except ConfigError:  # another run's unreadable config: not this run
+            continue
+        if saved is None or differences({"model": saved.get("model"), "dataset": (saved.get("data") or {}).get(
+                "dataset")}, wanted):
+            continue
+        pattern = LAST if ckpt == "last" else "best-*.ckpt"
+        found += [f for f in (folder / "checkpoints").glob(pattern) if f.is_file()]
+    if not found:
+        raise ConfigError(f"--ckpt_path {ckpt}: no run of this model and dataset under {parent.resolve()} has a "
+                          f"{'last.ckpt' if ckpt == 'last' else 'best-*.ckpt'}; train one with `ssvae fit` and the "
+                          "same config first, or pass the checkpoint's path.")
+    chosen = max(found, key=lambda f: f.stat().st_mtime)
+    check_checkpoint_file(chosen, f"--ckpt_path {ckpt}", _other_checkpoints_fix(chosen))
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    rank_zero_info(f"ssvae {subcommand}: --ckpt_path {ckpt} is {chosen} (the newest run of this config)")
+    return chosen
 
 
 def _log_beside_checkpoint(config, logger, ckpt_file: Path | None, subcommand: str) -> None:

@@ -106,9 +106,9 @@ def test_export_of_m2_and_m1_m2(tmp_path: Path, make_dm, vae_checkpoint: Path, t
 
 def test_a_mismatch_is_an_error_and_writes_nothing(tmp_path: Path, classifier_checkpoint: Path, monkeypatch) -> None:
     """An exported model that does not reproduce the checkpoint is refused, and no file is left behind."""
-    write_torchscript = export.write_torchscript
-    monkeypatch.setattr(export, "write_torchscript", lambda model, example, path: write_torchscript(
-        torch.nn.Sequential(model, torch.nn.Softmax(dim=-1)), example, path))  # softmax twice: other probabilities
+    torchscript_bytes = export.torchscript_bytes
+    monkeypatch.setattr(export, "torchscript_bytes", lambda model, example: torchscript_bytes(
+        torch.nn.Sequential(model, torch.nn.Softmax(dim=-1)), example))  # softmax twice: other probabilities
     with pytest.raises(ExportError, match="TorchScript model differs"):
         export_classifier(str(classifier_checkpoint), str(tmp_path))
     assert list(tmp_path.iterdir()) == []
