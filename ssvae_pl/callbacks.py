@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssvae_pl.errors import ConfigError
@@ -904,7 +904,18 @@ class ResumeWithNewOptimizerSettings(pl.Callback):
         rank_zero_info(f"ssvae: resumed with the optimiser's {', '.join(sorted(self.changes))} set anew.")
 
 
-def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object], fitting: bool = True):
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without ``v_num``, the last four characters of the run's version (``on_0`` for
+    ``version_0``): the run's folder is named when it starts."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object], fitting: bool = True,
+                   progress_bar: bool = True):
     """The config's callbacks and plugins with the always-on pieces added where the config has none of their kind:
     the trust pieces (``LastCheckpoint``, ``NonFiniteGuard``, ``SaveOnInterrupt``, ``SeedEachEpoch``, the
     ``AtomicCheckpointIO`` plugin), ``BestCheckpoint``, ``EpochTimer``, ``LatentProbe`` and the TensorBoard pictures
@@ -922,6 +933,8 @@ def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object], fit
     if fitting:  # test, validate and predict write no checkpoint
         always_on += (BestCheckpoint(), LastCheckpoint())
     callbacks += [piece for piece in always_on if not any(isinstance(callback, type(piece)) for callback in callbacks)]
+    if progress_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+        callbacks.append(RunProgressBar())
     if optimizer_changes:
         callbacks.append(ResumeWithNewOptimizerSettings(optimizer_changes))
     plugins = list(plugins or []) if isinstance(plugins, (list, tuple, type(None))) else [plugins]

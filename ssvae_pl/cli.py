@@ -12,7 +12,6 @@ The numbers the data determine (classes, image shape) reach the model through ``
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import sys
@@ -36,6 +35,7 @@ from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, Numeri
 from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
+from ssvae_pl.quiet import quiet_lightning
 from ssvae_pl.settings import check_trainer_settings
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
@@ -155,9 +155,12 @@ class SSVAECLI(LightningCLI):
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
         fitting = self.subcommand in (None, "fit")
         callbacks, plugins = trainer_pieces(trainer_config.get("callbacks"), trainer_config.get("plugins"),
-                                            self.optimizer_changes, fitting)
+                                            self.optimizer_changes, fitting,
+                                            trainer_config.get("enable_progress_bar") is not False)
         if not fitting and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             kwargs["enable_checkpointing"] = False  # nothing to write, nor Lightning's default checkpoint's warnings
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to "
+                                                      r"create the checkpoint need to be provided")
         if trainer_config.get("precision") is None:  # none named
             if self.subcommand == "predict":  # predictions in float32, as the exports compute them
                 kwargs["precision"] = "32-true"
@@ -189,22 +192,6 @@ def optimizer_arguments_changed(saved: dict, current: dict) -> dict[str, object]
     return {key: value for key, value in now.items() if before.get(key) != value}
 
 
-HARMLESS_WARNINGS = (  # known and expected: the configs' optimizer replaces the models' own, by design
-    r".*configure_optimizers` will be overridden by `SSVAECLI",
-    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
-    r"Precision bf16-mixed is not supported by the model summary",  # its size estimate, in fp32
-    r"Found \d+ module\(s\) in eval mode at the start of training",  # M1's frozen encoder, by design
-    r"You're using the WeightAveraging callback, but loading a checkpoint outside",  # a test of the averaged weights
-)
-
-
-class _NoTips(logging.Filter):
-    """Drops Lightning's advertising lines ("Tip: ... try installing ...")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip: " not in str(record.msg)
-
-
 def _thread_error(args: threading.ExceptHookArgs) -> None:
     """An ``OSError`` in a writer thread (TensorBoard's event writer on a full disk) is raised again by the main
     thread at its next write, which reports it in one line: the thread's own traceback is not printed."""
@@ -212,18 +199,15 @@ def _thread_error(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
-def quiet_lightning() -> None:
-    """Silences Lightning's tips and the known-harmless warnings above; every other warning stays."""
+def quiet_command() -> None:
+    """``quiet.quiet_lightning``, and writer threads' ``OSError`` left to the main thread's one line."""
     threading.excepthook = _thread_error
-    for pattern in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for handler in logging.getLogger("pytorch_lightning").handlers:
-        handler.addFilter(_NoTips())
+    quiet_lightning()
 
 
 def main(args: list[str] | None = None) -> None:
     command_line = sys.argv[1:] if args is None else list(args)
-    quiet_lightning()
+    quiet_command()
     try:
         if command_line[:1] == ["export"]:  # not a Trainer method: its own small parser
             from ssvae_pl.export import main as export_main

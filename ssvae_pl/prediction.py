@@ -40,16 +40,38 @@ def class_names(model: pl.LightningModule, datamodule: Any, num_classes: int) ->
     return [str(k) for k in range(num_classes)]
 
 
-def check_class_names(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """A checkpoint trained on other classes than the data's (names, or their order) is refused: its outputs would be
-    read as the wrong classes. Called from the models' ``on_load_checkpoint``."""
+def check_data_settings(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint trained on other data settings than the configured data's (image shape, classes, their names or
+    order) is refused: its weights would not fit, or its outputs would be read as the wrong classes. One
+    ``CheckpointError`` comparing the two, pointing at the run's own config. Called from the models'
+    ``on_load_checkpoint``."""
     from ssvae_pl.errors import CheckpointError
 
-    saved = checkpoint.get("hyper_parameters", {}).get("class_names")
-    current = model.hparams.get("class_names")
-    if saved is not None and current is not None and list(saved) != list(current):
-        raise CheckpointError(f"the checkpoint was trained on the classes {list(saved)}, but the data's are "
-                              f"{list(current)}; use the data (data.dataset) it was trained on.")
+    saved, current = checkpoint.get("hyper_parameters", {}), model.hparams
+    keys = [key for key in ("input_shape", "num_classes", "class_names")
+            if saved.get(key) is not None and current.get(key) is not None and list(_listed(saved[key])) != list(
+                _listed(current[key]))]
+    if not keys:
+        return
+    ckpt = getattr(getattr(model, "_trainer", None), "ckpt_path", None)
+    config = Path(ckpt).resolve().parent.parent / "config.yaml" if ckpt else None
+    fix = f"-c {config}" if config is not None and config.is_file() else "the data settings of its run's config.yaml"
+    raise CheckpointError(f"the checkpoint was trained on {_data_description(saved)}, but the data settings give "
+                          f"{_data_description(current)}; use the data settings it was trained with: {fix}.")
+
+
+def _listed(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _data_description(hparams: Any) -> str:
+    shape = hparams.get("input_shape")
+    names = hparams.get("class_names")
+    what = f"{'x'.join(str(n) for n in shape)} images" if shape is not None else "images"
+    if names is not None:
+        shown = ", ".join(str(n) for n in list(names)[:10]) + (", ..." if len(names) > 10 else "")
+        return f"{what} of {len(names)} classes ({shown})"
+    return f"{what} of {hparams.get('num_classes')} classes"
 
 
 class PredictionCSVWriter(BasePredictionWriter):

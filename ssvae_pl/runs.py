@@ -280,7 +280,7 @@ def remove_unused() -> None:
 
 def trained_checkpoint(ckpt: str | None, logger, current: dict, subcommand: str) -> Path:
     """The checkpoint that ``test``, ``validate`` or ``predict`` evaluates: ``last`` or ``best`` of the newest run
-    of this model and dataset under the logger's folder. Without ``--ckpt_path`` (an untrained model) or without
+    of this model class on this dataset under the logger's folder. Without ``--ckpt_path`` (an untrained model) or without
     such a run, one error: these commands never report an untrained model."""
     parent = logger_parent(logger) if logger is not None else Path("lightning_logs")
     fix = (f"pass --ckpt_path <run>/checkpoints/last.ckpt, or --ckpt_path last (or best) for the newest run of this "
@@ -290,28 +290,36 @@ def trained_checkpoint(ckpt: str | None, logger, current: dict, subcommand: str)
                           f"weights); {fix}.")
     if ckpt not in ("last", "best"):
         raise ConfigError(f"ssvae {subcommand}: --ckpt_path {ckpt} resumes a fit; {fix}.")
-    wanted = {"model": current.get("model"), "dataset": (current.get("data") or {}).get("dataset")}
+    wanted = _model_and_dataset(current)
     found = []
     for folder in parent.iterdir() if parent.is_dir() else []:
         try:
             saved = read_config(folder)
         except ConfigError:  # another run's unreadable config: not this run
             continue
-        if saved is None or differences({"model": saved.get("model"), "dataset": (saved.get("data") or {}).get(
-                "dataset")}, wanted):
+        if saved is None or _model_and_dataset(saved) != wanted:
             continue
         pattern = LAST if ckpt == "last" else "best-*.ckpt"
         found += [f for f in (folder / "checkpoints").glob(pattern) if f.is_file()]
     if not found:
-        raise ConfigError(f"--ckpt_path {ckpt}: no run of this model and dataset under {parent.resolve()} has a "
-                          f"{'last.ckpt' if ckpt == 'last' else 'best-*.ckpt'}; train one with `ssvae fit` and the "
-                          "same config first, or pass the checkpoint's path.")
+        raise ConfigError(f"--ckpt_path {ckpt}: no {wanted[0].rsplit('.', 1)[-1]} run on {wanted[1]} under "
+                          f"{parent.resolve()} has a {'last.ckpt' if ckpt == 'last' else 'best-*.ckpt'}; train one "
+                          "with `ssvae fit` and the same config first, or pass the checkpoint's path.")
     chosen = max(found, key=lambda f: f.stat().st_mtime)
     check_checkpoint_file(chosen, f"--ckpt_path {ckpt}", _other_checkpoints_fix(chosen))
     from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-    rank_zero_info(f"ssvae {subcommand}: --ckpt_path {ckpt} is {chosen} (the newest run of this config)")
+    rank_zero_info(f"ssvae {subcommand}: --ckpt_path {ckpt} is {chosen} (the newest {wanted[0].rsplit('.', 1)[-1]} "
+                   f"run on {wanted[1]})")
     return chosen
+
+
+def _model_and_dataset(config: dict) -> tuple[str, str]:
+    """What ``--ckpt_path last``/``best`` of an evaluation looks for: the model's class and the dataset (the
+    checkpoint's own hyperparameters give the rest)."""
+    model, data = config.get("model") or {}, config.get("data") or {}
+    model_class = model.get("class_path") if isinstance(model, dict) else str(model)
+    return str(model_class).rsplit(".", 1)[-1], str(data.get("dataset"))
 
 
 def _log_beside_checkpoint(config, logger, ckpt_file: Path | None, subcommand: str) -> None:

@@ -4,17 +4,25 @@ command (fit, test, predict with class names). The folders are small PNGs writte
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import os
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from image_folders import CLASSES, write_image_folders
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
-from ssvae_pl.data.image_folder import FolderImages, ImageFolder
+from ssvae_pl.data.image_folder import (FolderImages, ImageFolder, class_folders, image_folder_pool, labelled_folder,
+                                        load_image_folder)
+from ssvae_pl.data.preprocess import Preprocessing, read_image
+from ssvae_pl.data.sources import offline as offline_sources
+from ssvae_pl.data.sources.idx import IdxDataset
 from ssvae_pl.errors import ConfigError, ImageReadError
 from ssvae_pl.results import read_scalars
 from test_cli import assert_one_line_user_error, ssvae
@@ -177,3 +185,124 @@ def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: 
     assert result.returncode == 2
     assert_one_line_user_error(result, "truncated.png")
     assert not (logs / "m2" / "strict" / "checkpoints").exists()
+
+
+# ---- user reports: 16-bit images, hidden and unreadable folders, the folder script offline, wide digits ----------
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".tif"), ("F", ".tif")])
+def test_high_bit_depth_grey_images_are_scaled_to_8_bits(tmp_path: Path, mode: str, suffix: str) -> None:
+    """16-bit grey (``I;16``, ``I;16B``, ``I``) becomes round(v / 257); float ``F`` in [0, 1] becomes v * 255."""
+    values = np.linspace(0, 65535, 48).round().astype(np.uint16).reshape(6, 8)
+    if mode == "F":
+        picture, expected = Image.fromarray((values / 65535).astype(np.float32)), np.rint(values / 65535 * 255)
+    else:
+        picture = Image.fromarray(values.astype(np.int32) if mode == "I" else values)
+        if mode == "I;16B":
+            picture = Image.fromarray(values.astype(">u2"))
+        expected = np.rint(values / 257)
+    path = tmp_path / f"grey{suffix}"
+    picture.save(path)
+    assert Image.open(path).mode == mode
+    for target in ("L", "RGB"):
+        decoded = np.asarray(read_image(path, target), dtype=np.int64).reshape(6, 8, -1)
+        assert np.abs(decoded - expected[..., None]).max() <= 1, (target, decoded[..., 0])
+
+
+def small_folders(root: Path) -> dict[str, Path]:
+    return write_image_folders(root, labelled_per_class=2, unlabelled=4, test_per_class=1, size=(8, 10))
+
+
+def test_hidden_folders_are_not_classes(tmp_path: Path) -> None:
+    """``labelled/.ipynb_checkpoints/`` (and one in test_dir) is left out as unlabelled_dir's hidden folders are."""
+    folders = small_folders(tmp_path)
+    for name in ("labelled", "test"):
+        hidden = folders[name] / ".ipynb_checkpoints"
+        hidden.mkdir()
+        (hidden / "copy.png").write_bytes(next((folders[name] / CLASSES[0]).iterdir()).read_bytes())
+    assert class_folders(folders["labelled"]) == list(CLASSES)
+    _, labels = labelled_folder(folders["test"], CLASSES, Preprocessing((3, 8, 8)), "fail")
+    assert labels.tolist() == [0, 1, 2]
+
+
+def deny_listing(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``os.scandir`` of ``folder`` raises PermissionError, as for a folder without read permission (the tests run
+    as root, who can list any folder)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == folder:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_as_an_unreadable_file(tmp_path: Path, monkeypatch) -> None:
+    """A sub-folder of unlabelled_dir, of a class folder or of predict_dir that cannot be listed: one error naming it
+    (``on_error: fail``), or one warning naming it and the other images used (``skip``); never left out silently."""
+    folders = small_folders(tmp_path)
+    preprocessing = Preprocessing((3, 8, 8))
+    denied = folders["unlabelled"] / "batch1"
+    deny_listing(monkeypatch, denied)
+    with pytest.raises(ImageReadError, match=rf"{re.escape(str(denied))} cannot be listed.*--data\.on_error skip"):
+        image_folder_pool(folders["labelled"], folders["unlabelled"], preprocessing, "fail")
+    with pytest.warns(UserWarning, match=rf"skipped 1 folder\(s\).*{re.escape(str(denied))} cannot be listed"):
+        images, labels, _, names = image_folder_pool(folders["labelled"], folders["unlabelled"], preprocessing, "skip")
+    assert len(images) == 6 + 2 and not any("batch1" in name for name in names)
+    with pytest.raises(ImageReadError, match=rf"data\.predict_dir: .*{re.escape(str(denied))} cannot be listed"):
+        load_image_folder(folders["unlabelled"], preprocessing, "fail")
+    deny_listing(monkeypatch, folders["labelled"] / CLASSES[1])
+    with pytest.raises(ImageReadError, match=re.escape(f"{folders['labelled'] / CLASSES[1]} cannot be listed")):
+        image_folder_pool(folders["labelled"], None, preprocessing, "fail")
+    deny_listing(monkeypatch, folders["unlabelled"])
+    with pytest.raises(ConfigError, match=rf"data\.predict_dir: {re.escape(str(folders['unlabelled']))} cannot be "
+                                          r"listed .*chmod"):
+        load_image_folder(folders["unlabelled"], preprocessing, "skip")
+
+
+def test_make_image_folder_without_the_dataset_is_one_error_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Fashion-MNIST with no files, no network and no Debian package: one ``make_image_folder: error:`` line that
+    names the package to install, exit 2, nothing written."""
+    spec = importlib.util.spec_from_file_location("make_image_folder", REPO / "scripts" / "make_image_folder.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def no_network(self, staging: Path) -> None:
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(IdxDataset, "_stage_download", no_network)
+    monkeypatch.setattr(offline_sources, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make_image_folder: error: "), lines
+    assert "apt-get install dataset-fashion-mnist" in lines[0] and "--dataset mnist" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def content_extent(image) -> int:
+    """The longer side of the box of pixels brighter than 51 in a grey image."""
+    rows, cols = np.nonzero(np.asarray(image) > 51)
+    return int(max(rows.max() - rows.min(), cols.max() - cols.min())) + 1
+
+
+def test_resize_content_fills_the_input_with_a_digit_of_a_wide_canvas(tmp_path: Path, folders) -> None:
+    """A light stroke on a dark 28 x 84 canvas: ``pad`` shrinks it to a third; ``content`` crops to it, squares it
+    with MNIST's margin (20 of 28) and resizes; a blank canvas is padded as ``pad`` does."""
+    canvas = np.zeros((28, 84), dtype=np.uint8)
+    canvas[6:22, 50:58] = 230  # a "1": 16 x 8 pixels
+    picture = Image.fromarray(canvas)
+    padded = Preprocessing((1, 28, 28), False, "pad").prepare(picture)
+    cropped = Preprocessing((1, 28, 28), False, "content").prepare(picture)
+    assert cropped.size == (28, 28) and content_extent(padded) <= 7
+    assert 19 <= content_extent(cropped) <= 22  # the stroke's 16 rows, squared with a margin of 3.2 of 16 each side
+    dark_on_paper = Image.fromarray(255 - np.pad(canvas, ((10, 10), (0, 0)), constant_values=0))
+    inverted = Preprocessing((1, 28, 28), "auto", "content").prepare(dark_on_paper)
+    assert 19 <= content_extent(inverted) <= 22
+    blank = Image.new("L", (84, 28), 40)
+    assert np.array_equal(np.asarray(Preprocessing((1, 28, 28), False, "content").prepare(blank)),
+                          np.asarray(Preprocessing((1, 28, 28), False, "pad").prepare(blank)))
+    assert "content" in Preprocessing((1, 28, 28), False, "content").spec()["resize_content"]
+    assert folder_dm(folders, resize="content").hparams["resize"] == "content"

@@ -337,6 +337,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         train_images, self._train_labels, self.pool_files = self.source.train_split(self.preprocessing(), hp.on_error)
+        self.source.check_labels(self._train_labels, train=True)
         self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed,
                                 self.class_names)
         if hp.binarize == "static":
@@ -373,6 +374,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             if required:
                 self._require_test_set()
             return None, None
+        self.source.check_labels(test[1], train=False)
         return self._fixed_sample(test[0], seed_offset=2), test[1]
 
     def _require_test_set(self) -> None:

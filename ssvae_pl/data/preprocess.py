@@ -2,7 +2,8 @@
 training folders, ``ssvae predict``'s folder and the exports (``ssvae export`` writes its ``spec()`` beside the
 model, and the README's ONNX Runtime snippet follows it with Pillow and NumPy alone).
 
-1. Read with Pillow, transparency composited over white (a page), converted to grey (``L``, C = 1) or ``RGB``.
+1. Read with Pillow; grey of 16 bits scaled to 8 (round(v / 257); float in [0, 1] times 255); transparency
+   composited over white (a page); converted to grey (``L``, C = 1) or ``RGB``.
 2. Inverted when ``invert`` is true, or when it is ``auto`` and the border band (1/14 of the shorter side, at least
    one pixel: 2 of 28) is brighter than 127.5 on average: MNIST's digits are light on black.
 3. Fitted to H x W, bilinear and antialiased (Pillow): ``pad`` resizes to fit and pads with the border band's mean
@@ -29,10 +30,33 @@ Resize = Literal["pad", "crop", "stretch"]
 MODES = {1: "L", 3: "RGB"}
 
 
+HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A grey image of more than 8 bits as ``L``: 16-bit (``I;16*``, and ``I`` whose maximum exceeds 255) as
+    round(v / 257); ``I`` up to 255 as it is; float ``F`` as v * 255 when its maximum is at most 1, else clipped to
+    0..255. A transparent value (``transparency``) becomes white. Other modes are returned as they are."""
+    if image.mode not in HIGH_BIT_DEPTH:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        values = np.nan_to_num(values)
+        scaled = values * 255 if values.size and values.max() <= 1 else values
+    else:
+        sixteen_bit = image.mode.startswith("I;16") or (values.size and values.max() > 255)
+        scaled = values.clip(0, 65535) / 257 if sixteen_bit else values
+    grey = np.rint(scaled.clip(0, 255)).astype(np.uint8)
+    if isinstance(image.info.get("transparency"), (int, float)):
+        grey[values == image.info["transparency"]] = 255  # over a white page
+    return Image.fromarray(grey, "L")
+
+
 def read_image(path: Path, mode: str = "L") -> Image.Image:
     """Step 1: the file as a Pillow image of ``mode``; ``ImageReadError`` naming the file when Pillow cannot."""
     try:
         with Image.open(path) as image:
+            image = to_8_bits(image)  # Pillow's convert would clip 16-bit and float grey to 0..255
             if "A" in image.getbands() or "transparency" in image.info:  # over a white page
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)

@@ -4,4 +4,7 @@ from ssvae_pl.models.latent_classifier import LatentClassifier
 from ssvae_pl.models.m2 import M2
 from ssvae_pl.models.vae import VAE
 
+from ssvae_pl.quiet import quiet_lightning
+
 __all__ = ["VAE", "LatentClassifier", "M2"]
+quiet_lightning()

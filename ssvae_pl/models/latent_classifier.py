@@ -25,7 +25,7 @@ from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier, ImageClassifier
-from ssvae_pl.prediction import check_class_names, class_predictions
+from ssvae_pl.prediction import check_data_settings, class_predictions
 
 
 class LatentClassifier(pl.LightningModule):
@@ -155,7 +155,7 @@ class LatentClassifier(pl.LightningModule):
         return ImageClassifier(self.classifier, self.encoder)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_class_names(self, checkpoint)
+        check_data_settings(self, checkpoint)
 
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_classifier.yaml's Adam at 3e-3."""

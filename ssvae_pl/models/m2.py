@@ -40,7 +40,7 @@ from ssvae_pl.nets import (
     ConditionalGaussianEncoder,
     ImageClassifier,
 )
-from ssvae_pl.prediction import check_class_names, class_predictions
+from ssvae_pl.prediction import check_data_settings, class_predictions
 
 ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments" (weighting: dataset)
 BATCH_ALPHA_PER_DATAPOINT = 1.0  # the shipped recipe's alpha = N (weighting: batch; configs/mnist/m2.yaml: 50,000)
@@ -459,7 +459,7 @@ class M2(pl.LightningModule):
         return ImageClassifier(self.classifier, self.m1_encoder)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_class_names(self, checkpoint)
+        check_data_settings(self, checkpoint)
 
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m2.yaml's fused Adam at 3e-3."""

@@ -12,7 +12,7 @@ import torch
 from ssvae_pl import elbo
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.host import check_cuda_once
-from ssvae_pl.prediction import check_class_names
+from ssvae_pl.prediction import check_data_settings
 from ssvae_pl.schedule import budget_progress, has_budget
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compile_can_train, compiled, fitting
 from ssvae_pl.models.inputs import unit_images
@@ -258,7 +258,7 @@ class VAE(pl.LightningModule):
         return {"z_mean": mean, "z_std": std, "y": batch[1]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_class_names(self, checkpoint)
+        check_data_settings(self, checkpoint)
 
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_vae.yaml's fused Adam at 1e-3."""

@@ -64,6 +64,24 @@ class ImageSource(ABC):
     def config(self) -> str | dict[str, Any]:
         """How checkpoints and run records name this source: a name, or ``{class_path, init_args}``."""
 
+    def labels_origin(self, train: bool) -> str:
+        """Where a split's labels come from, for an error about them: a file where there is one."""
+        return f"the {'training' if train else 'test'} labels of data.dataset {self.config()!r}"
+
+    def check_labels(self, labels: torch.Tensor, train: bool) -> None:
+        """Every label is a class index, or ``UNLABELLED`` in a training pool: ``DataSourceError`` naming the first
+        label outside, where it comes from, and the fix (a damaged file trains on garbage, or fails deep inside)."""
+        from ssvae_pl.data.labelled import UNLABELLED
+
+        num_classes = len(self.class_names)
+        bad = ((labels < 0) | (labels >= num_classes)) & ~((labels == UNLABELLED) & train)
+        if bad.any():
+            index = int(bad.nonzero()[0, 0])
+            raise DataSourceError(f"{self.labels_origin(train)}: label {int(labels[index])} of image {index} is not "
+                                  f"one of the {num_classes} classes (0..{num_classes - 1}), and {int(bad.sum())} "
+                                  "label(s) in all; the file is damaged: replace it with a complete official copy "
+                                  "(data.check_md5 true checks it against the official one).")
+
 
 class NamedDataset(ImageSource):
     """A fixed dataset in torchvision's layout under ``root``, chosen by name (``data.dataset: mnist``); subclasses

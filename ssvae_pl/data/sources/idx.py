@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -99,6 +100,9 @@ class IdxDataset(NamedDataset):
             if (downloaded / file_name).exists():
                 os.replace(downloaded / file_name, staging / file_name)
 
+    def labels_origin(self, train: bool) -> str:
+        return str(self.folder / (TRAIN_LABELS if train else TEST_LABELS))
+
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         dataset = self.torchvision_class(str(self.root), train=train, download=False)
         return dataset.data.to(torch.uint8).unsqueeze(1).contiguous(), dataset.targets.to(torch.int64).contiguous()
@@ -114,7 +118,7 @@ def _use_local_files(raw_dir: Path, expected_md5: dict[str, str]) -> list[str]:
             logger.info("decompressing %s", gz_path)
             try:
                 gunzip(gz_path, path)
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zlib.error) as exc:
                 raise DataSourceError(
                     f"{gz_path} could not be decompressed ({short_reason(exc)}).\n"
                     f"Fix: delete it so it is fetched again, or replace it with a complete copy "
