@@ -30,7 +30,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssvae_pl.data.sources import NAMED, named  # noqa: E402
+from ssvae_pl.data.sources import NAMED, DataSourceError, named  # noqa: E402
+from ssvae_pl.errors import ConfigError  # noqa: E402
+
+PROG = "make_image_folder"
+GREY = ("fashion_mnist", "kmnist", "mnist")  # the datasets this script converts
 
 
 def as_picture(image: np.ndarray, colour: bool, size: int, rng: np.random.Generator) -> Image.Image:
@@ -46,8 +50,22 @@ def as_picture(image: np.ndarray, colour: bool, size: int, rng: np.random.Genera
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
 
 
+def load_dataset(name: str, data_dir: str) -> tuple[list[str], tuple, tuple]:
+    """The class names and the (images, labels) of the training and test sets of dataset ``name``; a dataset whose
+    files cannot be found or fetched stops the script with one ``make_image_folder: error:`` line, exit 2."""
+    try:
+        dataset = named(name, data_dir)
+        dataset.prepare()
+        return dataset.class_names, dataset.load(train=True), dataset.load(train=False)
+    except (DataSourceError, ConfigError) as err:
+        others = ", ".join(f"--dataset {other}" for other in GREY if other != name)
+        print(f"{PROG}: error: {' '.join(str(err).split())} Or pick another dataset ({others}).", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(NAMED))
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--out", type=Path, required=True)
@@ -61,11 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty; pick a new folder (nothing is overwritten).")
-    dataset = named(args.dataset, args.data_dir)
-    dataset.prepare()
-    names = [name.replace("/", "_") for name in dataset.class_names]
-    train_x, train_y = dataset.load(train=True)
-    test_x, test_y = dataset.load(train=False)
+    class_names, (train_x, train_y), (test_x, test_y) = load_dataset(args.dataset, args.data_dir)
+    names = [name.replace("/", "_") for name in class_names]
     if train_x.shape[1] != 1:
         parser.error("this script converts the grey datasets (mnist, fashion_mnist, kmnist)")
     rng = np.random.default_rng(args.seed)

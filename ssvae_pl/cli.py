@@ -13,6 +13,7 @@ The numbers the data determine (classes, image shape) reach the model through ``
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import threading
@@ -28,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ssvae_pl import faults, runs
-from ssvae_pl.callbacks import run_folder, trainer_pieces
+from ssvae_pl.callbacks import _last_checkpoint_path, run_folder, trainer_pieces
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
 from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError, OutputError
@@ -128,9 +129,12 @@ class SaveConfigToRunFolder(SaveConfigCallback):
 class SSVAECLI(LightningCLI):
     """LightningCLI with the run-folder rules of ``runs.py`` and the always-on trust pieces of ``trainer_pieces``."""
 
+    current: SSVAECLI | None = None  # the command being run, for the messages of main()
+
     def __init__(self, *args, **kwargs) -> None:
         self.optimizer_changes: dict[str, object] = {}
         self._lock: runs.RunLock | None = None
+        SSVAECLI.current = self
         super().__init__(*args, parser_class=SSVAEParser, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -144,7 +148,7 @@ class SSVAECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
-            check_trainer_settings(config.get("trainer"))
+            check_trainer_settings(config.get("trainer"), subcommand)
             current = yaml.safe_load(self._parser(subcommand).dump(config, skip_unset=False))
             saved = runs.prepare(config, subcommand, current)
             if saved is not None:
@@ -161,6 +165,8 @@ class SSVAECLI(LightningCLI):
             kwargs["enable_checkpointing"] = False  # nothing to write, nor Lightning's default checkpoint's warnings
             warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to "
                                                       r"create the checkpoint need to be provided")
+        if self.subcommand == "predict" and trainer_config.get("devices") in (None, "auto"):
+            kwargs["devices"] = 1  # the CSV is written by one process
         if trainer_config.get("precision") is None:  # none named
             if self.subcommand == "predict":  # predictions in float32, as the exports compute them
                 kwargs["precision"] = "32-true"
@@ -242,13 +248,29 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
     except Exception as err:
         runs.remove_unused()
-        cause = user_error(err) or faults.describe(err)
+        cause = user_error(err) or faults.describe(err) or peer_lost(err, command_line)
         if cause is None:
             raise
         print(f"ssvae: error: {' '.join(str(cause).split())}", file=sys.stderr)
         sys.exit(2)
     finally:
         end_process_group()
+
+
+def peer_lost(err: BaseException, command_line: list[str]) -> str | None:
+    """A DDP fit whose other process died (killed, out of memory): the collective this one waited in fails. One
+    line naming that, and the command that resumes the run from its last checkpoint."""
+    if not faults.is_peer_lost(err):
+        return None
+    cli = SSVAECLI.current
+    trainer = getattr(cli, "trainer", None)
+    last = _last_checkpoint_path(trainer) if trainer is not None else None
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", faults.first_line(err)).split(". ")[0]
+    message = f"another process of this distributed run ended unexpectedly ({reason[:120]})"
+    if last is None or not Path(last).is_file():
+        return message + "; no checkpoint was written yet: start the fit again."
+    version = trainer.logger.version if trainer.logger is not None else None
+    return f"{message}; resume from {last} with: {resume_command(command_line, version, last)}"
 
 
 def end_process_group() -> None:

@@ -117,6 +117,29 @@ def union_error(message: str) -> str | None:
     return f"{key}{where}: {inner}"
 
 
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Socket Timeout", "Timed out waiting")
+
+
+def is_peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` (or its cause) is a collective of torch.distributed that failed because a peer went away."""
+    import torch.distributed as dist
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        distributed = isinstance(err, getattr(dist, "DistError", ())) or "gloo" in str(err) or "NCCL" in str(err)
+        if isinstance(err, RuntimeError) and distributed and any(text in str(err) for text in PEER_LOST):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _raised_in(err: BaseException, fragment: str) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and fragment in frames[-1].filename

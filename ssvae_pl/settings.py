@@ -12,9 +12,13 @@ from ssvae_pl.errors import ConfigError
 UNSUPPORTED_PRECISIONS = {"64", "64-true", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16"}
 
 
-def check_trainer_settings(trainer: Any) -> None:
+def check_trainer_settings(trainer: Any, subcommand: str | None = None) -> None:
     """``trainer``: the subcommand's ``trainer`` namespace (or dict) as parsed."""
     get = trainer.get if hasattr(trainer, "get") else lambda key, default=None: default
+    devices, nodes = get("devices"), get("num_nodes") or 1
+    if subcommand == "predict" and (nodes != 1 or devices not in (None, "auto", 1, "1", [0], "0,")):
+        raise ConfigError(f"ssvae predict writes its CSV from one process, and trainer.devices {devices!r} (num_nodes "
+                          f"{nodes}) asks for several; pass --trainer.devices 1.")
     precision = get("precision")
     if precision is not None and str(precision) in UNSUPPORTED_PRECISIONS:
         raise ConfigError(f"trainer.precision {precision!r} casts the whole model, which ssvae's models do not "

@@ -208,7 +208,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             image): ``fail`` stops with an error listing them, before anything trains or is predicted; ``skip``
             leaves them out with a warning listing them.
         resize: how an image of another aspect ratio is fitted: ``pad`` (with its border's colour; digits, the
-            default for the MNIST-like datasets' ``predict_dir``), ``crop`` (the centre; photos) or ``stretch``.
+            default for the MNIST-like datasets' ``predict_dir``), ``crop`` (the centre; photos), ``stretch``, or
+            ``content`` (cropped to the content's box, squared with MNIST's margin, then padded: a digit on a wide
+            page).
     """
 
     def __init__(
@@ -235,8 +237,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         super().__init__()
         self.source = named(dataset, data_dir, download, check_md5) if isinstance(dataset, str) else dataset
         self.source.check(num_labelled, val_size, unlabelled)
-        if resize not in ("pad", "crop", "stretch"):
-            raise ConfigError(f"data.resize must be pad, crop or stretch, got {resize!r}.")
+        if resize not in ("pad", "crop", "stretch", "content"):
+            raise ConfigError(f"data.resize must be pad, crop, stretch or content, got {resize!r}.")
         for field, value in [("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size),
                              ("eval_batch_size", eval_batch_size)]:
             if value <= 0:

@@ -24,7 +24,6 @@ from typing import Literal, Sequence
 import torch
 from PIL import Image
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
-from torchvision.datasets.folder import find_classes
 
 from ssvae_pl.data.labelled import UNLABELLED
 from ssvae_pl.data.preprocess import Preprocessing
@@ -37,29 +36,41 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 IN_MEMORY_LIMIT_BYTES = 4 * 2**30  # in_memory: auto holds a training pool of up to 4 GiB of uint8 pixels in memory
 
 
-def _files_under(root: Path) -> list[Path]:
+def _files_under(root: Path, field: str | None = None) -> tuple[list[Path], list[str]]:
     """Every file under ``root``, recursively, hidden ones (``.DS_Store``, ``.ipynb_checkpoints/...``) left out,
-    sorted by their path in it."""
-    files = (p for p in root.rglob("*") if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    sorted by their path in it; and a line for each folder that cannot be listed (for ``_report_unreadable``).
+    With ``field``, ``root`` itself unlistable is a ``ConfigError`` naming it."""
+    unlisted: list[OSError] = []
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=unlisted.append):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        # files, and broken links (then reported as unreadable); not FIFOs or devices, whose reading would block
+        files += [path for path in (Path(folder, name) for name in names if not name.startswith("."))
+                  if path.is_file() or (path.is_symlink() and not path.exists())]
+    lines = [f"{err.filename} cannot be listed ({type(err).__name__}: {err.strerror or err})" for err in unlisted]
+    if field is not None and unlisted and Path(os.fsdecode(unlisted[0].filename)) == root:
+        raise ConfigError(f"{field}: {lines[0]}; give this user permission to read it (chmod u+rx {root}), or pass "
+                          "another folder.")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix()), lines
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(folder: str | Path, field: str = "data.predict_dir") -> list[Path]:
-    """Image files under ``folder``, recursively, by extension (any case), sorted by their path in it; other
-    files (notes, CSVs) are left alone."""
+def find_images(folder: str | Path, field: str = "data.predict_dir") -> tuple[list[Path], list[str]]:
+    """Image files under ``folder``, recursively, by extension (any case), sorted by their path in it (other
+    files, notes or CSVs, are left alone); and the sub-folders that cannot be listed, as ``_files_under`` gives
+    them."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"{field}: {folder} is not a folder; pass the folder that holds your images.")
-    files = [p for p in _files_under(root) if is_image_file(p)]
-    if not files:
+    found, unlisted = _files_under(root, field)
+    files = [p for p in found if is_image_file(p)]
+    if not files and not unlisted:
         raise ConfigError(f"{field}: {folder} holds no images (searched recursively for "
                           f"{', '.join(IMAGE_EXTENSIONS)}).")
-    return files
+    return files, unlisted
 
 
 # ---- training folders ------------------------------------------------------------------------------------------
@@ -107,22 +118,30 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
-def _report_unreadable(problems: list[str], field: str, on_error: OnError, use: str = "train on") -> None:
-    """One error (``fail``) or one warning (``skip``) listing every file that is left out, and why."""
-    if not problems:
+def _report_unreadable(problems: list[str], field: str, on_error: OnError, use: str = "train on",
+                       unlisted: Sequence[str] = ()) -> None:
+    """One error (``fail``) or one warning (``skip``) listing every file that is left out, and why, and every folder
+    that cannot be listed (``unlisted``, whose images are left out)."""
+    if not problems and not unlisted:
         return
-    shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+    everything = [*unlisted, *problems]
+    shown = "; ".join(everything[:20]) + (f"; and {len(everything) - 20} more" if len(everything) > 20 else "")
+    counted = " and ".join(([f"{len(unlisted)} folder(s)"] if unlisted else [])
+                           + ([f"{len(problems)} file(s)"] if problems else []))
     if on_error == "fail":
-        raise ImageReadError(f"{field}: {len(problems)} file(s) cannot be used: {shown}. Fix or remove them, or "
-                             f"pass --data.on_error skip to {use} the others.")
-    rank_zero_warn(f"{field}: skipped {len(problems)} file(s) that cannot be used: {shown}")
+        permission = " (give this user permission to read a folder: chmod u+rx <folder>)" if unlisted else ""
+        raise ImageReadError(f"{field}: {counted} cannot be used: {shown}. Fix or remove them{permission}, or pass "
+                             f"--data.on_error skip to {use} the others.")
+    rank_zero_warn(f"{field}: skipped {counted} that cannot be used: {shown}")
 
 
 def read_training_images(files: list[Path], preprocessing: Preprocessing, field: str, on_error: OnError,
-                         decode: bool = True, use: str = "train on") -> tuple[torch.Tensor | FolderImages, list[Path]]:
+                         decode: bool = True, use: str = "train on", unlisted: Sequence[str] = ()
+                         ) -> tuple[torch.Tensor | FolderImages, list[Path]]:
     """The usable ones of ``files`` and their images: decoded into one uint8 tensor (``decode``, in threads:
     Pillow's decoders release the GIL), or left on disk as ``FolderImages`` after a header check of each. Files
-    that are not images by their extension, or cannot be read, are reported by ``_report_unreadable``."""
+    that are not images by their extension, or cannot be read, are reported by ``_report_unreadable`` with the
+    folders that could not be listed (``unlisted``)."""
     problems = [f"{path} is not an image file (extensions: {', '.join(IMAGE_EXTENSIONS)})"
                 for path in files if not is_image_file(path)]
     candidates = [path for path in files if is_image_file(path)]
@@ -133,7 +152,7 @@ def read_training_images(files: list[Path], preprocessing: Preprocessing, field:
             results = list(pool.map(_check_header, candidates))
     kept = [path for path, result in zip(candidates, results) if not isinstance(result, str)]
     problems += [result for result in results if isinstance(result, str)]
-    _report_unreadable(problems, field, on_error, use)
+    _report_unreadable(problems, field, on_error, use, unlisted)
     if not decode:
         return FolderImages(kept, preprocessing), kept
     images = [result for result in results if not isinstance(result, str)]
@@ -146,37 +165,49 @@ def load_image_folder(folder: str | Path, preprocessing: Preprocessing,
     training images are, with the paths relative to ``folder``. Unreadable images are reported as the training
     folders' are (one error listing them all, or one warning with ``on_error: skip``); a folder with no readable
     image at all is an error either way."""
-    files = find_images(folder)
-    images, kept = read_training_images(files, preprocessing, "data.predict_dir", on_error, use="predict")
+    files, unlisted = find_images(folder)
+    images, kept = read_training_images(files, preprocessing, "data.predict_dir", on_error, use="predict",
+                                        unlisted=unlisted)
     if not kept:
-        raise ConfigError(f"data.predict_dir: none of the {len(files)} images in {folder} can be read.")
+        unreadable = f" (and {len(unlisted)} folder(s) in it cannot be listed)" if unlisted else ""
+        raise ConfigError(f"data.predict_dir: none of the {len(files)} images in {folder} can be read{unreadable}.")
     return images, [path.relative_to(Path(folder)).as_posix() for path in kept]
 
 
 def class_folders(labelled_dir: str | Path, field: str = "data.dataset.labelled_dir") -> list[str]:
-    """The class names: the sorted sub-folders of ``labelled_dir``, as torchvision's ``ImageFolder`` finds them."""
+    """The class names: the sorted sub-folders of ``labelled_dir``, as torchvision's ``ImageFolder`` finds them,
+    hidden ones (``.ipynb_checkpoints``) left out."""
     root = Path(labelled_dir)
     if not root.is_dir():
         raise ConfigError(f"{field}: {labelled_dir} is not a folder; pass the folder that holds one sub-folder of "
                           "images per class.")
     try:
-        classes, _ = find_classes(str(root))
-    except FileNotFoundError:
+        with os.scandir(root) as entries:
+            classes = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as err:
+        raise ConfigError(f"{field}: {labelled_dir} cannot be listed ({type(err).__name__}: {err.strerror or err}); "
+                          f"give this user permission to read it (chmod u+rx {labelled_dir}).") from None
+    if not classes:
         raise ConfigError(f"{field}: {labelled_dir} holds no class sub-folders; put each class's labelled images "
-                          "in a sub-folder named after the class (cat/, dog/, ...).") from None
+                          "in a sub-folder named after the class (cat/, dog/, ...).")
     if len(classes) < 2:
         raise ConfigError(f"{field}: {labelled_dir} holds one class ({classes[0]!r}); a classifier needs at least "
                           "two class sub-folders.")
     return classes
 
 
-def _labelled_files(folder: Path, class_names: Sequence[str], field: str) -> tuple[list[Path], list[int]]:
-    files, labels = [], []
+def _labelled_files(folder: Path, class_names: Sequence[str], field: str
+                    ) -> tuple[list[Path], list[int], list[str]]:
+    """The files of each class folder, their labels, and the folders that cannot be listed."""
+    files, labels, unlisted = [], [], []
     for index, name in enumerate(class_names):
-        found = _files_under(folder / name)
+        if not (folder / name).is_dir():  # a class absent from test_dir
+            continue
+        found, cannot = _files_under(folder / name)
         files += found
         labels += [index] * len(found)
-    return files, labels
+        unlisted += cannot
+    return files, labels, unlisted
 
 
 def _check_every_class(labels: list[int], class_names: Sequence[str], folder: Path, field: str) -> None:
@@ -195,7 +226,7 @@ def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | Non
     names; and each image's path (``labelled/<class>/...`` or ``unlabelled/...``, relative to its folder)."""
     class_names = class_folders(labelled_dir)
     labelled_root = Path(labelled_dir)
-    files, labels = _labelled_files(labelled_root, class_names, "data.dataset.labelled_dir")
+    files, labels, unlisted = _labelled_files(labelled_root, class_names, "data.dataset.labelled_dir")
     unlabelled_files = []
     if unlabelled_dir is not None:
         unlabelled_root = Path(unlabelled_dir)
@@ -203,14 +234,16 @@ def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | Non
             raise ConfigError(f"data.dataset.unlabelled_dir: {unlabelled_dir} is not a folder; pass the folder that "
                               "holds your unlabelled images, or leave it out (null) to train on the labelled ones "
                               "alone.")
-        unlabelled_files = _files_under(unlabelled_root)
+        unlabelled_files, cannot = _files_under(unlabelled_root, "data.dataset.unlabelled_dir")
+        unlisted += cannot
     all_files = files + unlabelled_files
     if in_memory == "auto":
         in_memory = len(all_files) * preprocessing.shape[0] * preprocessing.shape[1] * preprocessing.shape[2] \
             <= IN_MEMORY_LIMIT_BYTES
     decode = bool(in_memory)
     images, kept = read_training_images(all_files, preprocessing,
-                                        "data.dataset.labelled_dir / data.dataset.unlabelled_dir", on_error, decode)
+                                        "data.dataset.labelled_dir / data.dataset.unlabelled_dir", on_error, decode,
+                                        unlisted=unlisted)
     label_of = dict(zip(files, labels))
     kept_labels = [label_of.get(path, UNLABELLED) for path in kept]
     _check_every_class([y for y in kept_labels if y != UNLABELLED], class_names, labelled_root,
@@ -229,8 +262,8 @@ def labelled_folder(folder: str | Path, class_names: Sequence[str], preprocessin
     if unknown:
         raise ConfigError(f"{field}: the class folder(s) {unknown} of {folder} are not classes of "
                           f"data.dataset.labelled_dir ({', '.join(class_names)}); rename or remove them.")
-    files, labels = _labelled_files(Path(folder), class_names, field)
-    images, kept = read_training_images(files, preprocessing, field, on_error, decode=True)
+    files, labels, unlisted = _labelled_files(Path(folder), class_names, field)
+    images, kept = read_training_images(files, preprocessing, field, on_error, decode=True, unlisted=unlisted)
     if not kept:
         raise ConfigError(f"{field}: {folder} holds no usable image.")
     label_of = dict(zip(files, labels))

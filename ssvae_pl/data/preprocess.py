@@ -8,7 +8,8 @@ model, and the README's ONNX Runtime snippet follows it with Pillow and NumPy al
    one pixel: 2 of 28) is brighter than 127.5 on average: MNIST's digits are light on black.
 3. Fitted to H x W, bilinear and antialiased (Pillow): ``pad`` resizes to fit and pads with the border band's mean
    colour, rounded (``ImageOps.pad``; a digit keeps its shape); ``crop`` takes the centre (``ImageOps.fit``;
-   photos); ``stretch`` resizes.
+   photos); ``stretch`` resizes; ``content`` first crops to the content (``content_square``: a digit on a wide
+   page), then pads as ``pad`` does, with the whole image's border colour.
 4. uint8 (C, H, W); the model's input is that divided by 255, float32 (the data module does it on the device).
 """
 
@@ -26,11 +27,17 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from ssvae_pl.errors import ImageReadError
 
 Invert = bool | Literal["auto"]
-Resize = Literal["pad", "crop", "stretch"]
+Resize = Literal["pad", "crop", "stretch", "content"]
 MODES = {1: "L", 3: "RGB"}
-
-
-HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # grey modes of more than 8 bits
+CONTENT_THRESHOLD = 51  # 20% of 255: a pixel further than this from the border colour (on any channel) is content
+CONTENT_MARGIN = 0.2  # MNIST: a 20 x 20 digit centred in 28 x 28, 4 = 0.2 * 20 pixels on each side
+CONTENT_SPEC = ("a = the image as float (H, W, C); c = (abs(a - border(image)) > 51).any(axis=2); no True in c: as "
+                "pad. Else y0, y1 = first and last row of c holding a True, x0, x1 = first and last column; h, w = "
+                "y1 + 1 - y0, x1 + 1 - x0; s = max(h, w) + 2 * round(0.2 * max(h, w)); the s x s square whose top "
+                "left corner is (x0 - (s - w) // 2, y0 - (s - h) // 2), cut from the image, its parts outside the "
+                "image filled with fill = round(border(image)); then ImageOps.pad(square, size, Image.BILINEAR, "
+                "color=fill) as for pad.")
 
 
 def to_8_bits(image: Image.Image) -> Image.Image:
@@ -42,14 +49,14 @@ def to_8_bits(image: Image.Image) -> Image.Image:
     values = np.asarray(image).astype(np.float64)
     if image.mode == "F":
         values = np.nan_to_num(values)
-        scaled = values * 255 if values.size and values.max() <= 1 else values
+        scaled = values * 255 if values.max() <= 1 else values
     else:
-        sixteen_bit = image.mode.startswith("I;16") or (values.size and values.max() > 255)
+        sixteen_bit = image.mode.startswith("I;16") or values.max() > 255
         scaled = values.clip(0, 65535) / 257 if sixteen_bit else values
     grey = np.rint(scaled.clip(0, 255)).astype(np.uint8)
     if isinstance(image.info.get("transparency"), (int, float)):
         grey[values == image.info["transparency"]] = 255  # over a white page
-    return Image.fromarray(grey, "L")
+    return Image.fromarray(grey)  # 2-D uint8: mode L
 
 
 def read_image(path: Path, mode: str = "L") -> Image.Image:
@@ -75,6 +82,26 @@ def border_colour(image: Image.Image) -> np.ndarray:
     return (pixels.sum(axis=(0, 1)) - inner.sum(axis=(0, 1))) / max(1, outer_count)
 
 
+def content_square(image: Image.Image, border: np.ndarray) -> Image.Image | None:
+    """The square around the content of ``image`` (pixels further than ``CONTENT_THRESHOLD`` from ``border``, its
+    border colour, on some channel): the content's bounding box, squared about its centre on the longer side, with
+    a margin of 20% of that side on every side (MNIST's 20 in 28), parts outside the image filled with the border
+    colour; ``None`` for a blank image. ``CONTENT_SPEC`` says it step by step."""
+    pixels = np.asarray(image, dtype=np.float64).reshape(image.height, image.width, -1)
+    content = (np.abs(pixels - border) > CONTENT_THRESHOLD).any(axis=2)
+    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    if rows.size == 0:
+        return None
+    top, left, height, width = int(rows[0]), int(cols[0]), int(rows[-1] + 1 - rows[0]), int(cols[-1] + 1 - cols[0])
+    side = max(height, width) + 2 * round(CONTENT_MARGIN * max(height, width))
+    top, left = top - (side - height) // 2, left - (side - width) // 2
+    fill = tuple(round(v) for v in border)
+    square = Image.new(image.mode, (side, side), fill[0] if len(fill) == 1 else fill)
+    square.paste(image.crop((max(left, 0), max(top, 0), min(left + side, image.width), min(top + side, image.height))),
+                 (max(-left, 0), max(-top, 0)))
+    return square
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Steps 1-4 for the model input ``shape`` (C, H, W): ``prepare`` a Pillow image, or call it on a file."""
@@ -88,10 +115,13 @@ class Preprocessing:
         if self.invert is True or (self.invert == "auto" and border_colour(image).mean() > 127.5):
             image = ImageOps.invert(image)
         size = (self.shape[2], self.shape[1])  # Pillow's (W, H)
-        if image.size == size:
+        if image.size == size and self.resize != "content":
             return image
-        if self.resize == "pad":
-            fill = tuple(round(v) for v in border_colour(image))
+        if self.resize in ("pad", "content"):
+            border = border_colour(image)
+            fill = tuple(round(v) for v in border)
+            square = content_square(image, border) if self.resize == "content" else None
+            image = image if square is None else square  # pad, or content of a blank image: the whole image
             return ImageOps.pad(image, size, Image.BILINEAR, color=fill[0] if len(fill) == 1 else fill)
         if self.resize == "crop":
             return ImageOps.fit(image, size, Image.BILINEAR)
@@ -103,9 +133,12 @@ class Preprocessing:
 
     def spec(self) -> dict[str, Any]:
         """The steps as JSON, for the exports: what a program without this package does to a file."""
-        return {"mode": MODES[self.shape[0]], "invert": self.invert, "resize": self.resize,
+        spec = {"mode": MODES[self.shape[0]], "invert": self.invert, "resize": self.resize,
                 "size": [self.shape[2], self.shape[1]], "scale": "pixel / 255", "layout": "(B, C, H, W) float32",
                 "border_band": "min(width, height) // 14, at least 1", "resample": "bilinear (Pillow)"}
+        if self.resize == "content":
+            spec["resize_content"] = CONTENT_SPEC
+        return spec
 
 
 def preprocessing_of(input_shape: Sequence[int], data_hparams: Mapping[str, Any]) -> Preprocessing:
