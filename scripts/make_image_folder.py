@@ -8,7 +8,9 @@ offline, to try the image-folder path end to end and to compare it with the same
 Class folders are named after the dataset's classes ("/" becomes "_": Fashion-MNIST's "T-shirt_top").
 --colour writes RGB images of --size pixels: each image tinted with a random colour on a random dark background
 (so colour carries no class information), for the convolutional colour configs. --corrupt N adds N unreadable
-files (a truncated PNG, text named .png) to show `data.on_error`.
+files (a truncated PNG, text named .png) to show `data.on_error`. A dataset whose files are not under --data-dir
+and cannot be fetched (Fashion-MNIST offline needs Debian's dataset-fashion-mnist) stops with one error line that
+says what to install or where to put the files.
 
     python scripts/make_image_folder.py --dataset fashion_mnist --out data/folders/fashion
     F=data/folders/fashion
@@ -79,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty; pick a new folder (nothing is overwritten).")
+    if args.dataset not in GREY:
+        parser.error(f"this script converts the grey datasets ({', '.join(GREY)}), not {args.dataset}")
     class_names, (train_x, train_y), (test_x, test_y) = load_dataset(args.dataset, args.data_dir)
     names = [name.replace("/", "_") for name in class_names]
-    if train_x.shape[1] != 1:
-        parser.error("this script converts the grey datasets (mnist, fashion_mnist, kmnist)")
     rng = np.random.default_rng(args.seed)
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
     labelled = torch.cat([order[train_y[order] == c][: args.labelled_per_class] for c in range(len(names))])

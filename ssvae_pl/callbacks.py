@@ -521,7 +521,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.restored_dirpath = state_dict.get("dirpath")
-        super().load_state_dict(state_dict)
+        super().load_state_dict(same_folder_as_saved(self, state_dict))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fit never replaces another fit's checkpoints: a checkpoint folder that already holds some is written
@@ -561,6 +561,19 @@ class BestCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.monitor = "val/acc" if hasattr(pl_module, "classifier") else "val/elbo"
         super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(same_folder_as_saved(self, state_dict))
+
+
+def same_folder_as_saved(callback: ModelCheckpoint, state_dict: dict) -> dict:
+    """The saved state with its ``dirpath`` as this run writes it when both name the same folder (a resume from
+    another working folder, or with the logger's save_dir given otherwise): Lightning compares them as text, and
+    would otherwise forget the best score so far."""
+    saved, now = state_dict.get("dirpath"), callback.dirpath
+    if saved and now and saved != now and Path(saved).resolve() == Path(now).resolve():
+        return {**state_dict, "dirpath": now}
+    return state_dict
 
 
 def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:

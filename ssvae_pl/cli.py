@@ -255,6 +255,15 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         end_process_group()
+        release_run_folder()
+
+
+def release_run_folder() -> None:
+    """The run folder's lock, released when the command ends (also when ``main`` is called from Python)."""
+    command = SSVAECLI.current
+    if command is not None and command._lock is not None:
+        command._lock.release()
+        command._lock = None
 
 
 def peer_lost(err: BaseException, command_line: list[str]) -> str | None:

@@ -179,7 +179,8 @@ def test_fit_test_and_predict_through_ssvae_with_class_names(folders, tmp_path: 
         main(["predict", *other, "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
               "--data.predict_dir", str(new_photos["labelled"]), "--predictions.output", str(tmp_path / "no.csv")])
     assert stopped.value.code == 2 and not (tmp_path / "no.csv").exists()
-    assert "the checkpoint was trained on the classes ['circle', 'square', 'triangle']" in capsys.readouterr().err
+    assert "the checkpoint was trained on 3x16x16 images of 3 classes (circle, square, triangle)" \
+        in capsys.readouterr().err
     result = ssvae(tmp_path, "fit", *common[:-2], "--trainer.logger.init_args.version", "strict",
                    "--data.on_error", "fail", "--trainer.max_epochs", "1")
     assert result.returncode == 2
@@ -197,13 +198,12 @@ def test_high_bit_depth_grey_images_are_scaled_to_8_bits(tmp_path: Path, mode: s
     if mode == "F":
         picture, expected = Image.fromarray((values / 65535).astype(np.float32)), np.rint(values / 65535 * 255)
     else:
-        picture = Image.fromarray(values.astype(np.int32) if mode == "I" else values)
-        if mode == "I;16B":
-            picture = Image.fromarray(values.astype(">u2"))
+        picture = Image.fromarray(values.astype({"I;16": np.uint16, "I;16B": ">u2", "I": np.int32}[mode]))
         expected = np.rint(values / 257)
     path = tmp_path / f"grey{suffix}"
     picture.save(path)
-    assert Image.open(path).mode == mode
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
     for target in ("L", "RGB"):
         decoded = np.asarray(read_image(path, target), dtype=np.int64).reshape(6, 8, -1)
         assert np.abs(decoded - expected[..., None]).max() <= 1, (target, decoded[..., 0])
@@ -303,7 +303,7 @@ def as_the_spec_says(image: Image.Image) -> Image.Image:
     return ImageOps.pad(square, (28, 28), Image.BILINEAR, color=fill)
 
 
-def test_resize_content_fills_the_input_with_a_digit_of_a_wide_canvas(tmp_path: Path, folders) -> None:
+def test_resize_content_fills_the_input_with_a_digit_of_a_wide_canvas(folders) -> None:
     """A light stroke on a dark 28 x 84 canvas: ``pad`` shrinks it to a third; ``content`` crops to it, squares it
     with MNIST's margin (20 of 28) and resizes; a blank canvas is padded as ``pad`` does."""
     canvas = np.zeros((28, 84), dtype=np.uint8)
@@ -312,7 +312,7 @@ def test_resize_content_fills_the_input_with_a_digit_of_a_wide_canvas(tmp_path: 
     padded = Preprocessing((1, 28, 28), False, "pad").prepare(picture)
     cropped = Preprocessing((1, 28, 28), False, "content").prepare(picture)
     assert cropped.size == (28, 28) and content_extent(padded) <= 7
-    assert 19 <= content_extent(cropped) <= 22  # the stroke's 16 rows, squared with a margin of 3.2 of 16 each side
+    assert 19 <= content_extent(cropped) <= 22  # 16 rows + a margin of round(0.2 * 16) = 3 each side: 20 of 28
     dark_on_paper = Image.fromarray(255 - np.pad(canvas, ((10, 10), (0, 0)), constant_values=0))
     inverted = Preprocessing((1, 28, 28), "auto", "content").prepare(dark_on_paper)
     assert 19 <= content_extent(inverted) <= 22
