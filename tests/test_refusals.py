@@ -19,7 +19,6 @@ import torch
 from conftest import write_synthetic_mnist
 from image_folders import write_image_folders
 from ssvae_pl import cli
-from ssvae_pl.callbacks import LastCheckpoint, RunProgressBar
 from ssvae_pl.data.sources import idx as sources
 from test_cli import COMMAND, REPO, TINY_VAE, files_under
 
@@ -252,6 +251,8 @@ def test_13_14_trainer_settings_that_would_fail_inside_the_run(tmp_path: Path, h
 
 def test_15_a_ddp_fit_whose_other_process_died(home: Path, monkeypatch) -> None:
     """The surviving rank's gloo error becomes one line with the checkpoint and the command that resumes the run."""
+    from ssvae_pl.callbacks import LastCheckpoint
+
     gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:21415: "
                         "Connection reset by peer. This is typically caused by a remote worker hanging.")
     last = tiny_checkpoint(home)
@@ -346,6 +347,8 @@ def test_23_no_srun_hint_and_no_tips_in_python_use(tmp_path: Path) -> None:
 
 
 def test_23_no_v_num_in_the_progress_bar() -> None:
+    from ssvae_pl.callbacks import RunProgressBar
+
     bar = RunProgressBar()
     trainer = SimpleNamespace(loggers=[SimpleNamespace(version="version_0")], progress_bar_metrics={})
     assert "v_num" not in bar.get_metrics(trainer, torch.nn.Module())
