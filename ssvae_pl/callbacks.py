@@ -808,9 +808,13 @@ class SaveOnInterrupt(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
-        from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
         self._restore_sigint()
+        if isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C: nothing saved now; the last one stands
+            last = _last_checkpoint_path(trainer)
+            exception.checkpoint = last if last is not None and Path(last).is_file() else None
+            exception.run_folder = trainer.logger is not None
+            return
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.global_step == 0:
             return
         if _training_finished(trainer):  # the signal came after the last epoch: last.ckpt holds the finished run
@@ -819,12 +823,10 @@ class SaveOnInterrupt(pl.Callback):
         path = _last_checkpoint_path(trainer)
         if path is None:
             return
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         exception.signal_name, exception.checkpoint = self._signal_name, path  # for the `ssvae` command's message
         exception.run_folder = trainer.logger is not None  # whether the run has a folder to resume in
         exception.global_step, exception.epoch = trainer.global_step, trainer.current_epoch
-        rank_zero_info(f"{self._signal_name}: saved global step {trainer.global_step} (epoch "
-                       f"{trainer.current_epoch}) to {path}")
 
 
 def _training_finished(trainer: pl.Trainer) -> bool:

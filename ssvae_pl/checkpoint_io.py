@@ -73,7 +73,7 @@ def check_checkpoint_file(path: str | Path, field: str, fix: str) -> dict[str, A
     from ssvae_pl.errors import CheckpointError
 
     file = Path(path)
-    if file.is_file():
+    if file.is_file() and not file.is_dir():
         try:
             with zipfile.ZipFile(file) as archive:
                 corrupt = archive.testzip()
@@ -92,14 +92,17 @@ def read_checkpoint(path: str | Path, field: str, fix: str, mmap: bool = False) 
     from ssvae_pl.errors import CheckpointError
 
     file = Path(path)
+    if file.is_dir():
+        inside = sorted(file.glob("*.ckpt")) or sorted(file.glob("checkpoints/*.ckpt"))
+        example = f", e.g. {inside[-1]}" if inside else ""
+        raise CheckpointError(f"{field}: {path} is a folder; pass a checkpoint file{example}.")
     if not file.is_file():
         raise CheckpointError(f"{field}: {path} does not exist; {fix}.")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{field}: {path} cannot be read as a checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:120] if str(err) else ''}); it may be truncated or "
-                              f"corrupt. Fix: {fix}.") from None
+    except Exception:  # truncated zip, not a torch file, ...: the library's words name nothing the user knows
+        raise CheckpointError(f"{field}: {path} cannot be read as a checkpoint (it is truncated, damaged, or not a "
+                              f"file that torch.save wrote); {fix}.") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{field}: {path} is not a Lightning checkpoint (no state_dict in it); {fix}.")
     return ckpt

@@ -37,7 +37,7 @@ from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
 from ssvae_pl.quiet import quiet_lightning
-from ssvae_pl.settings import check_trainer_settings
+from ssvae_pl.settings import check_fit_trains, check_trainer_settings, whole_number_limits
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
                MisconfigurationException)
@@ -130,6 +130,7 @@ class SSVAECLI(LightningCLI):
     """LightningCLI with the run-folder rules of ``runs.py`` and the always-on trust pieces of ``trainer_pieces``."""
 
     current: SSVAECLI | None = None  # the command being run, for the messages of main()
+    command_line: list[str] = []  # as typed (main sets it): which batch limits were whole numbers
 
     def __init__(self, *args, **kwargs) -> None:
         self.optimizer_changes: dict[str, object] = {}
@@ -149,6 +150,9 @@ class SSVAECLI(LightningCLI):
         if subcommand:
             config = self.config[subcommand]
             check_trainer_settings(config.get("trainer"), subcommand)
+            if subcommand == "fit":
+                check_fit_trains(config.get("trainer"), config.get("optimizer"))
+
             current = yaml.safe_load(self._parser(subcommand).dump(config, skip_unset=False))
             saved = runs.prepare(config, subcommand, current)
             if saved is not None:
@@ -165,6 +169,7 @@ class SSVAECLI(LightningCLI):
             kwargs["enable_checkpointing"] = False  # nothing to write, nor Lightning's default checkpoint's warnings
             warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to "
                                                       r"create the checkpoint need to be provided")
+        kwargs.update(whole_number_limits(self.command_line))  # `1` is one batch, not the parser's 1.0 (all)
         if self.subcommand == "predict" and trainer_config.get("devices") in (None, "auto"):
             kwargs["devices"] = 1  # the CSV is written by one process
         if trainer_config.get("precision") is None:  # none named
@@ -223,6 +228,7 @@ def main(args: list[str] | None = None) -> None:
 
         check_config_files(command_line)
         faults.check_ckpt_path(command_line)
+        SSVAECLI.command_line = command_line
         SSVAECLI(
             parser_kwargs={"description": "Semi-supervised learning with deep generative models (Kingma et al., "
                                           "2014). Subcommands: fit, validate, test, predict, and export (a "
@@ -246,6 +252,16 @@ def main(args: list[str] | None = None) -> None:
                  f"{resume_command(command_line, version, saved)}" if saved else "nothing saved")
         print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}", file=sys.stderr)
         sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
+    except SystemExit as stop:  # Lightning's sys.exit(1) after a second Ctrl-C: one line, the last checkpoint
+        interrupt = stop.__context__
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        saved = getattr(interrupt, "checkpoint", None)
+        version = Path(saved).parent.parent.name if saved and getattr(interrupt, "run_folder", False) else None
+        where = (f"the last checkpoint is {saved}; resume with: {resume_command(command_line, version, saved)}"
+                 if saved else "no checkpoint was written")
+        print(f"ssvae: stopped at once by a second Ctrl-C: {where}", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         runs.remove_unused()
         cause = user_error(err) or faults.describe(err) or peer_lost(err, command_line)

@@ -36,7 +36,7 @@ from torch import nn
 from ssvae_pl.checkpoint_io import read_checkpoint
 from ssvae_pl.data.preprocess import preprocessing_of
 from ssvae_pl.errors import CheckpointError, ConfigError, ExportError, OutputError
-from ssvae_pl.files import atomic_output, write_error
+from ssvae_pl.files import atomic_output, check_writable, write_error
 from ssvae_pl.prediction import class_names
 
 TOLERANCE = 1e-4  # largest absolute difference of a probability, exported model against the checkpoint
@@ -164,10 +164,13 @@ def export_classifier(ckpt_path: str, output_dir: str | None = None, overwrite: 
     stem = Path(ckpt_path).stem
     targets = {"torchscript": folder / f"{stem}.torchscript.pt", "onnx": folder / f"{stem}.onnx",
                "json": folder / f"{stem}.json"}
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--output_dir {folder} is a file; pass a folder (created if need be).")
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:  # all three named at once (atomic_output would name the first)
         raise OutputError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
                           "--overwrite to replace them, or --output_dir another folder.")
+    check_writable(targets["torchscript"])  # a read-only or missing folder before the work, not after
     exported = ClassProbabilities(model.image_classifier()).eval()
     input_shape = tuple(model.hparams.input_shape)
     example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(1))  # traced; B stays free

@@ -33,8 +33,11 @@ def check_ckpt_path(command_line: list[str]) -> None:
     value = ckpt_path_argument(command_line)
     if value is None or value in SPECIAL_CKPT_PATHS or "://" in value:
         return
-    check_checkpoint_file(value, "--ckpt_path", "give a run's checkpoints/last.ckpt, or --ckpt_path last to resume "
-                          "the run in the configured folder")
+    if command_line[:1] == ["fit"]:
+        fix = "give a run's checkpoints/last.ckpt, or --ckpt_path last to resume the run in the configured folder"
+    else:
+        fix = "give a run's checkpoints/last.ckpt, or --ckpt_path last (or best) for the newest run of this config"
+    check_checkpoint_file(value, "--ckpt_path", fix)
 
 
 def describe(err: BaseException) -> str | None:
@@ -69,7 +72,7 @@ def _describe_one(err: BaseException) -> str | None:
 
 
 UNION = "Does not validate against any of the Union subtypes"
-NOT_THE_POINT = re.compile(r"Expected a <class '(NoneType|str)'>|Expected a dot import path string|Expected a path ")
+NOT_THE_POINT = re.compile(r"Expected a <class '(NoneType|str|bool)'>|Expected a dot import path string|Expected a path ")
 
 
 def union_error(message: str) -> str | None:

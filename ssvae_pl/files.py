@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -65,6 +66,21 @@ def refuse_existing(path: str | Path, overwrite: bool, overwrite_flag: str = "--
     """An existing ``path`` that may not be replaced: one ``OutputError`` naming it and ``overwrite_flag``."""
     if not overwrite and Path(path).exists():
         raise OutputError(f"{path} already exists; pass {overwrite_flag} to replace it, or write elsewhere.")
+
+
+def check_writable(path: str | Path) -> None:
+    """Before the work that ends in writing ``path``: its folder exists (created if need be) and takes a new file
+    (one made and removed at once); otherwise one ``OutputError`` naming ``path`` and the fix."""
+    folder = Path(path).parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {folder} is a file, not a folder; write elsewhere.")
+    make_folder(folder)
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=f".{Path(path).name}.", suffix=".probe")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def make_folder(folder: str | Path) -> None:

@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.files import atomic_output, refuse_existing
+from ssvae_pl.files import atomic_output, check_writable, refuse_existing
 
 OVERWRITE_FLAG = "--predictions.overwrite true"
 
@@ -104,6 +104,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         if Path(self.output).is_dir():
             raise ConfigError(f"predictions.output: {self.output} is a folder; name the CSV file to write.")
         refuse_existing(self.output, self.overwrite, OVERWRITE_FLAG)  # before the images are predicted
+        check_writable(self.output)
 
     def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any]) -> None:

@@ -268,20 +268,24 @@ def reserve_new_folder(parent: Path) -> Path:
 
 
 def remove_unused() -> None:
-    """Remove the folders this process reserved and never wrote a file into (a fit refused after the
-    reservation: a setting that Lightning or the data reject)."""
+    """Remove the folders this process reserved for a run that never started (a fit refused after the
+    reservation: a setting that Lightning or the data reject): no ``config.yaml``, nothing but the logger's first
+    event file, which TensorBoard would list as a run."""
     for folder in _RESERVED:
-        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
-            for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                sub.rmdir()
-            folder.rmdir()
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else None
+        if files is None or (folder / CONFIG_FILE).exists() \
+                or not all(p.name.startswith("events.out.tfevents.") for p in files):
+            continue
+        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        folder.rmdir()
     _RESERVED.clear()
 
 
 def trained_checkpoint(ckpt: str | None, logger, current: dict, subcommand: str) -> Path:
     """The checkpoint that ``test``, ``validate`` or ``predict`` evaluates: ``last`` or ``best`` of the newest run
-    of this model class on this dataset under the logger's folder. Without ``--ckpt_path`` (an untrained model) or without
-    such a run, one error: these commands never report an untrained model."""
+    of this model class on this dataset under the logger's folder. Without ``--ckpt_path`` (an untrained model) or
+    without such a run, one error: these commands never report an untrained model."""
     parent = logger_parent(logger) if logger is not None else Path("lightning_logs")
     fix = (f"pass --ckpt_path <run>/checkpoints/last.ckpt, or --ckpt_path last (or best) for the newest run of this "
            f"config under {parent}")

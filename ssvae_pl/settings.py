@@ -31,3 +31,45 @@ def check_trainer_settings(trainer: Any, subcommand: str | None = None) -> None:
     clip = get("gradient_clip_val")
     if clip is not None and not clip >= 0:
         raise ConfigError(f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip!r}.")
+
+
+def check_fit_trains(trainer: Any, optimizer: Any) -> None:
+    """A fit that would train nothing and exit 0 (no epoch, no batch, a learning rate of 0) is refused."""
+    get = trainer.get if hasattr(trainer, "get") else lambda key, default=None: default
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if get(key) == 0:
+            raise ConfigError(f"trainer.{key} 0 trains nothing, and the fit would end at once as if it had "
+                              "succeeded; give it a positive number.")
+    arguments = (optimizer.get("init_args") or {}) if hasattr(optimizer, "get") else {}
+    lr = arguments.get("lr") if hasattr(arguments, "get") else None
+    if isinstance(lr, (int, float)) and lr == 0:
+        raise ConfigError("optimizer.init_args.lr 0 leaves the weights as they were initialised; give a positive "
+                          "learning rate (the configs: 1e-3 to 3e-3).")
+
+
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                "overfit_batches", "val_check_interval")
+
+
+def whole_number_limits(command_line: list[str]) -> dict[str, int]:
+    """The batch limits written as whole numbers (``1``: one batch) on the command line or in its config files,
+    the last one of each winning. The parser reads them as floats, and Lightning takes 1.0 for every batch."""
+    import yaml
+
+    found: dict[str, Any] = {}
+    for i, arg in enumerate(command_line):
+        value = command_line[i + 1] if i + 1 < len(command_line) else None
+        if arg in ("-c", "--config") and value is not None:
+            try:
+                trainer = (yaml.safe_load(open(value, encoding="utf-8")) or {}).get("trainer") or {}
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                continue
+            found.update({key: trainer[key] for key in BATCH_LIMITS if isinstance(trainer, dict) and key in trainer})
+        elif arg.startswith("--trainer."):
+            key, _, inline = arg[len("--trainer."):].partition("=")
+            if key in BATCH_LIMITS:
+                try:
+                    found[key] = yaml.safe_load(inline if inline else value)
+                except yaml.YAMLError:
+                    continue
+    return {key: value for key, value in found.items() if isinstance(value, int) and not isinstance(value, bool)}

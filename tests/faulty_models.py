@@ -65,3 +65,17 @@ class SlowCheckpointIO(AtomicCheckpointIO):
             file.flush()
             time.sleep(float(os.environ.get("SSVAE_WRITE_SECONDS", "0.5")))
             file.write(data[len(data) // 2:])
+
+
+class SecondCtrlC(VAE):
+    """A VAE whose training step at global step ``at`` is interrupted as a second Ctrl-C interrupts it
+    (``KeyboardInterrupt`` inside the step)."""
+
+    def __init__(self, at: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.at:
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)

@@ -322,3 +322,22 @@ def test_resize_content_fills_the_input_with_a_digit_of_a_wide_canvas(folders) -
     assert "0.2 * max(h, w)" in Preprocessing((1, 28, 28), False, "content").spec()["resize_content"]
     assert np.array_equal(np.asarray(cropped), np.asarray(as_the_spec_says(picture)))
     assert folder_dm(folders, resize="content").hparams["resize"] == "content"
+
+
+def test_linked_folders_are_followed_once_and_an_empty_unlabelled_dir_is_named(tmp_path: Path) -> None:
+    """A symlinked sub-folder of ``unlabelled_dir`` was skipped without a word (``os.walk`` does not follow links);
+    a link loop must still end; and an ``unlabelled_dir`` without images trained on nothing unlabelled, silently."""
+    folders = write_image_folders(tmp_path / "photos", labelled_per_class=2, unlabelled=4, test_per_class=1)
+    elsewhere = tmp_path / "more"
+    (folders["unlabelled"] / "batch0").rename(elsewhere)
+    (folders["unlabelled"] / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(folders["unlabelled"], target_is_directory=True)
+    preprocessing = Preprocessing((3, 8, 8))
+    _, labels, _, names = image_folder_pool(folders["labelled"], folders["unlabelled"], preprocessing, "fail")
+    unlabelled = sorted(n for n in names if n.startswith("unlabelled/"))
+    assert len(unlabelled) == 4 and sum(n.startswith("unlabelled/linked/") for n in unlabelled) == 2
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("nothing here yet")
+    with pytest.raises(ConfigError, match=r"data.dataset.unlabelled_dir: .*empty holds no images"):
+        image_folder_pool(folders["labelled"], empty, preprocessing, "fail")

@@ -352,3 +352,90 @@ def test_23_no_v_num_in_the_progress_bar() -> None:
     bar = RunProgressBar()
     trainer = SimpleNamespace(loggers=[SimpleNamespace(version="version_0")], progress_bar_metrics={})
     assert "v_num" not in bar.get_metrics(trainer, torch.nn.Module())
+
+
+# ---- the fresh pass: the cases it found weak or failing -------------------------------------------------------------
+
+
+def test_a_second_ctrl_c_is_one_line_with_the_last_checkpoint(tmp_path: Path, home: Path, capsys) -> None:
+    """Lightning's own exit (status 1, "Detected KeyboardInterrupt") became one line naming the last checkpoint and
+    the resume command, exit 130."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    args = vae_fit(home, "--model.class_path", "faulty_models.SecondCtrlC", "--model.init_args.at", "3",
+                   "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2")
+    try:
+        assert run(tmp_path, *args) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT once it has seen one
+    err = capsys.readouterr().err
+    assert err.count("ssvae: stopped at once by a second Ctrl-C: the last checkpoint is ") == 1, err[-2000:]
+    assert "--ckpt_path last" in err and "Traceback" not in err
+
+
+def test_whole_number_batch_limits_are_batches(tmp_path: Path, home: Path) -> None:
+    """``--trainer.limit_train_batches 1`` trained the whole epoch: the parser reads 1 as 1.0, every batch."""
+    assert run(tmp_path, *vae_fit(home, "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "2")) == 0
+    last = tmp_path / "lightning_logs" / "m1_vae" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--trainer.max_epochs", "0"], ("trainer.max_epochs 0 trains nothing",)),
+    (["--trainer.limit_train_batches", "0"], ("trainer.limit_train_batches 0",)),
+    (["--optimizer.init_args.lr", "0"], ("optimizer.init_args.lr 0",)),
+    (["--data.val_size", "1000"], ("data.val_size",)),
+    (["--seed_everything", "abc"], ("seed_everything",)),
+])
+def test_fits_that_would_train_nothing_or_cannot_start_leave_no_run(tmp_path: Path, home: Path, capsys, args,
+                                                                    names) -> None:
+    """Each is one line, and no run folder is left behind (a refused fit's folder held an event file)."""
+    line = refused(capsys, tmp_path, *vae_fit(home, *args), names=names)
+    assert "Expected a bool" not in line
+    assert not (tmp_path / "lightning_logs").exists() or not any((tmp_path / "lightning_logs").rglob("*.*"))
+
+
+def test_a_folder_given_as_a_checkpoint_and_a_text_file(tmp_path: Path, home: Path, capsys) -> None:
+    folder = tiny_checkpoint(home).parent
+    refused(capsys, tmp_path, *m2(home, "test", "--ckpt_path", str(folder)), names=("is a folder", "last.ckpt"))
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    line = refused(capsys, tmp_path, *m2(home, "test", "--ckpt_path", str(text)), names=("truncated or not",))
+    assert "resume" not in line and "KeyError" not in line
+
+
+def test_predictions_into_a_folder_that_cannot_be_written_fail_before_predicting(tmp_path: Path, home: Path,
+                                                                                 capsys) -> None:
+    from test_faults import mount_tmpfs
+
+    target = tmp_path / "ro"
+    if not mount_tmpfs(target, "ro,size=1m"):
+        pytest.skip("mounting a tmpfs needs root (or CAP_SYS_ADMIN) here")
+    try:
+        assert run(tmp_path, *m2(home, "predict", "--ckpt_path", str(tiny_checkpoint(home)),
+                                 "--predictions.output", str(target / "p.csv"))) == 2
+        err = capsys.readouterr().err
+        assert "Read-only file system" in err and "predictions written" not in err and "Predicting" not in err
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_export_into_a_file_is_named(tmp_path: Path, home: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert run(tmp_path, "export", "--ckpt_path", str(tiny_checkpoint(home)), "--output_dir", str(afile)) == 2
+    one_error(capsys, f"--output_dir {afile} is a file")
+    assert afile.read_text() == "mine"
+
+
+def test_an_unreadable_labelled_indices_record_is_named_not_called_another_subset(tmp_path: Path, home: Path,
+                                                                                   capsys) -> None:
+    assert run(tmp_path, *vae_fit(home)) == 0
+    record = tmp_path / "lightning_logs" / "m1_vae" / "version_0" / "labelled_indices.json"
+    record.write_text(record.read_text()[:200])
+    args = vae_fit(home, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "version_0",
+                   "--ckpt_path", "last")
+    assert run(tmp_path, *args) == 2
+    line = one_error(capsys, "labelled_indices.json cannot be read")
+    assert "another labelled subset" not in line

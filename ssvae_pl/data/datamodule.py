@@ -38,6 +38,7 @@ from ssvae_pl.data.preprocess import Invert, Preprocessing, Resize, preprocessin
 from ssvae_pl.data.sources import ImageSource, named
 from ssvae_pl.data.sources.base import OnError
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.files import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +162,14 @@ def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _same_split(path: Path, record: dict[str, Any]) -> bool:
-    """Whether the split recorded at ``path`` is ``record``: the same images labelled and held out."""
+    """Whether the split recorded at ``path`` is ``record``: the same images labelled and held out. A record that
+    cannot be read is one ``ConfigError`` naming it (it is not another run's split)."""
     try:
         return json.loads(path.read_text()) == record
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:80]}), so this run's labelled "
+                          "subset cannot be checked against it; restore it from a copy, or start a new run with "
+                          "--trainer.logger.init_args.version <name>.") from None
 
 
 class SemiSupervisedDataModule(pl.LightningDataModule):
@@ -465,7 +469,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 "differs); pick a new "
                 "folder with --trainer.logger.init_args.version <name>."
             )
-        path.write_text(text)
+        with atomic_output(path, overwrite=False) as temporary:
+            temporary.write_text(text)
         log.info("labelled indices written to %s", path)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:

@@ -37,12 +37,21 @@ IN_MEMORY_LIMIT_BYTES = 4 * 2**30  # in_memory: auto holds a training pool of up
 
 
 def _files_under(root: Path, field: str | None = None) -> tuple[list[Path], list[str]]:
-    """Every file under ``root``, recursively, hidden ones (``.DS_Store``, ``.ipynb_checkpoints/...``) left out,
-    sorted by their path in it; and a line for each folder that cannot be listed (for ``_report_unreadable``).
+    """Every file under ``root``, recursively (linked folders too, each once), hidden ones (``.DS_Store``,
+    ``.ipynb_checkpoints/...``) left out, sorted by their path in it; and a line for each folder that cannot be listed (for ``_report_unreadable``).
     With ``field``, ``root`` itself unlistable is a ``ConfigError`` naming it."""
     unlisted: list[OSError] = []
     files = []
-    for folder, subfolders, names in os.walk(root, onerror=unlisted.append):
+    seen: set[tuple[int, int]] = set()  # linked folders are followed, each folder once (a link loop ends)
+    for folder, subfolders, names in os.walk(root, onerror=unlisted.append, followlinks=True):
+        try:
+            identity = os.stat(folder)
+        except OSError:
+            continue
+        if (identity.st_dev, identity.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         # files, and broken links (then reported as unreadable); not FIFOs or devices, whose reading would block
         files += [path for path in (Path(folder, name) for name in names if not name.startswith("."))
@@ -236,6 +245,10 @@ def image_folder_pool(labelled_dir: str | Path, unlabelled_dir: str | Path | Non
                               "alone.")
         unlabelled_files, cannot = _files_under(unlabelled_root, "data.dataset.unlabelled_dir")
         unlisted += cannot
+        if not cannot and not any(is_image_file(path) for path in unlabelled_files):
+            raise ConfigError(f"data.dataset.unlabelled_dir: {unlabelled_dir} holds no images (searched recursively "
+                              f"for {', '.join(IMAGE_EXTENSIONS)}); put your unlabelled images there, or leave it "
+                              "out (null) to train on the labelled ones alone.")
     all_files = files + unlabelled_files
     if in_memory == "auto":
         in_memory = len(all_files) * preprocessing.shape[0] * preprocessing.shape[1] * preprocessing.shape[2] \
