@@ -29,7 +29,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ssvae_pl import faults, runs
-from ssvae_pl.callbacks import _last_checkpoint_path, run_folder, trainer_pieces
+from ssvae_pl.callbacks import run_folder, trainer_pieces
+from ssvae_pl.callbacks.always_on import OPTIONAL, listed_pieces
+from ssvae_pl.callbacks.checkpoints import _last_checkpoint_path
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
 from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError, OutputError
@@ -59,7 +61,21 @@ NOT_RECORDED = ("seed_everything", "model.", "data.", "ckpt_path", "trainer.logg
 
 
 class SSVAEParser(LightningArgumentParser):
-    """A parser error is one line, ``ssvae: error: <what>; <command> --help lists every key``, not a usage dump."""
+    """A parser error is one line, ``ssvae: error: <what>; <command> --help lists every key``, not a usage dump;
+    ``--print_config`` lists the always-on callbacks and plugin beside the config's own."""
+
+    def _parse_common(self, cfg, *args, **kwargs):
+        request = getattr(self, "print_config", None)
+        key = request.get("key") if isinstance(request, dict) else None
+        if key in ("fit", "validate", "test", "predict") and cfg.get(key) is not None:
+            from jsonargparse import Namespace
+
+            section = cfg[key]
+            leave_out = list(section.get("always_on.leave_out") or [])
+            callbacks, plugins = listed_pieces(section.trainer, key, leave_out)
+            section.trainer.callbacks = list(section.trainer.get("callbacks") or []) + [Namespace(**c) for c in callbacks]
+            section.trainer.plugins = list(section.trainer.get("plugins") or []) + [Namespace(**p) for p in plugins]
+        return super()._parse_common(cfg, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
@@ -141,6 +157,8 @@ class SSVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `ssvae predict` writes its CSV through this callback: --predictions.output (idle in the other subcommands)
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+        parser.add_argument("--always_on.leave_out", type=list[str], default=[],
+                            help=f"always-on callbacks to leave out, of: {', '.join(OPTIONAL)} (callbacks/always_on.py)")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
@@ -162,9 +180,10 @@ class SSVAECLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
         fitting = self.subcommand in (None, "fit")
+        leave_out = self.config_init[self.subcommand].get("always_on.leave_out") if self.subcommand else []
         callbacks, plugins = trainer_pieces(trainer_config.get("callbacks"), trainer_config.get("plugins"),
                                             self.optimizer_changes, fitting,
-                                            trainer_config.get("enable_progress_bar") is not False)
+                                            trainer_config.get("enable_progress_bar") is not False, leave_out)
         if not fitting and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             kwargs["enable_checkpointing"] = False  # nothing to write, nor Lightning's default checkpoint's warnings
             warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to "

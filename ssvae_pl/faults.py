@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 import re
 import traceback
-from pathlib import Path
 
 from ssvae_pl.checkpoint_io import check_checkpoint_file
-from ssvae_pl.errors import CheckpointError
 from ssvae_pl.files import is_write_failure, write_error
 
 SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry", "null", "None", ""}

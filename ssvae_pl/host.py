@@ -4,8 +4,7 @@ Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` when it is imported, so that 
 initialise CUDA (a check that keeps forked processes able to use it). torch answers that check afresh at every call
 until CUDA is initialised, which a run on the CPU never does, and torch.optim's Adam asks at every step (its CUDA
 graph check): NVML's library looked up through ``ctypes`` at each step, and, where it is missing, the CUDA runtime
-asked as well. That is 0.3 ms of a step on a 2-core CPU, about a third of all that Lightning adds to a step there.
-Where NVML (or the runtime) finds no device, no forked process can use CUDA anyway, so the check goes back to torch's
+asked as well (its cost: docs/why-cpu-kernels.md). Where NVML (or the runtime) finds no device, no forked process can use CUDA anyway, so the check goes back to torch's
 own, which the CUDA runtime answers once.
 """
 

@@ -2,8 +2,7 @@
 max(x, 0) - log(sigmoid(|x|)) with the gradient sigmoid(x).
 
 Why not ``F.softplus``: PyTorch's CPU kernels of ``softplus`` and ``log1p`` run several times slower than those of
-``exp``, ``log`` and ``sigmoid`` on processors that take its AVX512 path (about 9 ms against 1 to 2 ms for
-600,000 floats on one core of an AMD EPYC); in M1+M2 they took 45% of a training step. The identity
+``exp``, ``log`` and ``sigmoid`` on processors that take its AVX512 path (docs/why-cpu-kernels.md). The identity
 log(1 + e^x) = max(x, 0) + log(1 + e^-|x|) = max(x, 0) - log(sigmoid(|x|)) needs only the fast kernels, and
 sigmoid(|x|) lies in [1/2, 1], so its log is well conditioned: the result is within 1e-6 of the exact value in
 float32 (absolutely: e^x below about -17 counts as 0). The gradient comes from one sigmoid, not from autograd's

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import pytorch_lightning as pl
 import torch
 
 from ssvae_pl.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
@@ -79,3 +80,32 @@ class SecondCtrlC(VAE):
         if self.global_step == self.at:
             raise KeyboardInterrupt
         return super().training_step(batch, batch_idx)
+
+
+class Undeclared(pl.LightningModule):
+    """A model of one's own that declares nothing to the callbacks (no ``Declares``): logistic regression on the
+    labelled images. It must train, test and write ``last.ckpt`` through ``ssvae`` all the same."""
+
+    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
+                 class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.linear = torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.float().flatten(1))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch["labelled"]
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(dim=1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/acc", (self(x).argmax(dim=1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)

@@ -1,4 +1,4 @@
-"""What a run shows in TensorBoard (ssvae_pl/callbacks.py): the configs' callbacks write the documented scalar,
+"""What a run shows in TensorBoard (ssvae_pl/callbacks/): the configs' callbacks write the documented scalar,
 image and HParams tags and the projector's files; read back with tensorboard's own event reader."""
 
 from __future__ import annotations

@@ -53,8 +53,7 @@ def _batch_as_is(batch):
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """A Bernoulli sample of x in [0, 1], elementwise, as floats: 1 where a uniform draw u in [0, 1) is below x.
-    The same law as ``torch.bernoulli(x)``, whose CPU kernel is several times slower: 4.9 ms against 1.3 ms for the
-    VAE's 500-image MNIST batch on the 2 cores of an AMD EPYC (5% of its training step)."""
+    The same law as ``torch.bernoulli(x)``, whose CPU kernel is slower (docs/why-cpu-kernels.md)."""
     return (torch.rand_like(x) < x).to(x.dtype)
 
 

@@ -68,9 +68,8 @@ def compiled(fn: Callable, setting: CompileSetting) -> Callable:
     ``_orig_mod.`` keys and load without compile. With CUDA graphs, each call starts a new step
     (``cudagraph_mark_step_begin``): the previous step's outputs, already used, may be overwritten.
 
-    On a CPU, inductor's code draws random numbers (the reparameterisation's noise) one at a time: 5.8 ms for
-    M2's 105,000 normals of a step on one core, against 0.38 ms from ATen's vectorised generator. There it calls
-    ATen's instead (``fallback_random``), so compiled and eager steps also draw the same noise from the same seed."""
+    On a CPU, inductor's code draws random numbers one at a time; there it calls ATen's vectorised generator instead
+    (``fallback_random``, docs/why-cpu-kernels.md), so compiled and eager steps draw the same noise from one seed."""
     if setting is False:
         return fn
     if setting is not True and setting not in MODES:

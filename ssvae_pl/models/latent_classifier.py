@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.host import check_cuda_once
+from ssvae_pl.models.declares import Declares
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import frozen_encoder
@@ -28,7 +29,7 @@ from ssvae_pl.nets import Activation, Classifier, ImageClassifier
 from ssvae_pl.prediction import check_data_settings, class_predictions
 
 
-class LatentClassifier(pl.LightningModule):
+class LatentClassifier(Declares, pl.LightningModule):
     """A classifier trained on z ~ q(z|x) of a frozen VAE encoder.
 
     The defaults are configs/mnist/m1_classifier.yaml's model (one hidden layer of 100 units, entropy minimisation on
@@ -156,6 +157,15 @@ class LatentClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_data_settings(self, checkpoint)
+
+    def pictures(self) -> frozenset[str]:
+        return frozenset({"latent_space", "confusion_matrix"})
+
+    def latent_name(self) -> str:
+        return "M1's z1 (the frozen encoder's mean), as the classifier sees it"
+
+    def monitor(self) -> tuple[str, str]:
+        return "val/acc", "max"
 
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_classifier.yaml's Adam at 3e-3."""

@@ -28,6 +28,7 @@ from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.host import check_cuda_once
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compile_can_train, compiled, fitting
+from ssvae_pl.models.declares import Declares
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import ACTIVE_UNIT_STD, frozen_encoder
@@ -47,7 +48,7 @@ BATCH_ALPHA_PER_DATAPOINT = 1.0  # the shipped recipe's alpha = N (weighting: ba
 EVAL_PIECE_VALUES = 2**21  # an eager CPU evaluation's piece: its widest layer over the K classes (_evaluation_piece)
 
 
-class M2(pl.LightningModule):
+class M2(Declares, pl.LightningModule):
     """SSDGM's M2 (or M1+M2 with ``vae_checkpoint``), fitted by minimising J^alpha (eq. 9).
 
     The defaults are the shipped recipe, configs/mnist/m2.yaml's model: ``weighting: batch`` with alpha = N, and
@@ -427,8 +428,8 @@ class M2(pl.LightningModule):
     def _evaluation_piece(self, x: torch.Tensor) -> int:
         """Images per piece of an eager evaluation batch on a CPU: the widest layer of the K-class bound (the
         decoder's output or a hidden layer) holds at most ``EVAL_PIECE_VALUES`` numbers over all K classes of a
-        piece, so that each element-wise pass works on memory the processor keeps cached (MNIST's M2: 250 images,
-        81 ms against 162 ms for a batch of 1,000 on two cores). On a GPU the whole batch."""
+        piece, so that each element-wise pass works on memory the processor keeps cached (MNIST's M2: 250 images;
+        docs/why-cpu-kernels.md). On a GPU the whole batch."""
         if x.device.type != "cpu":
             return max(len(x), 1)
         modelled = math.prod(self.hparams.input_shape) if self.m1_encoder is None else self.m1_encoder.out_dim
@@ -460,6 +461,16 @@ class M2(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_data_settings(self, checkpoint)
+
+    def pictures(self) -> frozenset[str]:
+        images = {"reconstructions", "class_samples", "analogies"} if self.generates_images else set()
+        return frozenset({"latent_space", "confusion_matrix", *images})
+
+    def latent_name(self) -> str:
+        return "M1+M2's z2, mean of q(z2|z1,y)" if self.m1_encoder is not None else "M2's z, mean of q(z|x,y)"
+
+    def monitor(self) -> tuple[str, str]:
+        return "val/acc", "max"
 
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m2.yaml's fused Adam at 3e-3."""

@@ -1,7 +1,7 @@
 """Training scalars at a fraction of the cost of ``self.log`` at every step.
 
-Lightning's ``self.log(..., on_step=True, on_epoch=True)`` costs about 0.3 ms of Python per call and per step; four
-of them were 5% of an M1+M2 step on a CPU. ``StepScalars`` adds a step's scalars to running sums on the device (one
+Lightning's ``self.log(..., on_step=True, on_epoch=True)`` costs Python time per call and per step
+(docs/why-cpu-kernels.md). ``StepScalars`` adds a step's scalars to running sums on the device (one
 stack and one add, no host synchronisation) and hands them to ``self.log`` only when they are written: the step's
 values as ``<name>_step`` every ``trainer.log_every_n_steps`` steps, and the epoch's means over its steps as
 ``<name>_epoch`` at the end of the training epoch (averaged over processes): the names and the cadence that

@@ -14,6 +14,7 @@ from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.host import check_cuda_once
 from ssvae_pl.prediction import check_data_settings
 from ssvae_pl.schedule import budget_progress, has_budget
+from ssvae_pl.models.declares import Declares
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compile_can_train, compiled, fitting
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
@@ -78,7 +79,7 @@ def build_encoder(input_shape: Sequence[int], hidden_dims: Sequence[int], latent
     return GaussianEncoder(math.prod(input_shape), hidden_dims, latent_dim, activation, min_std, **shape)
 
 
-class VAE(pl.LightningModule):
+class VAE(Declares, pl.LightningModule):
     """Gaussian encoder q(z|x), decoder p(x|z), prior p(z) = N(0, I); MLPs (the paper's), or convolutional.
 
     The defaults are configs/mnist/m1_vae.yaml's model (the paper's M1), and ``configure_optimizers`` its Adam; train
@@ -259,6 +260,15 @@ class VAE(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_data_settings(self, checkpoint)
+
+    def pictures(self) -> frozenset[str]:
+        return frozenset({"reconstructions", "prior_samples", "latent_space", "knn_probe"})
+
+    def latent_name(self) -> str:
+        return "M1's z, mean of q(z|x)"
+
+    def monitor(self) -> tuple[str, str]:
+        return "val/elbo", "max"
 
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_vae.yaml's fused Adam at 1e-3."""

@@ -1,0 +1,104 @@
+"""Checkpoints: ``LastCheckpoint`` (``last.ckpt`` after every epoch, never over another fit's checkpoints) and
+``BestCheckpoint`` (``best-epochNNN.ckpt`` by the model's declared monitor); ``run_folder``, where they go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ssvae_pl.errors import ConfigError
+from ssvae_pl.models.declares import monitor_of
+
+
+def run_folder(trainer: pl.Trainer) -> Path | None:
+    """The run's folder (``trainer.log_dir``), or None without a logger. Under DDP this is a collective (rank 0's
+    folder is broadcast): call it on every rank, never inside an ``is_global_zero`` branch."""
+    if trainer.logger is None:
+        return None
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir else None
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt`` after every training epoch (and SIGTERM's mid-epoch state, ``SaveOnInterrupt``):
+    the one file that is "the last checkpoint". Always the same name, replaced in place (no ``last-v1.ckpt``);
+    ``--ckpt_path last`` resumes from it; ``BestCheckpoint`` keeps the best by validation."""
+
+    def __init__(self) -> None:
+        super().__init__(filename="last", save_top_k=1, monitor=None, enable_version_counter=False)
+        self.restored_dirpath: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.restored_dirpath = state_dict.get("dirpath")
+        super().load_state_dict(same_folder_as_saved(self, state_dict))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit never replaces another fit's checkpoints: a checkpoint folder that already holds some is written
+        to only by a fit resumed from that folder's run (``--ckpt_path`` there, or a checkpoint recording it)."""
+        taken = None
+        if trainer.is_global_zero and self.dirpath is not None and not trainer.fast_dev_run:
+            folder = Path(self.dirpath).resolve()
+            existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+            ckpt = trainer.ckpt_path
+            ours = ckpt is not None and "://" not in str(ckpt) and (
+                Path(ckpt).resolve().parent == folder
+                or (self.restored_dirpath is not None and Path(self.restored_dirpath).resolve() == folder))
+            taken = str(existing[-1]) if existing and not ours else None
+        taken = trainer.strategy.broadcast(taken, 0)
+        if taken:
+            raise ConfigError(f"{taken} belongs to another fit, and this one would replace it: resume that run with "
+                              f"--ckpt_path {taken}, or give this one a folder of its own (a new "
+                              "--trainer.logger.init_args.version, or --trainer.default_root_dir).")
+
+    @property
+    def last_path(self) -> str | None:
+        return None if self.dirpath is None else str(Path(self.dirpath) / f"last{self.FILE_EXTENSION}")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``checkpoints/best-epochNNN.ckpt``: the best epoch by the metric the model declares (``monitor()``:
+    ``val/elbo`` for the VAE, ``val/acc`` for the classifiers), read when fitting starts, so one callback serves
+    every model; none for a model that declares no monitor."""
+
+    def __init__(self) -> None:
+        super().__init__(monitor="val/acc", mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+
+    @property
+    def state_key(self) -> str:
+        return "BestCheckpoint"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        declared = monitor_of(pl_module)
+        self.monitor, self.mode = declared if declared is not None else (None, "max")
+        self.kth_value = torch.tensor(float("inf") if self.mode == "min" else -float("inf"))
+        if declared is None:  # nothing to rank by: no best checkpoint (last.ckpt is written all the same)
+            self.save_top_k = 0
+        super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(same_folder_as_saved(self, state_dict))
+
+
+def same_folder_as_saved(callback: ModelCheckpoint, state_dict: dict) -> dict:
+    """The saved state with its ``dirpath`` as this run writes it when both name the same folder (a resume from
+    another working folder, or with the logger's save_dir given otherwise): Lightning compares them as text, and
+    would otherwise forget the best score so far."""
+    saved, now = state_dict.get("dirpath"), callback.dirpath
+    if saved and now and saved != now and Path(saved).resolve() == Path(now).resolve():
+        return {**state_dict, "dirpath": now}
+    return state_dict
+
+
+def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
+    """Where ``LastCheckpoint`` keeps ``last.ckpt`` (its folder is known after setup)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, LastCheckpoint):
+            return callback.last_path
+    return None

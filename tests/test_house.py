@@ -1,0 +1,62 @@
+"""A house for a family of models (issue 36, first part): models declare what they can show and how they are
+judged, the callbacks read only that, and the always-on pieces are visible in ``--print_config``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from test_refusals import ONE_STEP, data, home, run  # noqa: F401  (home is a fixture)
+from test_cli import REPO
+
+M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+def test_a_model_that_declares_nothing_trains_tests_and_checkpoints(tmp_path: Path, home: Path) -> None:
+    """No pictures, no probe, no best checkpoint (nothing to rank by), and last.ckpt written and tested."""
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "faulty_models.Undeclared"},
+                                      "trainer": {"logger": {"init_args": {"name": "own"}}}}))
+    common = ["-c", str(config), *data(home / "data")]
+    assert run(tmp_path, "fit", *common, *ONE_STEP, "--trainer.max_epochs", "2") == 0
+    folder = tmp_path / "lightning_logs" / "own" / "version_0"
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["last.ckpt"]
+    events = EventAccumulator(str(folder)).Reload()
+    assert events.Tags()["images"] == [] and "val/knn_acc" not in events.Tags()["scalars"]
+    assert "val/acc" in events.Tags()["scalars"]
+    assert run(tmp_path, "test", *common, "--ckpt_path", "last", "--trainer.enable_progress_bar", "false") == 0
+
+
+def test_each_model_declares_its_pictures_and_monitor() -> None:
+    from ssvae_pl.models import M2, VAE, LatentClassifier
+    from ssvae_pl.models.declares import PICTURES, monitor_of, pictures_of
+
+    vae, m2 = VAE(hidden_dims=[8], latent_dim=2), M2(hidden_dims=[8], classifier_hidden_dims=[8], latent_dim=2)
+    assert pictures_of(vae) == {"reconstructions", "prior_samples", "latent_space", "knn_probe"} <= PICTURES
+    assert pictures_of(m2) == {"reconstructions", "class_samples", "analogies", "latent_space", "confusion_matrix"}
+    assert monitor_of(vae) == ("val/elbo", "max") and monitor_of(m2) == ("val/acc", "max")
+    assert LatentClassifier.pictures(None) == {"latent_space", "confusion_matrix"}
+    assert monitor_of(object()) is None and pictures_of(object()) == frozenset()
+
+
+def test_print_config_lists_every_piece_that_runs_and_leave_out_drops_the_optional_ones(capsys) -> None:
+    from ssvae_pl.callbacks.always_on import ALWAYS_ON, OPTIONAL
+
+    assert run(Path.cwd(), "fit", "-c", M2_CONFIG, "--print_config") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    listed = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
+    assert listed == ["EMAWeights", *(piece.__name__ for piece in ALWAYS_ON)]
+    assert [p["class_path"] for p in printed["trainer"]["plugins"]] == ["ssvae_pl.checkpoint_io.AtomicCheckpointIO"]
+
+    leave_out = "[GenerativeImages, LatentSpace, ConfusionMatrix, LatentProbe, EpochTimer]"
+    assert run(Path.cwd(), "test", "-c", M2_CONFIG, "--always_on.leave_out", leave_out, "--print_config") == 0
+    listed = [c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]]
+    assert listed == ["EMAWeights", "NonFiniteGuard", "SaveOnInterrupt", "SeedEachEpoch", "HParamsWithMetrics",
+                      "RunProgressBar"]  # test writes no checkpoint
+    assert "NonFiniteGuard" not in OPTIONAL
+    assert run(Path.cwd(), "fit", "-c", M2_CONFIG, "--always_on.leave_out", "[NonFiniteGuard]") == 2
+    assert "cannot be left out" in capsys.readouterr().err
