@@ -175,11 +175,7 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
         check_model_class(ckpt_file, config.get("model"))
     logger = tensorboard_args(config.trainer)
     if subcommand != "fit":
-        if ckpt_file is None and "://" not in str(ckpt):
-            ckpt_file = trained_checkpoint(ckpt, logger, current, subcommand)
-            check_model_class(ckpt_file, config.get("model"))
-            config.ckpt_path = str(ckpt_file)
-        _log_beside_checkpoint(config, logger, ckpt_file, subcommand)
+        _prepare_evaluation(config, logger, ckpt_file, subcommand, current)
         return None
     if logger is None:
         if ckpt == "last":
@@ -228,6 +224,16 @@ def prepare(config, subcommand: str, current: dict) -> dict | None:
         check_checkpoint_file(last, "--ckpt_path last", _other_checkpoints_fix(last))
         config.ckpt_path = str(last)
     return saved
+
+
+def _prepare_evaluation(config, logger, ckpt_file: Path | None, subcommand: str, current: dict) -> None:
+    """``test``, ``validate`` and ``predict``: the trained checkpoint they evaluate, and where they log."""
+    ckpt = config.get("ckpt_path")
+    if ckpt_file is None and "://" not in str(ckpt):
+        ckpt_file = trained_checkpoint(ckpt, logger, current, subcommand)
+        check_model_class(ckpt_file, config.get("model"))
+        config.ckpt_path = str(ckpt_file)
+    _log_beside_checkpoint(config, logger, ckpt_file, subcommand)
 
 
 def logger_parent(logger) -> Path:
