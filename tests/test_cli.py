@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import write_synthetic_mnist
+from helpers.cli import ssvae_here
 from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,18 +82,18 @@ def test_two_stage_m1_and_self_contained_classifier_checkpoint(tmp_path: Path, c
     """Stage one writes a VAE checkpoint; stage two trains a classifier on it (debug preset, then a short real
     fit); ``ssvae test`` then works from the classifier's checkpoint alone, with the VAE checkpoint gone."""
     data = data_args(cli_data)
-    ok(ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data, *TINY_VAE, *SHORT_FIT))
+    ok(ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, *data, *TINY_VAE, *SHORT_FIT))
     vae_run = tmp_path / "lightning_logs" / "m1_vae" / "version_0"
     vae_ckpt = vae_run / "checkpoints" / "last.ckpt"
     assert vae_ckpt.is_file() and (vae_run / LABELLED_INDICES_FILE).is_file()
     assert torch.load(vae_ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
 
-    debug = ssvae(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, "-c", DEBUG, *data, "--model.vae_checkpoint", str(vae_ckpt))
+    debug = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, "-c", DEBUG, *data, "--model.vae_checkpoint", str(vae_ckpt))
     ok(debug)
     assert not (tmp_path / "lightning_logs" / "m1_classifier").exists()
 
     # hidden_dims differ from the config's []: `ssvae test` below must take them from the checkpoint
-    fit = ssvae(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data, *SHORT_FIT, "--model.vae_checkpoint", str(vae_ckpt),
+    fit = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data, *SHORT_FIT, "--model.vae_checkpoint", str(vae_ckpt),
                 "--model.init_args.hidden_dims", "[8]")
     ok(fit)
     clf_ckpt = tmp_path / "lightning_logs" / "m1_classifier" / "version_0" / "checkpoints" / "last.ckpt"
@@ -102,7 +103,7 @@ def test_two_stage_m1_and_self_contained_classifier_checkpoint(tmp_path: Path, c
     assert ckpt["hyper_parameters"]["hidden_dims"] == [8]
     vae_ckpt.rename(tmp_path / "vae_moved_away.ckpt")
 
-    test = ssvae(tmp_path, "test", "-c", CLASSIFIER_CONFIG, *data, "--ckpt_path", str(clf_ckpt))
+    test = ssvae_here(tmp_path, "test", "-c", CLASSIFIER_CONFIG, *data, "--ckpt_path", str(clf_ckpt))
     ok(test)
     assert "test/acc" in test.stdout and "Traceback" not in test.stderr
 
@@ -133,7 +134,7 @@ def assert_one_line_user_error(result: subprocess.CompletedProcess, field: str) 
 
 def test_bad_label_budget_is_one_line_error(tmp_path: Path, cli_data: Path) -> None:
     """A label budget that is not a multiple of the classes stops the command with one line naming the field."""
-    result = ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), "--data.num_labelled", "105")
+    result = ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), "--data.num_labelled", "105")
     assert_one_line_user_error(result, "data.num_labelled")
 
 
@@ -150,7 +151,7 @@ def test_compile_without_a_cpp_compiler_is_one_line_error(tmp_path: Path, cli_da
 
 def test_missing_vae_checkpoint_is_one_line_error(tmp_path: Path, cli_data: Path) -> None:
     """A missing --model.vae_checkpoint stops the command with one line naming the field and the path."""
-    result = ssvae(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data_args(cli_data),
+    result = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data_args(cli_data),
                    "--model.vae_checkpoint", "/nonexistent.ckpt")
     assert_one_line_user_error(result, "model.vae_checkpoint")
     assert "/nonexistent.ckpt" in result.stderr
@@ -161,14 +162,14 @@ def test_a_run_folder_is_resumed_by_its_own_config_and_never_mixed_with_another(
     aimed at that folder stops with one line naming it, and the first run's files stay as they were."""
     data = data_args(cli_data)
     run = ["fit", "-c", VAE_CONFIG, *data, *TINY_VAE, *SHORT_FIT, "--trainer.logger.init_args.version", "mine"]
-    ok(ssvae(tmp_path, *run))
+    ok(ssvae_here(tmp_path, *run))
     folder = tmp_path / "lightning_logs" / "m1_vae" / "mine"
     kept = {name: (folder / name).read_bytes() for name in ("config.yaml", LABELLED_INDICES_FILE)}
 
-    resumed = ssvae(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    resumed = ssvae_here(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     for other, what in ((["--model.init_args.latent_dim", "3"], "another config"),
                         (["--data.seed", "7"], "another labelled subset")):
-        clash = ssvae(tmp_path, *run, *other)
+        clash = ssvae_here(tmp_path, *run, *other)
         assert clash.returncode == 2 and "Traceback" not in clash.stderr
         assert f"already holds a run with {what}" in clash.stderr and str(folder) in clash.stderr
         assert {name: (folder / name).read_bytes() for name in kept} == kept

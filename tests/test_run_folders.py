@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from test_cli import CLASSIFIER_CONFIG, TINY_VAE, VAE_CONFIG, assert_one_line_user_error, cli_data, data_args, ok  # noqa: F401
+from helpers.cli import ssvae_here
 from test_trust import M2_CONFIG, QUIET, TINY_M2, load, ssvae, start, wait_for
 
 SLOW_M2 = ["--model.class_path", "faulty_models.SlowM2", *TINY_M2, "--data.binarize", "dynamic",
@@ -58,11 +59,11 @@ def test_ckpt_path_last_finds_the_newest_run_of_the_config_and_refuses_what_it_c
     data = data_args(cli_data)
     run = ["fit", "-c", VAE_CONFIG, *data, *TINY_VAE, *QUIET, "--trainer.max_epochs", "1",
            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
-    ok(ssvae(tmp_path, *run))  # version_0
-    ok(ssvae(tmp_path, *run))  # version_1, the newest run of this config
-    ok(ssvae(tmp_path, *run, "--model.init_args.latent_dim", "3"))  # version_2: another config
+    ok(ssvae_here(tmp_path, *run))  # version_0
+    ok(ssvae_here(tmp_path, *run))  # version_1, the newest run of this config
+    ok(ssvae_here(tmp_path, *run, "--model.init_args.latent_dim", "3"))  # version_2: another config
     parent = tmp_path / "lightning_logs" / "m1_vae"
-    ok(ssvae(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    ok(ssvae_here(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     assert load(parent / "version_1" / "checkpoints" / "last.ckpt")["epoch"] == 1
     assert load(parent / "version_0" / "checkpoints" / "last.ckpt")["epoch"] == 0
     assert load(parent / "version_2" / "checkpoints" / "last.ckpt")["epoch"] == 0
@@ -70,19 +71,19 @@ def test_ckpt_path_last_finds_the_newest_run_of_the_config_and_refuses_what_it_c
 
     kept = snapshot(parent / "version_0")
     into_v0 = [*run, "--trainer.logger.init_args.version", "version_0"]
-    assert_one_line_user_error(ssvae(tmp_path, *into_v0), "already holds this run; continue it with --ckpt_path last")
-    assert_one_line_user_error(ssvae(tmp_path, *into_v0, "--data.seed", "5", "--ckpt_path", "last"),
+    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0), "already holds this run; continue it with --ckpt_path last")
+    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0, "--data.seed", "5", "--ckpt_path", "last"),
                                "another labelled subset (data.seed: 0 there, 5 here)")
-    assert_one_line_user_error(ssvae(tmp_path, *into_v0, "--model.init_args.latent_dim", "5"),
+    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0, "--model.init_args.latent_dim", "5"),
                                "another config (model.init_args.latent_dim: 4 there, 5 here)")
     assert snapshot(parent / "version_0") == kept  # not even an events file
     (parent / "version_0" / "checkpoints" / "last.ckpt").unlink()
-    assert_one_line_user_error(ssvae(tmp_path, *into_v0, "--ckpt_path", "last"), "last.ckpt does not exist")
+    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0, "--ckpt_path", "last"), "last.ckpt does not exist")
     (parent / "version_0" / "config.yaml").write_text("model: [unclosed\n")
-    assert_one_line_user_error(ssvae(tmp_path, *into_v0, "--ckpt_path", "last"), "config.yaml cannot be read")
+    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0, "--ckpt_path", "last"), "config.yaml cannot be read")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert_one_line_user_error(ssvae(elsewhere, *run, "--ckpt_path", "last"), "no run of this config")
+    assert_one_line_user_error(ssvae_here(elsewhere, *run, "--ckpt_path", "last"), "no run of this config")
 
 
 def test_a_lower_learning_rate_on_resume_is_used_and_recorded(tmp_path: Path, cli_data) -> None:
@@ -90,10 +91,10 @@ def test_a_lower_learning_rate_on_resume_is_used_and_recorded(tmp_path: Path, cl
     one restored from the checkpoint), and the change is recorded in the run folder."""
     run = ["fit", "-c", VAE_CONFIG, *data_args(cli_data), *TINY_VAE, *QUIET, "--trainer.limit_train_batches", "2",
            "--trainer.limit_val_batches", "1"]
-    ok(ssvae(tmp_path, *run, "--trainer.max_epochs", "1"))
+    ok(ssvae_here(tmp_path, *run, "--trainer.max_epochs", "1"))
     folder = tmp_path / "lightning_logs" / "m1_vae" / "version_0"
     lr = load(folder / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]["lr"]
-    ok(ssvae(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last", "--optimizer.init_args.lr",
+    ok(ssvae_here(tmp_path, *run, "--trainer.max_epochs", "2", "--ckpt_path", "last", "--optimizer.init_args.lr",
              str(lr / 10)))
     resumed = load(folder / "checkpoints" / "last.ckpt")
     assert resumed["epoch"] == 1 and resumed["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(lr / 10)
@@ -106,24 +107,24 @@ def test_test_and_predict_create_no_run_folder_and_predict_replaces_nothing(tmp_
     """``test`` logs into the checkpoint's own run folder, ``predict`` nowhere; a checkpoint of another model class
     than the config's is refused; ``predict`` does not replace an existing CSV unless asked to."""
     data = data_args(cli_data)
-    ok(ssvae(tmp_path, "fit", "-c", M2_CONFIG, *data, *TINY_M2, *QUIET, "--trainer.max_epochs", "1",
+    ok(ssvae_here(tmp_path, "fit", "-c", M2_CONFIG, *data, *TINY_M2, *QUIET, "--trainer.max_epochs", "1",
              "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"))
     logs = tmp_path / "lightning_logs"
     m2_ckpt = logs / "m2" / "version_0" / "checkpoints" / "last.ckpt"
     record = (logs / "m2" / "version_0" / "labelled_indices.json").read_bytes()
-    ok(ssvae(tmp_path, "test", "-c", M2_CONFIG, *data, "--ckpt_path", str(m2_ckpt), "--data.seed", "3"))
+    ok(ssvae_here(tmp_path, "test", "-c", M2_CONFIG, *data, "--ckpt_path", str(m2_ckpt), "--data.seed", "3"))
     assert (logs / "m2" / "version_0" / "labelled_indices.json").read_bytes() == record  # the fit's, untouched
     csv = tmp_path / "out.csv"
     csv.write_text("earlier\n")
     predict = ["predict", "-c", M2_CONFIG, *data, "--ckpt_path", str(m2_ckpt), "--predictions.output", str(csv)]
-    assert_one_line_user_error(ssvae(tmp_path, *predict), "--predictions.overwrite true")
+    assert_one_line_user_error(ssvae_here(tmp_path, *predict), "--predictions.overwrite true")
     assert csv.read_text() == "earlier\n"
-    ok(ssvae(tmp_path, *predict, "--predictions.overwrite", "true"))
+    ok(ssvae_here(tmp_path, *predict, "--predictions.overwrite", "true"))
     assert csv.read_text().startswith("file,label,predicted")
     assert sorted(str(p.relative_to(logs)) for p in logs.glob("*/*")) == ["m2/version_0"]
 
     for command, config in (("fit", VAE_CONFIG), ("test", VAE_CONFIG), ("predict", CLASSIFIER_CONFIG)):
-        result = ssvae(tmp_path, command, "-c", config, *data, "--ckpt_path", str(m2_ckpt))
+        result = ssvae_here(tmp_path, command, "-c", config, *data, "--ckpt_path", str(m2_ckpt))
         assert_one_line_user_error(result, "holds a M2 (ssvae_pl.models.M2), but the config's model is")
     assert sorted(str(p.relative_to(logs)) for p in logs.glob("*/*")) == ["m2/version_0"]
 
@@ -147,14 +148,14 @@ def test_bad_settings_are_one_line_each(tmp_path: Path, cli_data) -> None:
     """Parser errors (an unknown key, a YAML syntax error), a Trainer setting Lightning rejects, and a labelled
     batch larger than the labelled subset: one ``ssvae: error:`` line each, no usage dump, no traceback."""
     data = data_args(cli_data)
-    assert_one_line_user_error(ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data, "--trainer.max_stepz", "5"),
+    assert_one_line_user_error(ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, *data, "--trainer.max_stepz", "5"),
                                "--trainer.max_stepz")
     broken = tmp_path / "broken.yaml"
     broken.write_text("trainer:\n  max_epochs: [1\n")
-    assert_one_line_user_error(ssvae(tmp_path, "fit", "-c", VAE_CONFIG, "-c", str(broken)), str(broken))
-    assert_one_line_user_error(ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data, "--trainer.max_steps", "-5"),
+    assert_one_line_user_error(ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, "-c", str(broken)), str(broken))
+    assert_one_line_user_error(ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, *data, "--trainer.max_steps", "-5"),
                                "max_steps")
-    result = ssvae(tmp_path, "fit", "-c", M2_CONFIG, *data, *TINY_M2, "--data.labelled_batch_size", "500")
+    result = ssvae_here(tmp_path, "fit", "-c", M2_CONFIG, *data, *TINY_M2, "--data.labelled_batch_size", "500")
     assert_one_line_user_error(result, "data.labelled_batch_size=500 exceeds the 100 labelled")
 
 
