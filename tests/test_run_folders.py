@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import subprocess
 import time
 from pathlib import Path
 
