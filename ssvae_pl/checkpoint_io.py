@@ -73,7 +73,7 @@ def check_checkpoint_file(path: str | Path, field: str, fix: str) -> dict[str, A
     from ssvae_pl.errors import CheckpointError
 
     file = Path(path)
-    if file.is_file() and not file.is_dir():
+    if file.is_file():
         try:
             with zipfile.ZipFile(file) as archive:
                 corrupt = archive.testzip()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import yaml
+from jsonargparse import Namespace
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -31,7 +32,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from ssvae_pl import faults, runs
 from ssvae_pl.callbacks import run_folder, trainer_pieces
 from ssvae_pl.callbacks.always_on import OPTIONAL, listed_pieces
-from ssvae_pl.callbacks.checkpoints import _last_checkpoint_path
+from ssvae_pl.callbacks.checkpoints import last_checkpoint_path
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
 from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError, OutputError
@@ -39,7 +40,7 @@ from ssvae_pl.files import atomic_output, write_error
 from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
 from ssvae_pl.quiet import quiet_lightning
-from ssvae_pl.settings import check_fit_trains, check_trainer_settings, whole_number_limits
+from ssvae_pl.settings import check_fit_trains, check_trainer_settings, config_paths, whole_number_limits
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
                MisconfigurationException)
@@ -68,13 +69,12 @@ class SSVAEParser(LightningArgumentParser):
         request = getattr(self, "print_config", None)
         key = request.get("key") if isinstance(request, dict) else None
         if key in ("fit", "validate", "test", "predict") and cfg.get(key) is not None:
-            from jsonargparse import Namespace
-
             section = cfg[key]
             leave_out = list(section.get("always_on.leave_out") or [])
             callbacks, plugins = listed_pieces(section.trainer, key, leave_out)
-            section.trainer.callbacks = list(section.trainer.get("callbacks") or []) + [Namespace(**c) for c in callbacks]
-            section.trainer.plugins = list(section.trainer.get("plugins") or []) + [Namespace(**p) for p in plugins]
+            trainer = section.trainer
+            trainer.callbacks = list(trainer.get("callbacks") or []) + [Namespace(**c) for c in callbacks]
+            trainer.plugins = list(trainer.get("plugins") or []) + [Namespace(**p) for p in plugins]
         return super()._parse_common(cfg, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
@@ -90,10 +90,8 @@ class SSVAEParser(LightningArgumentParser):
 def check_config_files(command_line: list[str]) -> None:
     """Every ``-c``/``--config`` file of the command line must be UTF-8 text holding a YAML mapping of settings;
     otherwise one ``ConfigError`` naming the file, the line where YAML stopped, and the fix."""
-    for i, arg in enumerate(command_line):
-        value = command_line[i + 1] if arg in ("-c", "--config") and i + 1 < len(command_line) else \
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if value is None or not Path(value).is_file():
+    for value in config_paths(command_line):
+        if not Path(value).is_file():
             continue
         try:
             config = yaml.safe_load(Path(value).read_bytes().decode("utf-8"))
@@ -158,7 +156,8 @@ class SSVAECLI(LightningCLI):
         # `ssvae predict` writes its CSV through this callback: --predictions.output (idle in the other subcommands)
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
         parser.add_argument("--always_on.leave_out", type=list[str], default=[],
-                            help=f"always-on callbacks to leave out, of: {', '.join(OPTIONAL)} (callbacks/always_on.py)")
+                            help=f"always-on callbacks to leave out, of: {', '.join(OPTIONAL)} "
+                                 "(ssvae_pl/callbacks/always_on.py)")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
@@ -170,7 +169,6 @@ class SSVAECLI(LightningCLI):
             check_trainer_settings(config.get("trainer"), subcommand)
             if subcommand == "fit":
                 check_fit_trains(config.get("trainer"), config.get("optimizer"))
-
             current = yaml.safe_load(self._parser(subcommand).dump(config, skip_unset=False))
             saved = runs.prepare(config, subcommand, current)
             if saved is not None:
@@ -266,9 +264,9 @@ def main(args: list[str] | None = None) -> None:
                   file=sys.stderr)
             sys.exit(0)
         saved = getattr(stop, "checkpoint", None)
-        version = Path(saved).parent.parent.name if getattr(stop, "run_folder", None) else None
         where = (f"global step {stop.global_step} (epoch {stop.epoch}) saved to {saved}; resume with: "
-                 f"{resume_command(command_line, version, saved)}" if saved else "nothing saved")
+                 f"{resume_command(command_line, saved, getattr(stop, 'run_folder', False))}" if saved
+                 else "nothing saved")
         print(f"ssvae: stopped by {getattr(stop, 'signal_name', 'SIGTERM')}: {where}", file=sys.stderr)
         sys.exit(130 if getattr(stop, "signal_name", "") == "SIGINT" else 143)
     except SystemExit as stop:  # Lightning's sys.exit(1) after a second Ctrl-C: one line, the last checkpoint
@@ -276,9 +274,9 @@ def main(args: list[str] | None = None) -> None:
         if not isinstance(interrupt, KeyboardInterrupt):
             raise
         saved = getattr(interrupt, "checkpoint", None)
-        version = Path(saved).parent.parent.name if saved and getattr(interrupt, "run_folder", False) else None
-        where = (f"the last checkpoint is {saved}; resume with: {resume_command(command_line, version, saved)}"
-                 if saved else "no checkpoint was written")
+        where = (f"the last checkpoint is {saved}; resume with: "
+                 f"{resume_command(command_line, saved, getattr(interrupt, 'run_folder', False))}" if saved
+                 else "no checkpoint was written")
         print(f"ssvae: stopped at once by a second Ctrl-C: {where}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
@@ -308,13 +306,12 @@ def peer_lost(err: BaseException, command_line: list[str]) -> str | None:
         return None
     cli = SSVAECLI.current
     trainer = getattr(cli, "trainer", None)
-    last = _last_checkpoint_path(trainer) if trainer is not None else None
+    last = last_checkpoint_path(trainer) if trainer is not None else None
     reason = re.sub(r"^\[[^\]]*\]\s*", "", faults.first_line(err)).split(". ")[0]
     message = f"another process of this distributed run ended unexpectedly ({reason[:120]})"
     if last is None or not Path(last).is_file():
         return message + "; no checkpoint was written yet: start the fit again."
-    version = trainer.logger.version if trainer.logger is not None else None
-    return f"{message}; resume from {last} with: {resume_command(command_line, version, last)}"
+    return f"{message}; resume from {last} with: {resume_command(command_line, last, trainer.logger is not None)}"
 
 
 def end_process_group() -> None:
@@ -327,9 +324,10 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def resume_command(command_line: list[str], version: str | None, saved: str | None = None) -> str:
-    """The command that continues an interrupted fit: the same one, in the same run folder (``version``), from its
-    ``last.ckpt``; a fit without a run folder (no logger) continues from the ``saved`` checkpoint itself."""
+def resume_command(command_line: list[str], saved: str, in_run_folder: bool) -> str:
+    """The command that continues an interrupted fit from its ``saved`` checkpoint: the same one, in the same run
+    folder (``<run>/checkpoints/last.ckpt``) with ``--ckpt_path last``; a fit without a run folder (no logger) from
+    the checkpoint itself."""
     kept, skip = [], False
     for arg in command_line:
         if skip:
@@ -338,8 +336,9 @@ def resume_command(command_line: list[str], version: str | None, saved: str | No
             skip = True
         elif not arg.startswith(("--ckpt_path=", "--trainer.logger.init_args.version=")):
             kept.append(arg)
-    if version is None:
+    if not in_run_folder:
         return shlex.join(["ssvae", *kept, "--ckpt_path", str(saved)])
+    version = Path(saved).parent.parent.name
     return shlex.join(["ssvae", *kept, "--trainer.logger.init_args.version", version, "--ckpt_path", "last"])
 
 

@@ -53,24 +53,25 @@ def describe(err: BaseException) -> str | None:
 
 
 def _describe_one(err: BaseException) -> str | None:
-    text = str(err).strip()
-    first_line = text.splitlines()[0] if text else type(err).__name__
-    if isinstance(err, ValueError) and union_error(text):
-        return union_error(text)
+    text, line = str(err).strip(), first_line(err)
+    short = union_error(text) if isinstance(err, ValueError) else None
+    if short:
+        return short
     if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in text:
-        return ("the checkpoint's weights do not fit the configured model (" + first_line[:200] + "); resume or "
+        return ("the checkpoint's weights do not fit the configured model (" + line[:200] + "); resume or "
                 "test with the model settings it was trained with (the run's config.yaml).")
     if isinstance(err, (ValueError, TypeError)) and _raised_in(err, os.sep.join(["torch", "optim", ""])):
-        return f"the optimizer rejects its settings: {first_line}; check --optimizer.init_args."
+        return f"the optimizer rejects its settings: {line}; check --optimizer.init_args."
     if isinstance(err, OSError) and err.filename is not None:
         if is_write_failure(err):
             return str(write_error(err.filename, err))
-        return f"{err.strerror or first_line}: {err.filename}; check that the path exists and can be written."
+        return f"{err.strerror or line}: {err.filename}; check that the path exists and can be written."
     return None
 
 
 UNION = "Does not validate against any of the Union subtypes"
-NOT_THE_POINT = re.compile(r"Expected a <class '(NoneType|str|bool)'>|Expected a dot import path string|Expected a path ")
+NOT_THE_POINT = re.compile(r"Expected a <class '(NoneType|str|bool)'>|Expected a dot import path string|"
+                           r"Expected a path ")
 
 
 def union_error(message: str) -> str | None:

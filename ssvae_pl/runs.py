@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 from lightning_fabric.utilities.rank_zero import _get_rank
 
-from ssvae_pl.errors import ConfigError
 from ssvae_pl.checkpoint_io import check_checkpoint_file
+from ssvae_pl.errors import ConfigError
 from ssvae_pl.files import make_folder
 
 CONFIG_FILE = "config.yaml"
@@ -146,8 +146,6 @@ def waiting_hpc_checkpoint(trainer_config) -> Path | None:
 def checkpoint_run_folder(ckpt: Path) -> Path | None:
     """The run folder whose ``checkpoints/`` a checkpoint's ``LastCheckpoint`` wrote into, as the checkpoint
     records it (Lightning's ``ModelCheckpoint`` state keeps its ``dirpath``); None when it records none."""
-    from ssvae_pl.checkpoint_io import check_checkpoint_file
-
     state = check_checkpoint_file(ckpt, str(ckpt), "move it out of the way").get("callbacks") or {}
     dirpath = (state.get("LastCheckpoint") or {}).get("dirpath")
     return Path(dirpath).resolve().parent if dirpath else None
@@ -312,14 +310,14 @@ def trained_checkpoint(ckpt: str | None, logger, current: dict, subcommand: str)
         pattern = LAST if ckpt == "last" else "best-*.ckpt"
         found += [f for f in (folder / "checkpoints").glob(pattern) if f.is_file()]
     if not found:
-        raise ConfigError(f"--ckpt_path {ckpt}: no {wanted[0].rsplit('.', 1)[-1]} run on {wanted[1]} under "
+        raise ConfigError(f"--ckpt_path {ckpt}: no {wanted[0]} run on {wanted[1]} under "
                           f"{parent.resolve()} has a {'last.ckpt' if ckpt == 'last' else 'best-*.ckpt'}; train one "
                           "with `ssvae fit` and the same config first, or pass the checkpoint's path.")
     chosen = max(found, key=lambda f: f.stat().st_mtime)
     check_checkpoint_file(chosen, f"--ckpt_path {ckpt}", _other_checkpoints_fix(chosen))
     from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-    rank_zero_info(f"ssvae {subcommand}: --ckpt_path {ckpt} is {chosen} (the newest {wanted[0].rsplit('.', 1)[-1]} "
+    rank_zero_info(f"ssvae {subcommand}: --ckpt_path {ckpt} is {chosen} (the newest {wanted[0]} "
                    f"run on {wanted[1]})")
     return chosen
 

@@ -88,13 +88,14 @@ def test_two_stage_m1_and_self_contained_classifier_checkpoint(tmp_path: Path, c
     assert vae_ckpt.is_file() and (vae_run / LABELLED_INDICES_FILE).is_file()
     assert torch.load(vae_ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
 
-    debug = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, "-c", DEBUG, *data, "--model.vae_checkpoint", str(vae_ckpt))
+    debug = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, "-c", DEBUG, *data, "--model.vae_checkpoint",
+                       str(vae_ckpt))
     ok(debug)
     assert not (tmp_path / "lightning_logs" / "m1_classifier").exists()
 
     # hidden_dims differ from the config's []: `ssvae test` below must take them from the checkpoint
-    fit = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data, *SHORT_FIT, "--model.vae_checkpoint", str(vae_ckpt),
-                "--model.init_args.hidden_dims", "[8]")
+    fit = ssvae_here(tmp_path, "fit", "-c", CLASSIFIER_CONFIG, *data, *SHORT_FIT, "--model.vae_checkpoint",
+                     str(vae_ckpt), "--model.init_args.hidden_dims", "[8]")
     ok(fit)
     clf_ckpt = tmp_path / "lightning_logs" / "m1_classifier" / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(clf_ckpt, map_location="cpu", weights_only=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -13,7 +12,6 @@ from test_refusals import ONE_STEP, data, home, run  # noqa: F401  (home is a fi
 from test_cli import REPO
 
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 def test_a_model_that_declares_nothing_trains_tests_and_checkpoints(tmp_path: Path, home: Path) -> None:
@@ -54,7 +52,8 @@ def test_print_config_lists_every_piece_that_runs_and_leave_out_drops_the_option
 
     leave_out = "[GenerativeImages, LatentSpace, ConfusionMatrix, LatentProbe, EpochTimer]"
     assert run(Path.cwd(), "test", "-c", M2_CONFIG, "--always_on.leave_out", leave_out, "--print_config") == 0
-    listed = [c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]]
+    printed = yaml.safe_load(capsys.readouterr().out)
+    listed = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
     assert listed == ["EMAWeights", "NonFiniteGuard", "SaveOnInterrupt", "SeedEachEpoch", "HParamsWithMetrics",
                       "RunProgressBar"]  # test writes no checkpoint
     assert "NonFiniteGuard" not in OPTIONAL

@@ -9,7 +9,6 @@ import gzip
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,12 +16,12 @@ import pytest
 import torch
 
 from conftest import write_synthetic_mnist
+from helpers.cli import ssvae_here
 from image_folders import write_image_folders
 from ssvae_pl import cli
 from ssvae_pl.data.sources import idx as sources
-from test_cli import COMMAND, REPO, TINY_VAE, files_under
+from test_cli import COMMAND, REPO, TINY_VAE
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 VAE_CONFIG = str(REPO / "configs" / "mnist" / "m1_vae.yaml")
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
 FOLDER_DATA = str(REPO / "configs" / "image_folder" / "data.yaml")
@@ -37,24 +36,13 @@ def data(root: Path) -> list[str]:
             "--data.val_size", "100", "--data.batch_size", "100"]
 
 
-@contextmanager
-def chdir(folder: Path):
-    before = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def run(cwd: Path, *args: str) -> int:
-    """``ssvae <args>`` in this process, in ``cwd``: its exit status (0 when it returns)."""
-    with chdir(cwd):
-        try:
-            cli.main(list(args))
-        except SystemExit as stop:
-            return int(stop.code or 0)
-    return 0
+    """``ssvae <args>`` in this process, in ``cwd`` (``helpers.cli.ssvae_here``): its exit status; what it printed
+    goes on to this test's own output (``capsys``)."""
+    result = ssvae_here(cwd, *args)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.returncode
 
 
 def one_error(capsys, *fragments: str) -> str:
@@ -269,7 +257,8 @@ def test_15_a_ddp_fit_whose_other_process_died(home: Path, monkeypatch) -> None:
 
 def test_19_the_resume_command_of_a_fit_without_a_logger() -> None:
     """It named a run folder (``--trainer.logger.init_args.version``) that a fit without a logger cannot have."""
-    command = cli.resume_command(["fit", "-c", "m2.yaml", "--trainer.logger", "false"], None, "/w/checkpoints/last.ckpt")
+    saved = "/w/checkpoints/last.ckpt"
+    command = cli.resume_command(["fit", "-c", "m2.yaml", "--trainer.logger", "false"], saved, False)
     assert command == "ssvae fit -c m2.yaml --trainer.logger false --ckpt_path /w/checkpoints/last.ckpt"
 
 

@@ -70,7 +70,8 @@ def test_ckpt_path_last_finds_the_newest_run_of_the_config_and_refuses_what_it_c
 
     kept = snapshot(parent / "version_0")
     into_v0 = [*run, "--trainer.logger.init_args.version", "version_0"]
-    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0), "already holds this run; continue it with --ckpt_path last")
+    assert_one_line_user_error(ssvae_here(tmp_path, *into_v0),
+                               "already holds this run; continue it with --ckpt_path last")
     assert_one_line_user_error(ssvae_here(tmp_path, *into_v0, "--data.seed", "5", "--ckpt_path", "last"),
                                "another labelled subset (data.seed: 0 there, 5 here)")
     assert_one_line_user_error(ssvae_here(tmp_path, *into_v0, "--model.init_args.latent_dim", "5"),

@@ -48,7 +48,8 @@ def pieces_for(present: list[type], fitting: bool, progress_bar: bool, leave_out
 
 def trainer_pieces(callbacks, plugins, optimizer_changes: dict[str, object], fitting: bool = True,
                    progress_bar: bool = True, leave_out: list[str] | None = None) -> tuple[list, list]:
-    """The config's callbacks and plugins with the always-on pieces added, ``ResumeWithNewOptimizerSettings`` when a resume changes the optimiser, and
+    """The config's callbacks and plugins with the always-on pieces added, ``ResumeWithNewOptimizerSettings`` when
+    a resume changes the optimiser, and
     the ``AtomicCheckpointIO`` plugin unless the config names a checkpoint plugin."""
     callbacks = list(callbacks or [])
     for piece in pieces_for([type(c) for c in callbacks], fitting, progress_bar, list(leave_out or [])):

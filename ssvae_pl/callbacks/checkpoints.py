@@ -22,22 +22,31 @@ def run_folder(trainer: pl.Trainer) -> Path | None:
     return Path(log_dir) if log_dir else None
 
 
-class LastCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpoint):
+    """A checkpoint callback of the run folder, restored whatever working folder a resume starts from: Lightning
+    compares the saved ``dirpath`` with its own as text, and would otherwise forget the best score so far. The
+    folder the checkpoint recorded is kept (``restored_dirpath``)."""
+
+    restored_dirpath: str | None = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.restored_dirpath = saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath and Path(saved).resolve() == Path(self.dirpath).resolve():
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+        super().load_state_dict(state_dict)
+
+
+class LastCheckpoint(RunCheckpoint):
     """``checkpoints/last.ckpt`` after every training epoch (and SIGTERM's mid-epoch state, ``SaveOnInterrupt``):
     the one file that is "the last checkpoint". Always the same name, replaced in place (no ``last-v1.ckpt``);
     ``--ckpt_path last`` resumes from it; ``BestCheckpoint`` keeps the best by validation."""
 
     def __init__(self) -> None:
         super().__init__(filename="last", save_top_k=1, monitor=None, enable_version_counter=False)
-        self.restored_dirpath: str | None = None
 
     @property
     def state_key(self) -> str:
         return "LastCheckpoint"
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.restored_dirpath = state_dict.get("dirpath")
-        super().load_state_dict(same_folder_as_saved(self, state_dict))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fit never replaces another fit's checkpoints: a checkpoint folder that already holds some is written
@@ -62,7 +71,7 @@ class LastCheckpoint(ModelCheckpoint):
         return None if self.dirpath is None else str(Path(self.dirpath) / f"last{self.FILE_EXTENSION}")
 
 
-class BestCheckpoint(ModelCheckpoint):
+class BestCheckpoint(RunCheckpoint):
     """``checkpoints/best-epochNNN.ckpt``: the best epoch by the metric the model declares (``monitor()``:
     ``val/elbo`` for the VAE, ``val/acc`` for the classifiers), read when fitting starts, so one callback serves
     every model; none for a model that declares no monitor."""
@@ -82,21 +91,8 @@ class BestCheckpoint(ModelCheckpoint):
             self.save_top_k = 0
         super().setup(trainer, pl_module, stage)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(same_folder_as_saved(self, state_dict))
 
-
-def same_folder_as_saved(callback: ModelCheckpoint, state_dict: dict) -> dict:
-    """The saved state with its ``dirpath`` as this run writes it when both name the same folder (a resume from
-    another working folder, or with the logger's save_dir given otherwise): Lightning compares them as text, and
-    would otherwise forget the best score so far."""
-    saved, now = state_dict.get("dirpath"), callback.dirpath
-    if saved and now and saved != now and Path(saved).resolve() == Path(now).resolve():
-        return {**state_dict, "dirpath": now}
-    return state_dict
-
-
-def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
+def last_checkpoint_path(trainer: pl.Trainer) -> str | None:
     """Where ``LastCheckpoint`` keeps ``last.ckpt`` (its folder is known after setup)."""
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, LastCheckpoint):

@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ssvae_pl.callbacks.checkpoints import _last_checkpoint_path
+from ssvae_pl.callbacks.checkpoints import last_checkpoint_path
 from ssvae_pl.errors import ConfigError, NumericalError
 
 
@@ -182,7 +182,7 @@ class NonFiniteGuard(pl.Callback):
         return "loss or gradient on another rank"
 
     def _stop(self, trainer: pl.Trainer, what: str, saving: bool = False, where: tuple | None = None) -> None:
-        last = _last_checkpoint_path(trainer)
+        last = last_checkpoint_path(trainer)
         if last and Path(last).is_file():
             kept = f"{last} keeps the last good state. Resume from it with --ckpt_path last after"
         else:
@@ -237,7 +237,7 @@ class SaveOnInterrupt(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
         if isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C: nothing saved now; the last one stands
-            last = _last_checkpoint_path(trainer)
+            last = last_checkpoint_path(trainer)
             exception.checkpoint = last if last is not None and Path(last).is_file() else None
             exception.run_folder = trainer.logger is not None
             return
@@ -246,7 +246,7 @@ class SaveOnInterrupt(pl.Callback):
         if _training_finished(trainer):  # the signal came after the last epoch: last.ckpt holds the finished run
             exception.signal_name, exception.finished = self._signal_name, True
             return
-        path = _last_checkpoint_path(trainer)
+        path = last_checkpoint_path(trainer)
         if path is None:
             return
         trainer.save_checkpoint(path, weights_only=False)

@@ -38,7 +38,8 @@ IN_MEMORY_LIMIT_BYTES = 4 * 2**30  # in_memory: auto holds a training pool of up
 
 def _files_under(root: Path, field: str | None = None) -> tuple[list[Path], list[str]]:
     """Every file under ``root``, recursively (linked folders too, each once), hidden ones (``.DS_Store``,
-    ``.ipynb_checkpoints/...``) left out, sorted by their path in it; and a line for each folder that cannot be listed (for ``_report_unreadable``).
+    ``.ipynb_checkpoints/...``) left out, sorted by their path in it; and a line for each folder that cannot be
+    listed (for ``_report_unreadable``).
     With ``field``, ``root`` itself unlistable is a ``ConfigError`` naming it."""
     unlisted: list[OSError] = []
     files = []
