@@ -81,7 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssvae_pl.callbacks import NonFiniteGuard  # noqa: E402
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
-from ssvae_pl.models import M2, VAE  # noqa: E402
+from ssvae_pl.models import M1M2, M2, VAE  # noqa: E402
 from ssvae_pl.files import atomic_output  # noqa: E402
 from ssvae_pl.host import NVML_CHECK  # noqa: E402
 from ssvae_pl.precision import describe_machine  # noqa: E402
@@ -131,9 +131,9 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
     if tiny:
         sizes["classifier_hidden_dims"] = [1]
     if name == "m1m2":  # configs/mnist/m1m2.yaml's model; "uncached" runs M1's encoder at every step
-        return M2(vae_checkpoint=vae_checkpoint, alpha_per_label=2, m1_cache="off" if way == "uncached" else "grey",
-                  compile=compile, **{"hidden_dims": [300], "classifier_hidden_dims": [300], "latent_dim": 10,
-                                      **sizes})
+        return M1M2(vae_checkpoint=vae_checkpoint, alpha_per_label=2, m1_cache="off" if way == "uncached" else "grey",
+                    compile=compile, **{"hidden_dims": [300], "classifier_hidden_dims": [300], "latent_dim": 10,
+                                        **sizes})
     return M2(alpha=float(num_train), weighting="batch", compile=compile, **sizes)  # m2.yaml: 500 units, z 50
 
 
@@ -162,16 +162,16 @@ def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False, c
 class Batches:
     """Random training batches indexed from the data module's uint8 tensors, made ready on ``device`` as the data
     module makes them (binarised afresh where its ``binarize`` is ``dynamic``); for M1+M2's fast path, from the
-    cached posterior rows of M1 (``model._posterior_rows``) instead."""
+    cached posterior rows of M1 (``model.posterior_rows``) instead."""
 
     def __init__(self, dm: SemiSupervisedDataModule, device: torch.device, labelled_batch: int, batch: int,
                  model: pl.LightningModule | None = None) -> None:
         unlabelled, labelled = dm.unlabelled_dataset(), dm.labelled_dataset()
         self.u = unlabelled.images.to(device)
         self.l_images, self.l_labels = labelled.images.to(device), labelled.labels.to(device)
-        if model is not None:  # the cache, as M2.on_fit_start builds it
+        if model is not None:  # the cache, as M1M2.on_fit_start builds it
             generator = torch.Generator(device).manual_seed(0)
-            self.u, self.l_images = (torch.cat([model._posterior_rows(to_model_input(chunk), generator)
+            self.u, self.l_images = (torch.cat([model.posterior_rows(to_model_input(chunk), generator)
                                                 for chunk in t.split(1000)]) for t in (self.u, self.l_images))
         self.batch, self.labelled_batch, self.device = batch, labelled_batch, device
         self.dynamic = dm.hparams.binarize == "dynamic"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ssvae_pl.models.m2 import M2  # noqa: E402
+from ssvae_pl.models import M1M2, M2  # noqa: E402
 from ssvae_pl.data.labelled import make_split  # noqa: E402
 from ssvae_pl.data.sources import MNIST  # noqa: E402
 
@@ -84,9 +84,10 @@ if a.m1m2:
         time.sleep(2)
     vae_hparams = dict(input_shape=[1, 28, 28], hidden_dims=[600, 600], latent_dim=50, activation="softplus",
                        min_std=1e-4)
-model = M2(input_shape=(1, 28, 28), num_classes=10, hidden_dims=[a.hidden], classifier_hidden_dims=[a.hidden],
-           latent_dim=a.z, alpha=a.alpha, weighting="batch" if a.mode == "batch" else "dataset",
-           activation=a.activation, vae_hparams=vae_hparams).to(dev)
+sizes = dict(input_shape=(1, 28, 28), num_classes=10, hidden_dims=[a.hidden], classifier_hidden_dims=[a.hidden],
+             latent_dim=a.z, alpha=a.alpha, weighting="batch" if a.mode == "batch" else "dataset",
+             activation=a.activation)
+model = (M1M2(vae_hparams=vae_hparams, **sizes) if a.m1m2 else M2(**sizes)).to(dev)
 if a.m1m2:
     model.m1_encoder.load_state_dict(torch.load(VAE_PATH))
     model.m1_encoder.to(dev)

@@ -1,6 +1,6 @@
 """ssvae-pl: semi-supervised VAEs (Kingma, Rezende, Mohamed and Welling, NeurIPS 2014) in PyTorch Lightning.
 
-    from ssvae_pl import M2, SemiSupervisedDataModule     # also VAE, LatentClassifier; docs/python_api.md
+    from ssvae_pl import M2, SemiSupervisedDataModule     # also VAE, LatentClassifier, M1M2; docs/python_api.md
 
 Layout: ``data/`` (files on disk -> mixed batches), ``elbo.py`` (the bounds), ``nets.py`` (plain networks),
 ``models/`` (LightningModules), ``cli.py`` (the ``ssvae`` command). The classes are imported on first use, so that
@@ -13,15 +13,15 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["VAE", "LatentClassifier", "M2", "SemiSupervisedDataModule", "ImageFolder", "best_precision"]
+__all__ = ["VAE", "LatentClassifier", "M2", "M1M2", "SemiSupervisedDataModule", "ImageFolder", "best_precision"]
 
 _HOMES = {"VAE": "ssvae_pl.models", "LatentClassifier": "ssvae_pl.models", "M2": "ssvae_pl.models",
-          "SemiSupervisedDataModule": "ssvae_pl.data", "ImageFolder": "ssvae_pl.data",
+          "M1M2": "ssvae_pl.models", "SemiSupervisedDataModule": "ssvae_pl.data", "ImageFolder": "ssvae_pl.data",
           "best_precision": "ssvae_pl.precision"}
 
 if TYPE_CHECKING:
     from ssvae_pl.data import ImageFolder, SemiSupervisedDataModule
-    from ssvae_pl.models import M2, VAE, LatentClassifier
+    from ssvae_pl.models import M1M2, M2, VAE, LatentClassifier
     from ssvae_pl.precision import best_precision
 
 

@@ -1,18 +1,12 @@
-"""Checkpoint files: ``AtomicCheckpointIO`` writes them so that they survive a kill during their own writing;
-``read_checkpoint`` reads one for ``ssvae`` (``--ckpt_path``, ``model.vae_checkpoint``, ``ssvae export``) with one
-clear error for a missing, unreadable or foreign file.
-
-Lightning's ``TorchCheckpointIO`` serialises a checkpoint in memory, then truncates the target file and writes it:
-a process killed during that write leaves a partial ``last.ckpt``, and the run cannot be resumed. This plugin
-writes to a temporary file in the target's folder (the same filesystem), flushes and ``fsync``s it, and then moves it
-over the target with ``os.replace``, a single atomic step: the target holds either the previous checkpoint or the new
-one, whole. Remote paths (``s3://``, ...) go through Lightning's own writer.
-
-In a config::
+"""Checkpoint files. ``AtomicCheckpointIO`` writes one to a temporary file in the target's folder, ``fsync``s it and
+moves it over the target with ``os.replace``: a process killed mid-write leaves the previous checkpoint or the new
+one, whole, never the partial ``last.ckpt`` of Lightning's ``TorchCheckpointIO`` (truncate, then write). Remote
+paths (``s3://``, ...) go through Lightning's own writer. ``read_checkpoint`` reads one for ``ssvae``
+(``--ckpt_path``, ``model.vae_checkpoint``, ``ssvae export``), with one ``CheckpointError`` for a missing,
+unreadable or foreign file. In a config::
 
     trainer:
-      plugins:
-        - class_path: ssvae_pl.checkpoint_io.AtomicCheckpointIO
+      plugins: [{class_path: ssvae_pl.checkpoint_io.AtomicCheckpointIO}]
 """
 
 from __future__ import annotations

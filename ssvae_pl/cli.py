@@ -37,6 +37,7 @@ from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.sources import DataSourceError
 from ssvae_pl.errors import CheckpointError, ConfigError, ImageReadError, NumericalError, OutputError
 from ssvae_pl.files import atomic_output, write_error
+from ssvae_pl.models.declares import AsksModel
 from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
 from ssvae_pl.quiet import quiet_lightning
@@ -195,6 +196,9 @@ class SSVAECLI(LightningCLI):
             else:  # the processor's fastest
                 kwargs["precision"], why = best_precision(trainer_config.get("accelerator", "auto"))
                 rank_zero_info(f"precision {kwargs['precision']}: {why} (--trainer.precision chooses another)")
+        for callback in callbacks:  # what the config asks of the model, before anything is written
+            if isinstance(callback, AsksModel):
+                callback.check(self.model)
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:

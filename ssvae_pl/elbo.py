@@ -49,24 +49,14 @@ def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 def discretized_logistic_log_likelihood(mean: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor,
                                         num_levels: int = 256, batch_dims: int = 1) -> torch.Tensor:
     """log p(x|z) of 8-bit images under one discretised logistic per sub-pixel (PixelCNN++, Salimans et al. 2017;
-    IAF, Kingma et al. 2016; one logistic, no mixture), summed over the sub-pixels of each example: (B,).
-
-    Why: colour (and grey) images are 8-bit intensities, not binary, so a Bernoulli is not a likelihood of them
-    (its "log-likelihood" of a grey level is no log-probability of anything); a continuous density such as a
-    Gaussian on discrete data is unbounded (shrink the variance onto a level and it grows without limit). The
-    discretised logistic is a proper probability mass over the 256 levels, so the ELBO is a true lower bound on
-    log p(x) in nats, comparable across models, and -ELBO / (D ln 2) is the bits/dim of the literature.
-
-    ``x`` in [0, 1] on the levels k/255; ``mean`` and ``log_scale`` (each shaped like ``x``) on the [-1, 1] scale
-    of x' = 2x - 1, where the levels are 2/255 apart. With s = exp(log_scale) and sigma the logistic sigmoid,
-
-        P(x) = sigma((x' + 1/255 - mean)/s) - sigma((x' - 1/255 - mean)/s),
-
-    the lowest level (x = 0) taking the whole lower tail, sigma((x' + 1/255 - mean)/s), and the highest (x = 1)
-    the whole upper tail, 1 - sigma((x' - 1/255 - mean)/s); the 256 probabilities sum to 1. Computed stably in
-    float32 from the identity sigma(u) - sigma(l) = sigma(u) sigma(-l) (1 - exp(-(u - l))), u - l = 2/(255 s):
-    log-sigmoids and one ``expm1`` with no cancellation, whatever x, mean and s, its last factor floored at 1e-12
-    so that a huge scale still gives a finite log-probability and gradient.
+    IAF, Kingma et al. 2016; no mixture), summed over each example's sub-pixels: (B,). A proper probability mass over
+    the levels (unlike a Bernoulli or a density), so the ELBO bounds log p(x) in nats and -ELBO / (D ln 2) is bits/dim.
+    ``x`` in [0, 1] on the levels k/255; ``mean`` and ``log_scale``, shaped like ``x``, on the scale x' = 2x - 1.
+    With s = exp(log_scale), sigma the logistic sigmoid and h = 1/255 (half the levels' spacing on that scale),
+        P(x) = sigma((x' + h - mean)/s) - sigma((x' - h - mean)/s),
+    where x = 0 takes the whole lower tail and x = 1 the whole upper tail (the probabilities sum to 1). Computed in
+    float32 without cancellation as log sigma(u) + log sigma(-l) + log(1 - exp(-(u - l))), u and l the arguments
+    above, 1 - exp(-(u - l)) by one ``expm1``, floored at 1e-12 so a huge scale keeps a finite log-prob and gradient.
     """
     x, mean, log_scale = _flat32(x, batch_dims), _flat32(mean, batch_dims), _flat32(log_scale, batch_dims)
     half_bin = 1.0 / (num_levels - 1)

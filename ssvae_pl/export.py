@@ -1,22 +1,13 @@
-"""``ssvae export``: a trained classifier as TorchScript and ONNX, for use without this package or Lightning.
-
-    ssvae export --ckpt_path lightning_logs/m1_classifier/version_0/checkpoints/last.ckpt [--output_dir exported]
-
-What is exported is the model's classifier, as ``ssvae predict`` uses it: for a LatentClassifier, M1's frozen
-encoder (its posterior mean) and the classifier head; for M2, q(y|x); for M1+M2, M1's frozen encoder and q(y|x).
-Both files take float32 images (B, C, H, W) in [0, 1] (MNIST: (B, 1, 28, 28), a light digit on black, binarised
-or grey as in training) under the name ``images``, and return class probabilities (B, K), softmax applied, under
-``probabilities``; B is free. The files are ``<stem>.torchscript.pt`` and ``<stem>.onnx``, <stem> the checkpoint's
-name, in ``--output_dir`` (default: the checkpoint's folder), with ``<stem>.json`` beside them: the class names in
-the order of the outputs (an image folder's sub-folder names), the input shape, and the ``preprocessing`` that
-``ssvae predict`` gives an image file (``data/preprocess.py``: mode, invert, pad or crop, size, / 255), which the
-README's ONNX Runtime snippet follows.
-
-Before they are put in place, each file is loaded back (``torch.jit.load``; ONNX Runtime) and must give the
-checkpoint's probabilities within ``--atol`` on seeded batches of 1 and 64 images (another size than the one
-traced, so the free batch size is checked too); otherwise nothing is written. Existing files are never replaced
-without ``--overwrite``, and are replaced in one step (``os.replace``).
-"""
+"""``ssvae export --ckpt_path <ckpt> [--output_dir DIR]``: a trained classifier as TorchScript and ONNX, for use
+without this package or Lightning. Exported is the classifier ``ssvae predict`` uses: LatentClassifier, M1's frozen
+encoder (posterior mean) and head; M2, q(y|x); M1+M2, M1's frozen encoder and q(y|x). Input ``images``: float32
+(B, C, H, W) in [0, 1], binarised or grey as in training (MNIST: (B, 1, 28, 28), light digit on black); output
+``probabilities`` (B, K), softmax applied; B is free. Writes ``<stem>.torchscript.pt``, ``<stem>.onnx`` and
+``<stem>.json`` (class names in output order, input shape, ``ssvae predict``'s ``preprocessing``, as in
+``data/preprocess.py``) into ``--output_dir`` (default: the checkpoint's folder), <stem> the checkpoint's name. Each
+file is first loaded back (``torch.jit.load``; ONNX Runtime) and must give the checkpoint's probabilities within
+``--atol`` on seeded batches of 1 and 64 images, else ``ExportError`` and nothing is written. Existing files are
+replaced only with ``--overwrite``, in one step (``os.replace``)."""
 
 from __future__ import annotations
 
@@ -64,17 +55,18 @@ def load_classifier(ckpt_path: str, ckpt: dict | None = None) -> pl.LightningMod
     """The LatentClassifier or M2 (M1+M2) of a checkpoint (``ckpt``: the file's contents, when already read), in
     eval mode. Raises ``CheckpointError`` naming the file when it is missing, unreadable, or of a model that does
     not classify (a VAE)."""
-    from ssvae_pl.models import M2, LatentClassifier
+    from ssvae_pl.models import M1M2, M2, LatentClassifier
 
-    classifiers = {"LatentClassifier": LatentClassifier, "M2": M2}
+    classifiers = {"LatentClassifier": LatentClassifier, "M2": M2, "M1M2": M1M2}
     ckpt = read_classifier_checkpoint(ckpt_path) if ckpt is None else ckpt
     hparams, state = dict(ckpt.get("hyper_parameters", {})), ckpt["state_dict"]
     name = hparams.get("_class_path", "").rsplit(".", 1)[-1]
     if not name and any(k.startswith("classifier.") for k in state):  # saved by a plain Trainer: by its weights
-        name = "M2" if any(k.startswith("decoder.") for k in state) else "LatentClassifier"
+        name = ("LatentClassifier" if not any(k.startswith("decoder.") for k in state)
+                else "M1M2" if any(k.startswith("m1_encoder.") for k in state) else "M2")
     if name not in classifiers:
         raise CheckpointError(f"--ckpt_path: {ckpt_path} holds a {name or 'model that is not a classifier'}, which "
-                              f"does not classify; export needs a {' or '.join(classifiers)} checkpoint.")
+                              f"does not classify; export needs a {', '.join(classifiers)} checkpoint.")
     model_class = classifiers[name]
     accepted = inspect.signature(model_class).parameters
     try:

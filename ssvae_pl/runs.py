@@ -1,18 +1,13 @@
-"""Run folders: ``<save_dir>/<name>/<version>/`` of the TensorBoard logger, each holding one run (its
-``config.yaml``, events, ``labelled_indices.json`` and ``checkpoints/``).
-
-``prepare`` settles, before anything is instantiated or written, which folder a command works in:
-
+"""Run folders ``<save_dir>/<name>/<version>/`` of the TensorBoard logger, one run each (``config.yaml``, events,
+``labelled_indices.json``, ``checkpoints/``). ``prepare`` settles which folder a command works in, before anything
+is instantiated or written:
 * ``fit --ckpt_path last`` continues the newest run of the same config in its own folder (one TensorBoard curve);
   ``fit --ckpt_path <a run's checkpoint>`` continues in that checkpoint's folder;
-* a fit aimed at a folder that holds another run (model, data, seed, optimiser or scheduler class differ) is one
-  error, and so is a fit into a folder that holds a run without ``--ckpt_path``; nothing in the folder is touched;
-* ``test`` and ``validate`` log into the checkpoint's own run folder, ``predict`` logs nowhere: none of them
-  creates a run folder;
-* a checkpoint of another model class than the config's is one error.
-
-``lock`` keeps a second process out of a folder that a fit is writing to.
-"""
+* a fit into a folder holding another run (model, data, seed, optimiser or scheduler class differ), or any run
+  without ``--ckpt_path``, is one ``ConfigError`` and touches nothing; so is a checkpoint of another model class;
+* ``test`` and ``validate`` log into the checkpoint's own run folder, ``predict`` nowhere; none creates a run
+  folder.
+``lock`` keeps a second process out of a folder that a fit is writing to."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.models import M2, VAE, LatentClassifier
+from ssvae_pl.models import M1M2, M2, VAE, LatentClassifier
 from ssvae_pl.nets import ConditionalGaussianEncoder
 
 K = 10
@@ -266,7 +266,10 @@ def test_an_image_size_that_the_convolutions_cannot_halve_is_a_config_error(conv
     assert "30x30" in str(err.value) and "multiples of 2^2 = 4" in str(err.value) and "at most 1" in str(err.value)
     with pytest.raises(ConfigError, match=r"28x28.*at most 2 conv layers .*\[8, 16\]"):
         M2(hidden_dims=[8], classifier_hidden_dims=[8], latent_dim=2, conv_channels=[8, 16, 32])
-    with pytest.raises(ConfigError, match="conv_channels"):
-        M2(vae_checkpoint=str(conv_vae_checkpoint), input_shape=(3, 32, 32), conv_channels=[8])
-    with pytest.raises(ConfigError, match="discretized_logistic"):
-        M2(vae_checkpoint=str(conv_vae_checkpoint), input_shape=(3, 32, 32), likelihood="discretized_logistic")
+    # M1+M2 models M1's latents: its convolutions and its likelihood are not its own to choose
+    with pytest.raises(TypeError, match="conv_channels"):
+        M1M2(vae_checkpoint=str(conv_vae_checkpoint), input_shape=(3, 32, 32), conv_channels=[8])
+    with pytest.raises(TypeError, match="likelihood"):
+        M1M2(vae_checkpoint=str(conv_vae_checkpoint), input_shape=(3, 32, 32), likelihood="discretized_logistic")
+    with pytest.raises(ConfigError, match="'gaussian' models M1's latents: that is M1\+M2, class_path ssvae_pl.models.M1M2"):
+        M2(input_shape=(3, 32, 32), likelihood="gaussian")

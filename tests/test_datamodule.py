@@ -13,7 +13,8 @@ from pytorch_lightning.utilities import CombinedLoader
 
 from conftest import N_TRAIN, SYNTHETIC, VAL_SIZE, quiet_trainer
 from ssvae_pl.data.sources import idx as sources
-from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule, binarize, to_model_input
+from ssvae_pl.data.batches import binarize, to_model_input
+from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule
 from ssvae_pl.errors import ConfigError
 
 
@@ -161,22 +162,19 @@ def test_unlabelled_images_all_or_rest(make_dm, synthetic_mnist) -> None:
 
 
 def test_cached_features_cover_the_training_split_only(make_dm, synthetic_mnist) -> None:
-    """``cache_training_features``: the labelled and unlabelled datasets yield the features of their own images,
-    and the feature function never sees a validation image."""
+    """``training_images`` yields the training split's images and never a validation one; after
+    ``use_training_features`` the labelled and unlabelled datasets yield the rows of their own images, until the
+    fit ends."""
     raw_images = torch.from_numpy(synthetic_mnist[1][sources.TRAIN_IMAGES]).unsqueeze(1)
     dm = make_dm(binarize="none", num_labelled=50)
     dm.setup("fit")
-    seen = []
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        seen.append(x)
-        return x.flatten(1)
-
-    dm.cache_training_features(features, 784, torch.device("cpu"), "model.init_args.m1_cache")
-    seen = torch.cat(seen).flatten(1)
-    assert len(seen) == N_TRAIN - VAL_SIZE
+    seen = torch.cat(list(dm.training_images(chunk=300))).flatten(1)
+    assert len(seen) == N_TRAIN - VAL_SIZE == dm.num_training_images
     val_rows = to_model_input(raw_images[dm.split.val]).flatten(1)
     assert not (seen[:, None] == val_rows[None]).all(-1).any()
+    with pytest.raises(ValueError, match="one per training image"):
+        dm.use_training_features(seen[:-1])
+    dm.use_training_features(seen)
     assert torch.equal(dm.labelled_dataset().images, to_model_input(raw_images[dm.split.labelled]).flatten(1))
     assert torch.equal(dm.unlabelled_dataset().images, to_model_input(raw_images[dm.split.train]).flatten(1))
     dm.teardown("fit")

@@ -53,10 +53,10 @@ def test_images(synthetic_mnist) -> torch.Tensor:
 
 def fit_m2(make_dm, root: Path, **options) -> Path:
     """A tiny M2 (or M1+M2 with ``vae_checkpoint``) fitted for 2 steps by a plain Trainer; its checkpoint."""
-    from ssvae_pl.models import M2
+    from ssvae_pl.models import M1M2, M2
 
     torch.manual_seed(0)
-    model = M2(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=4, **options)
+    model = (M1M2 if "vae_checkpoint" in options else M2)(hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=4, **options)
     trainer = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(root))
     trainer.fit(model, datamodule=make_dm())
     trainer.save_checkpoint(root / "m2.ckpt")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_refusals import ONE_STEP, data, home, run  # noqa: F401  (home is a fixture)
+from test_refusals import ONE_STEP, data, home, refused, run, vae_fit  # noqa: F401  (home is a fixture)
 from test_cli import REPO
 
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
@@ -59,3 +60,52 @@ def test_print_config_lists_every_piece_that_runs_and_leave_out_drops_the_option
     assert "NonFiniteGuard" not in OPTIONAL
     assert run(Path.cwd(), "fit", "-c", M2_CONFIG, "--always_on.leave_out", "[NonFiniteGuard]") == 2
     assert "cannot be left out" in capsys.readouterr().err
+
+
+def test_a_config_that_asks_for_a_picture_or_metric_the_model_lacks_is_one_error(home: Path, capsys) -> None:
+    """BestCheckpoint's monitor and GenerativeImages' pictures name what the model declares, or the fit stops with
+    one line naming the setting and what the model has, before anything is written; named well, they are obeyed."""
+    config = home / "asks.yaml"
+    asks = [({"class_path": "ssvae_pl.callbacks.BestCheckpoint", "init_args": {"monitor": "val/acc"}},
+             ("trainer.callbacks.BestCheckpoint.monitor", "VAE has no validation metric 'val/acc'", "val/elbo")),
+            ({"class_path": "ssvae_pl.callbacks.GenerativeImages", "init_args": {"pictures": ["class_samples"]}},
+             ("trainer.callbacks.GenerativeImages.pictures", "VAE has no picture 'class_samples'", "prior_samples"))]
+    for callback, names in asks:
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+        refused(capsys, home, *vae_fit(home, "-c", str(config)), names=names)
+
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "ssvae_pl.callbacks.BestCheckpoint", "init_args": {"monitor": "val/kl", "mode": "min"}},
+        {"class_path": "ssvae_pl.callbacks.GenerativeImages", "init_args": {"pictures": ["reconstructions"]}}]}}))
+    assert run(home, *vae_fit(home, "-c", str(config), "--trainer.logger.init_args.version", "asks")) == 0
+    folder = home / "lightning_logs" / "m1_vae" / "asks"
+    ckpt = torch.load(next((folder / "checkpoints").glob("best-epoch*.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["callbacks"]["BestCheckpoint"]["monitor"] == "val/kl"
+    drawn = EventAccumulator(str(folder)).Reload().Tags()["images"]
+    assert [tag for tag in drawn if tag.startswith("images/")] == ["images/reconstructions"]  # not prior_samples
+
+
+def test_the_house_rules_hold_in_the_package() -> None:
+    """No file in ssvae_pl/ over 450 lines and no function over 60; no ``hasattr`` of a model or a data module;
+    the data module names no model and the models hand it no function (issue 36)."""
+    import ast
+
+    package = REPO / "ssvae_pl"
+    too_long = []
+    for path in sorted(package.rglob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > 450:
+            too_long.append(f"{path.name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
+    asking = [f"{path.relative_to(package)}:{node.lineno}" for folder in ("callbacks", "models")
+              for path in sorted((package / folder).glob("*.py"))
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"
+              and any(word in ast.unparse(node.args[0]) for word in ("module", "model", "self"))]
+    assert asking == []
+    data_code = "".join(p.read_text() for p in (package / "data").rglob("*.py"))
+    module_code = (package / "data" / "datamodule.py").read_text() + (package / "data" / "batches.py").read_text()
+    assert "ssvae_pl.models" not in data_code and "Callable" not in module_code

@@ -16,7 +16,7 @@ from ssvae_pl import elbo
 from ssvae_pl.callbacks import grid_figure_inches
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
-from ssvae_pl.models import M2, VAE
+from ssvae_pl.models import M1M2, M2, VAE
 from ssvae_pl.models.vae import FrozenEncoder, active_dims, load_frozen_encoder
 from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder, ImageClassifier
 from test_cli import DEBUG, REPO, assert_one_line_user_error, data_args, ok, ssvae
@@ -38,7 +38,7 @@ def tiny_m2(**kwargs) -> M2:
     torch.manual_seed(0)
     options = dict(hidden_dims=[32], classifier_hidden_dims=[16], latent_dim=4)
     options.update(kwargs)
-    model = M2(**options)
+    model = (M1M2 if "vae_checkpoint" in options else M2)(**options)
     model.set_data_sizes(num_labelled=100, num_unlabelled=500, num_train=500)
     return model
 
@@ -188,7 +188,7 @@ def test_one_pass_training_loss_equals_the_separate_bounds(model_and_inputs) -> 
     model.train()
     h_l, y_l, h_u = h[:2], torch.tensor([4, 7]), h[2:]
     eps_l, eps_u = torch.randn(2, model.hparams.latent_dim), torch.randn(4, K, model.hparams.latent_dim)
-    if model.m1_encoder is not None:  # M1+M2 takes cached rows [mean, std] with std 0: z1 is the mean
+    if isinstance(model, M1M2):  # M1+M2 takes cached rows [mean, std] with std 0: z1 is the mean
         h_l, h_u = (torch.cat([t, torch.zeros_like(t)], dim=-1).unsqueeze(1) for t in (h_l, h_u))
     terms = model.loss_terms({"labelled": (h_l, y_l), "unlabelled": h_u}, eps_l, eps_u)
     terms["loss"].backward()
@@ -290,7 +290,7 @@ def m1m2_run(tmp_path_factory: pytest.TempPathFactory, shared_mnist_dir: Path, v
     dm.setup("fit")
     # the threshold between the spreads of M1's 4 posterior means (a VAE fitted for 2 steps): 2 of them active
     spread = load_frozen_encoder(str(vae_copy))[2]
-    model = M2(vae_checkpoint=str(vae_copy), hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
+    model = M1M2(vae_checkpoint=str(vae_copy), hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
                m1_active_threshold=spread.median().item())
     start = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=str(root))
@@ -353,10 +353,10 @@ def test_m1m2_models_the_active_dimensions_the_vae_measured(m1m2_run, vae_checkp
     path = Path(vae_checkpoint).parent / "unmeasured.ckpt"
     trainer.save_checkpoint(path)
     with pytest.raises(ConfigError, match="m1_active_threshold 0"):
-        M2(vae_checkpoint=str(path))
-    assert M2(vae_checkpoint=str(path), m1_active_threshold=0).m1_encoder.out_dim == 3
+        M1M2(vae_checkpoint=str(path))
+    assert M1M2(vae_checkpoint=str(path), m1_active_threshold=0).m1_encoder.out_dim == 3
     with pytest.raises(ConfigError, match="none of the VAE's 4 latent dimensions"):
-        M2(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=100.0)
+        M1M2(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=100.0)
 
 
 @pytest.mark.parametrize("copies", [1, 3, "grey"])
@@ -365,15 +365,15 @@ def test_m1m2_cached_posterior_trains_the_same_model(m1m2_run, copies) -> None:
     z1 from it. With the same images and noise its loss equals the loss of today's path (M1's encoder at every
     step); the rows hold one fixed binarisation per copy (the grey image for ``grey``), the same at every start."""
     model, _, _, dm, _ = m1m2_run
-    model = M2(vae_hparams=model.hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
+    model = M1M2(vae_hparams=model.hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
                m1_cache=copies, m1_active_threshold=model.hparams.m1_active_threshold).eval()
     model.set_data_sizes(100, 400, 500)
     model.load_state_dict(m1m2_run[0].state_dict())
     images = to_model_input(dm.labelled_dataset().images[:6])
-    rows = model._posterior_rows(images, torch.Generator().manual_seed(0))
+    rows = model.posterior_rows(images, torch.Generator().manual_seed(0))
     a = model.m1_encoder.out_dim
     assert rows.shape == (6, 1 if copies == "grey" else copies, 2 * a)
-    assert torch.equal(rows, model._posterior_rows(images, torch.Generator().manual_seed(0)))
+    assert torch.equal(rows, model.posterior_rows(images, torch.Generator().manual_seed(0)))
     binarised = images if copies == "grey" else torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
     y = torch.arange(6)
     batch_images = {"labelled": (binarised, y), "unlabelled": binarised}
@@ -394,16 +394,16 @@ def test_m1m2_fit_caches_the_posterior_and_refuses_a_cache_too_large(m1m2_run, m
     than half the free memory is one ConfigError naming model.init_args.m1_cache."""
     model, _, _, dm, vae_copy = m1m2_run
     seen = []
-    model2 = M2(vae_hparams=model.hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
+    model2 = M1M2(vae_hparams=model.hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16], latent_dim=3,
                 m1_cache=2)
     model2.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["unlabelled"].shape)
     quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(model2, datamodule=dm)
     assert seen == [(100, 2, 2 * model.m1_encoder.out_dim)] * 2 and dm._train_features is None
-    monkeypatch.setattr("ssvae_pl.data.datamodule.free_memory", lambda device: 1000)
+    monkeypatch.setattr("ssvae_pl.models.m1m2.free_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match="model.init_args.m1_cache"):
         quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(model2, datamodule=dm)
     with pytest.raises(ConfigError, match="model.m1_cache"):
-        M2(vae_hparams=model.hparams.vae_hparams, m1_cache=0)
+        M1M2(vae_hparams=model.hparams.vae_hparams, m1_cache=0)
 
 
 def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
@@ -413,7 +413,7 @@ def test_m1m2_checkpoint_is_self_contained(tmp_path: Path, m1m2_run) -> None:
     trainer.save_checkpoint(ckpt)
     vae_copy.unlink(missing_ok=True)
 
-    restored = M2.load_from_checkpoint(ckpt, map_location="cpu")
+    restored = M1M2.load_from_checkpoint(ckpt, map_location="cpu")
     assert restored.hparams.vae_checkpoint == str(vae_copy) and not vae_copy.exists()
     x, _ = to_model_input(next(iter(dm.test_dataloader())))
     assert_restored_equals(restored, model, x)
@@ -425,29 +425,29 @@ def test_bad_vae_checkpoints_raise_checkpoint_error(tmp_path: Path, vae_checkpoi
     file; M1+M2 without a checkpoint, or on images of another shape, is refused too."""
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(CheckpointError) as err:
-        M2(vae_checkpoint=str(missing))
+        M1M2(vae_checkpoint=str(missing))
     assert "model.vae_checkpoint" in str(err.value) and str(missing) in str(err.value)
 
     truncated = tmp_path / "truncated.ckpt"
     data = vae_checkpoint.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot be read") as err:
-        M2(vae_checkpoint=str(truncated))
+        M1M2(vae_checkpoint=str(truncated))
     assert "model.vae_checkpoint" in str(err.value) and str(truncated) in str(err.value)
 
     _, trainer, _, _, _ = m1m2_run
     not_a_vae = tmp_path / "m1m2.ckpt"
     trainer.save_checkpoint(not_a_vae)
     with pytest.raises(CheckpointError) as err:
-        M2(vae_checkpoint=str(not_a_vae))
+        M1M2(vae_checkpoint=str(not_a_vae))
     assert "model.vae_checkpoint" in str(err.value) and str(not_a_vae) in str(err.value)
 
     with pytest.raises(ConfigError, match="model.vae_checkpoint is required"):
+        M1M2()
+    with pytest.raises(ConfigError, match="that is M1\\+M2, class_path ssvae_pl.models.M1M2"):
         M2(likelihood="gaussian")
-    with pytest.raises(ConfigError, match="bernoulli"):
-        M2(vae_checkpoint=str(vae_checkpoint), likelihood="bernoulli")
     with pytest.raises(CheckpointError, match="shape"):
-        M2(vae_checkpoint=str(vae_checkpoint), input_shape=(3, 32, 32))
+        M1M2(vae_checkpoint=str(vae_checkpoint), input_shape=(3, 32, 32))
 
 
 def test_m2_config_debug_run_through_the_command(tmp_path: Path, shared_mnist_dir: Path) -> None:
@@ -534,7 +534,7 @@ def test_ema_weights_leave_the_frozen_encoder_out_of_the_update(m1m2_run, make_d
     the averaged model still holds M1's frozen encoder unchanged."""
     from ssvae_pl.callbacks import EMAWeights
 
-    model = M2(vae_hparams=m1m2_run[0].hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16],
+    model = M1M2(vae_hparams=m1m2_run[0].hparams.vae_hparams, hidden_dims=[16], classifier_hidden_dims=[16],
                latent_dim=3, m1_active_threshold=m1m2_run[0].hparams.m1_active_threshold)
     encoder = {k: v.clone() for k, v in model.m1_encoder.state_dict().items()}
     ema, updated = EMAWeights(0.9), []

@@ -17,7 +17,7 @@ from conftest import SYNTHETIC, write_synthetic_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_CONFIGS = REPO / "configs" / "mnist"
-PUBLIC = ("VAE", "LatentClassifier", "M2", "SemiSupervisedDataModule")
+PUBLIC = ("VAE", "LatentClassifier", "M2", "M1M2", "SemiSupervisedDataModule")
 
 
 def test_the_classes_import_from_the_package_and_import_ssvae_pl_stays_light() -> None:
@@ -161,15 +161,17 @@ def loader_batch(request, make_dm):
 
 
 def tiny(name: str, vae_checkpoint: Path):
-    from ssvae_pl.models import M2, VAE, LatentClassifier
+    from ssvae_pl.models import M1M2, M2, VAE, LatentClassifier
 
     torch.manual_seed(0)
     if name == "vae":
         return VAE(hidden_dims=[16], latent_dim=3)
     if name == "latent_classifier":
         return LatentClassifier(vae_checkpoint=str(vae_checkpoint), hidden_dims=[8])
-    m1m2 = dict(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=0) if name == "m1m2" else {}
-    return M2(hidden_dims=[16], classifier_hidden_dims=[8], latent_dim=3, **m1m2)
+    if name == "m1m2":
+        return M1M2(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=0, hidden_dims=[16],
+                    classifier_hidden_dims=[8], latent_dim=3)
+    return M2(hidden_dims=[16], classifier_hidden_dims=[8], latent_dim=3)
 
 
 METHODS = {  # what takes images, by model

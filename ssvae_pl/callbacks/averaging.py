@@ -10,19 +10,14 @@ from ssvae_pl.errors import ConfigError
 
 
 class EMAWeights(WeightAveraging):
-    """An exponential moving average of the trainable weights (Polyak averaging): w_avg <- decay * w_avg +
-    (1 - decay) * w after every training step. Validation, testing and every checkpoint's ``state_dict`` use the
-    average; the current weights travel in the checkpoint too, so a resumed fit continues both (Lightning's
-    ``WeightAveraging``). Buffers are not averaged (the models have no batch statistics).
-
-    ``every_n_steps`` = n updates the average once every n steps instead, with the decay of n steps:
-    w_avg <- decay^n * w_avg + (1 - decay^n) * w, the same average as n single steps if w had stayed where it is
-    now; with decay 0.999 (a horizon of 1,000 steps) and n = 4 the two differ by far less than one step's change of
-    w. The average catches up on the steps since its last update before every validation, checkpoint and the end
-    of training, so what is validated and saved is never more than that approximation behind.
-
-    The update is one foreach product over the trainable weights; frozen ones (M1's encoder in M1+M2, 26 times
-    M2's own weights) never change, so their average stays their value and they are left out."""
+    """An exponential moving average of the trainable weights (Polyak averaging, Lightning's ``WeightAveraging``):
+    w_avg <- decay * w_avg + (1 - decay) * w after every training step. Validation, testing and every checkpoint's
+    ``state_dict`` use the average; the current weights are checkpointed too, so a resumed fit continues both.
+    Buffers are not averaged (no batch statistics), nor are frozen weights (e.g. M1's encoder in M1+M2): they never
+    change. ``every_n_steps`` = n updates once every n steps with the decay of n steps, w_avg <- decay^n * w_avg +
+    (1 - decay^n) * w, close to n single updates while n is small against the horizon 1 / (1 - decay); the average
+    catches up on the skipped steps before every validation, checkpoint and the end of training. ``ConfigError``
+    unless 0 < ``decay`` < 1 and ``every_n_steps`` >= 1."""
 
     def __init__(self, decay: float = 0.999, every_n_steps: int = 1) -> None:
         if not 0 < decay < 1:

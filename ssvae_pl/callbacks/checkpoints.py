@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.models.declares import monitor_of
+from ssvae_pl.models.declares import AsksModel, check_declared, metrics_of, monitor_of
 
 
 def run_folder(trainer: pl.Trainer) -> Path | None:
@@ -71,20 +72,28 @@ class LastCheckpoint(RunCheckpoint):
         return None if self.dirpath is None else str(Path(self.dirpath) / f"last{self.FILE_EXTENSION}")
 
 
-class BestCheckpoint(RunCheckpoint):
+class BestCheckpoint(AsksModel, RunCheckpoint):
     """``checkpoints/best-epochNNN.ckpt``: the best epoch by the metric the model declares (``monitor()``:
     ``val/elbo`` for the VAE, ``val/acc`` for the classifiers), read when fitting starts, so one callback serves
-    every model; none for a model that declares no monitor."""
+    every model; none for a model that declares no monitor. ``monitor`` (with ``mode``) names another of the
+    model's declared metrics (``metrics()``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: str | None = None, mode: Literal["max", "min"] = "max") -> None:
         super().__init__(monitor="val/acc", mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+        self.asked = None if monitor is None else (monitor, mode)
 
     @property
     def state_key(self) -> str:
         return "BestCheckpoint"
 
+    def check(self, model: pl.LightningModule) -> None:
+        if self.asked is not None:
+            check_declared(model, [self.asked[0]], metrics_of(model), "validation metric",
+                           "trainer.callbacks.BestCheckpoint.monitor")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        declared = monitor_of(pl_module)
+        self.check(pl_module)
+        declared = monitor_of(pl_module) if self.asked is None else self.asked
         self.monitor, self.mode = declared if declared is not None else (None, "max")
         self.kth_value = torch.tensor(float("inf") if self.mode == "min" else -float("inf"))
         if declared is None:  # nothing to rank by: no best checkpoint (last.ckpt is written all the same)

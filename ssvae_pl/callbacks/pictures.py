@@ -15,7 +15,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ssvae_pl.callbacks.checkpoints import run_folder
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.models.declares import latent_name_of, pictures_of
+from ssvae_pl.models.declares import AsksModel, check_declared, latent_name_of, pictures_of
 from ssvae_pl.prediction import class_names
 
 
@@ -81,7 +81,7 @@ class _EveryNValidations(pl.Callback):
         raise NotImplementedError
 
 
-class GenerativeImages(_EveryNValidations):
+class GenerativeImages(AsksModel, _EveryNValidations):
     """Image grids of a generative model (the VAE, M2 on images), made with torchvision's ``make_grid``:
 
     * ``images/reconstructions``: ``num_images`` validation images (top row) above their reconstructions;
@@ -89,17 +89,27 @@ class GenerativeImages(_EveryNValidations):
     * ``images/class_samples`` (M2): one row per class, ``num_samples`` images from p(x|y,z), z ~ p(z);
     * ``images/analogies`` (M2, SSDGM fig. 1): each validation image, then its z decoded with every class.
 
-    Models that do not generate images (the latent classifier, M1+M2) are skipped. Every 10 epochs (and at
-    ``max_epochs``) by default, like the other pictures."""
+    Each that the model declares, or those of ``pictures`` (each one the model must declare). Models that do not
+    generate images (the latent classifier, M1+M2) are skipped. Every 10 epochs (and at ``max_epochs``)."""
 
-    def __init__(self, every_n_epochs: int = 10, num_images: int = 8, num_samples: int = 10) -> None:
+    def __init__(self, every_n_epochs: int = 10, num_images: int = 8, num_samples: int = 10,
+                 pictures: list[str] | None = None) -> None:
         super().__init__(every_n_epochs, num_images)
         if num_samples <= 0:
             raise ConfigError(f"GenerativeImages.num_samples must be positive, got {num_samples}.")
-        self.num_samples = num_samples
+        self.num_samples, self.pictures = num_samples, pictures
+
+    def check(self, model: pl.LightningModule) -> None:
+        if self.pictures is not None:
+            check_declared(model, self.pictures, pictures_of(model), "picture",
+                           "trainer.callbacks.GenerativeImages.pictures")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check(pl_module)
 
     def draw(self, writer, pl_module, x, y, step):
         shows, x, names = pictures_of(pl_module), x.float(), class_names_of(pl_module)
+        shows = shows if self.pictures is None else shows & set(self.pictures)
         if "reconstructions" in shows:
             writer.add_figure("images/reconstructions", _grid_figure(
                 torch.cat([x, pl_module.reconstruct(x)]), len(x), "validation images and their reconstructions",

@@ -1,174 +1,36 @@
 """``SemiSupervisedDataModule``: mixed labelled/unlabelled training batches from images held in memory.
 
-Every training batch is ``{"labelled": (x, y), "unlabelled": x}``: an epoch is one pass over the unlabelled images
-(a ``DataLoader``, sharded across ranks by Lightning under DDP), each step paired with the next batch of an endless
-labelled stream (``LabelledStream``: consecutive reshuffles of the whole labelled subset, never sharded, so every
-rank trains on the same labels). Lightning's ``CombinedLoader`` in ``min_size`` mode zips the two.
-Validation and test batches are ``(x, y)``; predict batches are the test set's ``(x, y)``, or the images ``x``
-alone of a folder of the user's own (``predict_dir``, read by ``image_folder.py``), whose files are named in
-``predict_files`` in the batches' order.
-
-The images come from an ``ImageSource`` (``sources/``): a named dataset (MNIST, Fashion-MNIST, KMNIST, SVHN,
-CIFAR-10) or the user's folders (``image_folder.ImageFolder``). A large folder stays on disk and streams through
-the unlabelled DataLoader's workers; its labelled, validation and test images are always held in memory.
-
-The fast path: the images stay uint8 tensors, in host memory or (``device: auto`` on a GPU) on the accelerator;
-a batch is gathered by index in one tensor operation; conversion to floats in [0, 1] and dynamic binarisation
-happen on the training device, in ``on_after_batch_transfer``. Outside a Trainer, ``to_model_input`` does the same.
+A training batch is ``{"labelled": (x, y), "unlabelled": x}``: an epoch is one pass over the unlabelled images
+(sharded across ranks under DDP), each step zipped (``CombinedLoader``, ``min_size``) with the next batch of an
+endless ``LabelledStream`` that every rank draws from whole. Validation and test batches are ``(x, y)``; predict
+batches the test set's, or the images of the user's ``predict_dir`` (named in ``predict_files``).
+The images come from an ``ImageSource`` (``sources/``, or ``image_folder.ImageFolder``) and stay uint8, on the
+host or the GPU; ``on_after_batch_transfer`` makes them floats in [0, 1] (binarised afresh under ``dynamic``) on
+the training device, as ``to_model_input`` does outside a Trainer.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from ssvae_pl.data.batches import EpochShuffle, InMemoryImages, LabelledStream, _batch_as_is, binarize_once, to_model_input
 from ssvae_pl.data.image_folder import FolderImages, load_image_folder
-from ssvae_pl.data.labelled import Split, make_split
+from ssvae_pl.data.labelled import Split, make_split, write_split_record
 from ssvae_pl.data.preprocess import Invert, Preprocessing, Resize, preprocessing_of
 from ssvae_pl.data.sources import ImageSource, named
 from ssvae_pl.data.sources.base import OnError
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.files import atomic_output
-
-log = logging.getLogger(__name__)
 
 Binarize = Literal["dynamic", "static", "none"]
 LABELLED_INDICES_FILE = "labelled_indices.json"
-
-
-def _batch_as_is(batch):
-    """``collate_fn`` for datasets whose ``__getitems__`` (or iterator) already returns a whole batch."""
-    return batch
-
-
-def binarize(x: torch.Tensor) -> torch.Tensor:
-    """A Bernoulli sample of x in [0, 1], elementwise, as floats: 1 where a uniform draw u in [0, 1) is below x.
-    The same law as ``torch.bernoulli(x)``, whose CPU kernel is slower (docs/why-cpu-kernels.md)."""
-    return (torch.rand_like(x) < x).to(x.dtype)
-
-
-def to_model_input(batch: Any, dynamic: bool = False) -> Any:
-    """uint8 images anywhere in ``batch`` -> float32 in [0, 1], on the device they are on; with ``dynamic`` each is
-    replaced by a fresh Bernoulli sample of itself (the paper's dynamic binarisation). Labels pass through."""
-
-    def convert(images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        return binarize(x) if dynamic else x
-
-    return apply_to_collection(batch, torch.Tensor, lambda t: convert(t) if t.dtype == torch.uint8 else t)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the GPU's, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:  # MemAvailable counts the page cache the kernel would give up
-        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _indices_on(device: torch.device, indices) -> torch.Tensor:
-    """Batch indices as an int64 tensor on ``device``. To a GPU they travel from pinned memory without blocking, so
-    the host never waits for the device between training steps."""
-    idx = torch.as_tensor(indices, dtype=torch.int64)
-    return idx if device.type == "cpu" else idx.pin_memory().to(device, non_blocking=True)
-
-
-class InMemoryImages(Dataset):
-    """uint8 images (N, C, H, W) and optional labels (N,), on the CPU or an accelerator. A batch is gathered by
-    index in one tensor operation and stays uint8 (a quarter of float32's bytes to move); see ``to_model_input``."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitems__(self, indices: list[int]):
-        idx = _indices_on(self.images.device, indices)
-        images = self.images[idx]
-        if isinstance(images, FolderImages):  # left on disk: decoded now (in a worker, when there are some)
-            images = images.load()
-        return images if self.labels is None else (images, self.labels[idx])
-
-    def __getitem__(self, index: int):
-        batch = self.__getitems__([index])
-        return batch[0] if self.labels is None else (batch[0][0], batch[1][0])
-
-
-class LabelledStream(IterableDataset):
-    """Endless labelled batches ``(x uint8, y)``: consecutive random permutations of all the labelled images, cut
-    into batches of ``batch_size``. A batch may span two permutations, so every batch is full and every image is
-    drawn equally often. The stream goes on across epochs (each epoch's iterator continues it); its own generator,
-    seeded by the data seed and the rank, orders it. Never sharded: under DDP every rank draws from the whole
-    labelled subset. Iterate it in the main process only (``num_workers=0``): workers would copy the stream."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self._pending = torch.empty(0, dtype=torch.int64)  # the rest of the current permutation
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            while len(self._pending) < self.batch_size:
-                self._pending = torch.cat([self._pending, torch.randperm(len(self.images), generator=self.generator)])
-            idx, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
-            idx = _indices_on(self.images.device, idx)
-            yield self.images[idx], self.labels[idx]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state(), "pending": self._pending.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-        self._pending = state["pending"].clone()
-
-
-class EpochShuffle(RandomSampler):
-    """A shuffle that depends on (seed, epoch) alone (Lightning calls ``set_epoch`` before each epoch), so that a run
-    resumed at an epoch boundary sees the order the uninterrupted run saw. Under DDP Lightning replaces it by a
-    ``DistributedSampler``, seeded the same way (``seed_everything`` + epoch)."""
-
-    def __init__(self, data_source, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        return super().__iter__()
-
-
-def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """One fixed Bernoulli sample of uint8 images, as uint8 in {0, 255}."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(images.float() / 255.0, generator=generator).to(torch.uint8) * 255
-
-
-def _same_split(path: Path, record: dict[str, Any]) -> bool:
-    """Whether the split recorded at ``path`` is ``record``: the same images labelled and held out. A record that
-    cannot be read is one ``ConfigError`` naming it (it is not another run's split)."""
-    try:
-        return json.loads(path.read_text()) == record
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:80]}), so this run's labelled "
-                          "subset cannot be checked against it; restore it from a copy, or start a new run with "
-                          "--trainer.logger.init_args.version <name>.") from None
 
 
 class SemiSupervisedDataModule(pl.LightningDataModule):
@@ -257,7 +119,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.split: Split | None = None
         self.pool_files: list[str] | None = None  # image_folder: each training image's path, in the pool's order
         self._train_images = self._train_labels = self._test_images = self._test_labels = None
-        self._train_features: torch.Tensor | None = None  # cache_training_features, for one fit
+        self._train_features: torch.Tensor | None = None  # use_training_features, for one fit
         self._feature_row: torch.Tensor | None = None  # image index -> row of _train_features
         self._val_images = self._val_labels = None
         self._predict_images = self._predict_labels = None
@@ -333,12 +195,12 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             self._setup_predict()
             return
         if self.split is not None:
-            self._hold_on(self._holding_device())
+            self._hold_on(self.holding_device)
             return
         if stage == "test":  # the test images alone: the training images are not read
             if self._test_images is None:
                 self._test_images, self._test_labels = self._read_test_set()
-            self._hold_on(self._holding_device())
+            self._hold_on(self.holding_device)
             return
         hp = self.hparams
         train_images, self._train_labels, self.pool_files = self.source.train_split(self.preprocessing(), hp.on_error)
@@ -369,7 +231,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 f"training images; set --data.labelled_batch_size {len(self.split.labelled)} or less."
             )
         self._record_split()
-        self._hold_on(self._holding_device())
+        self._hold_on(self.holding_device)
 
     def _read_test_set(self, required: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The source's test images, binarised as evaluation's are (``_fixed_sample``); (None, None) where it has
@@ -407,12 +269,14 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 self._predict_images, self._predict_labels = self._test_images, self._test_labels
             else:
                 self._predict_images, self._predict_labels = self._read_test_set()
-        device = self._holding_device()
+        device = self.holding_device
         self._predict_images = self._predict_images.to(device)
         if self._predict_labels is not None:
             self._predict_labels = self._predict_labels.to(device)
 
-    def _holding_device(self) -> torch.device:
+    @property
+    def holding_device(self) -> torch.device:
+        """Where the images (or the features that replace them) are held: an accelerator with ``device: auto``."""
         cpu = torch.device("cpu")
         if self.hparams.device == "cpu" or self.hparams.num_workers > 0 or self.trainer is None \
                 or isinstance(self._train_images, FolderImages):
@@ -445,7 +309,6 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def _write_split(self, log_dir: Path) -> None:
         hp, split = self.hparams, self.split
         path = log_dir / LABELLED_INDICES_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "dataset": hp.dataset,
             "seed": hp.seed,
@@ -459,46 +322,37 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         if self.pool_files is not None:  # image_folder: the indices are into these files
             record["labelled_files"] = [self.pool_files[i] for i in split.labelled.tolist()]
             record["val_files"] = [self.pool_files[i] for i in split.val.tolist()]
-        text = json.dumps(record)
-        if path.is_file():  # a resumed run finds its own record; another run's is never overwritten
-            if _same_split(path, record):
-                return
-            raise ConfigError(
-                f"the run folder {log_dir.resolve()} already holds a run with another labelled subset ({path.name} "
-                "differs); pick a new "
-                "folder with --trainer.logger.init_args.version <name>."
-            )
-        with atomic_output(path, overwrite=False) as temporary:
-            temporary.write_text(text)
-        log.info("labelled indices written to %s", path)
+        write_split_record(path, record)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           collate_fn=_batch_as_is, num_workers=workers, persistent_workers=workers > 0)
 
-    def cache_training_features(self, features: Callable[[torch.Tensor], torch.Tensor], row_numel: int,
-                                device: torch.device, field: str) -> None:
-        """Train this fit on ``features`` of the training images instead of the images, computed once (on
-        ``device``) and held where the images are: ``features`` maps images as floats in [0, 1] (B, C, H, W) to
-        float32 rows (B, ...) of ``row_numel`` numbers. Only the training split's images (labelled ones included)
-        are read; validation images never enter the cache. M1+M2 caches M1's posterior this way. Refused, naming
-        ``field``, when the rows would take more than half the free memory there; dropped when the fit ends."""
-        holder = self._holding_device()
-        used = torch.unique(torch.cat([self.split.train, self.split.labelled]))
-        need, free = len(used) * row_numel * 4, free_memory(holder)
-        if need > free // 2:
-            raise ConfigError(
-                f"{field}: the cache of {len(used)} training images would take {need / 2**30:.2f} GiB, "
-                f"more than half of the {free / 2**30:.2f} GiB free on {holder}; lower {field}, or turn the cache "
-                f"off with --{field} off.")
-        rows = []
-        for idx in used.split(1000):
+    def training_images(self, chunk: int = 1000) -> Iterator[torch.Tensor]:
+        """The training split's images (labelled ones included, validation ones never), as floats in [0, 1] on
+        ``holding_device``, ``chunk`` at a time, in the order ``use_training_features`` takes their rows."""
+        for idx in self._training_split().split(chunk):
             images = self._train_images[idx.to(self._train_images.device)]
             if isinstance(images, FolderImages):
                 images = images.load()
-            rows.append(features(to_model_input(images.to(device))).to(holder))
-        self._train_features = torch.cat(rows)
+            yield to_model_input(images)
+
+    def _training_split(self) -> torch.Tensor:
+        return torch.unique(torch.cat([self.split.train, self.split.labelled]))
+
+    @property
+    def num_training_images(self) -> int:
+        """How many images ``training_images`` yields."""
+        return len(self._training_split())
+
+    def use_training_features(self, rows: torch.Tensor) -> None:
+        """Train this fit on ``rows`` (one per image of ``training_images``, in its order) in place of the images,
+        held on ``holding_device``; dropped when the fit ends. M1+M2 hands its cached posterior of M1 this way."""
+        used = self._training_split()
+        if len(rows) != len(used):
+            raise ValueError(f"use_training_features needs {len(used)} rows, one per training image; got {len(rows)}.")
+        self._train_features = rows.to(self.holding_device)
         self._feature_row = torch.full((len(self._train_images),), -1, dtype=torch.long)
         self._feature_row[used] = torch.arange(len(used))
 

@@ -1,17 +1,13 @@
 """The user's own images, from folders: to train on (``ImageFolder``, a ``data.dataset`` given by class path) and
-to predict (``ssvae predict --data.predict_dir my_images/``).
+to predict (``ssvae predict --data.predict_dir my_images/``). Each image, of any size, mode or format, becomes uint8
+(C, H, W) of the model's input shape by ``Preprocessing`` (``preprocess.py``); the data module scales it to [0, 1]
+on the device (and, for training, binarises it if ``data.binarize`` asks).
 
-An image of any size, mode or format becomes uint8 (C, H, W) of the model's input shape by ``Preprocessing``
-(``preprocess.py``: read, invert, pad or crop, resize). The data module then scales it to [0, 1] on the device
-(and, for training, binarises it if ``data.binarize`` asks).
-
-Training folders (``image_folder_pool``): ``labelled_dir`` holds one sub-folder per class, as torchvision's
-``ImageFolder`` reads it (the classes are the sorted sub-folder names); ``unlabelled_dir`` any tree of images.
-Small folders are decoded once into one uint8 tensor (``in_memory``); large ones stay on disk as ``FolderImages``,
-decoded batch by batch in the DataLoader's workers. Files that cannot be read, or are not images, are listed and
-either stop the run before anything trains (``on_error: fail``) or are left out with one warning that lists them
-(``skip``).
-"""
+Training folders (``image_folder_pool``): ``labelled_dir`` holds one sub-folder per class (torchvision's
+``ImageFolder`` layout; the classes are the sorted sub-folder names), ``unlabelled_dir`` any tree of images. Small
+folders are decoded once into one uint8 tensor (``in_memory``), large ones batch by batch in the DataLoader's workers
+(``FolderImages``). Unreadable or non-image files are listed and either stop the run before anything trains
+(``on_error: fail``) or are left out with one warning that lists them (``skip``)."""
 
 from __future__ import annotations
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from ssvae_pl.errors import ConfigError
+from ssvae_pl.files import atomic_output
+
+log = logging.getLogger(__name__)
 
 
 UNLABELLED = -1  # the label of an image that has none (an image folder's unlabelled_dir)
@@ -89,3 +95,23 @@ def make_split(labels: torch.Tensor, num_labelled: int | None, num_classes: int,
     else:
         labelled = class_balanced_subset(labels, train, num_labelled, num_classes, generator)
     return Split(train=train, val=val, labelled=labelled)
+
+
+def write_split_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a run's split (``labelled_indices.json``) at ``path``. A resumed run finds its own record there and
+    leaves it; another run's record is never overwritten (one ``ConfigError``), nor one that cannot be read."""
+    if path.is_file():
+        try:
+            same = json.loads(path.read_text()) == record
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:80]}), so this run's labelled "
+                              "subset cannot be checked against it; restore it from a copy, or start a new run with "
+                              "--trainer.logger.init_args.version <name>.") from None
+        if same:
+            return
+        raise ConfigError(f"the run folder {path.parent.resolve()} already holds a run with another labelled subset "
+                          f"({path.name} differs); pick a new folder with --trainer.logger.init_args.version <name>.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, overwrite=False) as temporary:
+        temporary.write_text(json.dumps(record))
+    log.info("labelled indices written to %s", path)

@@ -1,17 +1,13 @@
-"""How an image file of any size, mode or format becomes a model input: one ``Preprocessing`` for the user's
-training folders, ``ssvae predict``'s folder and the exports (``ssvae export`` writes its ``spec()`` beside the
-model, and the README's ONNX Runtime snippet follows it with Pillow and NumPy alone).
-
-1. Read with Pillow; grey of 16 bits scaled to 8 (round(v / 257); float in [0, 1] times 255); transparency
-   composited over white (a page); converted to grey (``L``, C = 1) or ``RGB``.
-2. Inverted when ``invert`` is true, or when it is ``auto`` and the border band (1/14 of the shorter side, at least
-   one pixel: 2 of 28) is brighter than 127.5 on average: MNIST's digits are light on black.
-3. Fitted to H x W, bilinear and antialiased (Pillow): ``pad`` resizes to fit and pads with the border band's mean
-   colour, rounded (``ImageOps.pad``; a digit keeps its shape); ``crop`` takes the centre (``ImageOps.fit``;
-   photos); ``stretch`` resizes; ``content`` first crops to the content (``content_square``: a digit on a wide
-   page), then pads as ``pad`` does, with the whole image's border colour.
-4. uint8 (C, H, W); the model's input is that divided by 255, float32 (the data module does it on the device).
-"""
+"""An image file of any size, mode or format to a model input: one ``Preprocessing`` for training folders, ``ssvae
+predict`` and the exports (``ssvae export`` writes its ``spec()``, which the README's ONNX Runtime snippet follows).
+1. Read with Pillow; 16-bit grey scaled to 8 (round(v / 257); floats in [0, 1] times 255); transparency composited
+   over white; converted to grey (``L``, C = 1) or ``RGB``.
+2. Inverted if ``invert`` is true, or ``auto`` and the border band (1/14 of the shorter side, at least one pixel)
+   averages above 127.5 (MNIST's digits are light on black).
+3. Fitted to H x W, bilinear, antialiased: ``pad`` resizes to fit and pads with the band's mean colour, rounded
+   (``ImageOps.pad``); ``crop`` takes the centre (``ImageOps.fit``); ``stretch`` resizes; ``content`` crops to the
+   content (``content_square``), then pads as ``pad`` does, with the whole image's border colour.
+4. uint8 (C, H, W); the model's input is that / 255 in float32 (the data module does it on the device)."""
 
 from __future__ import annotations
 

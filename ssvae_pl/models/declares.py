@@ -1,10 +1,13 @@
-"""What a model declares to the callbacks: the pictures it can show, the name of its latent, and the metric that
-picks its best checkpoint. A LightningModule that declares nothing trains, tests and writes ``last.ckpt``; it gets
-no pictures and no ``best-epochNNN.ckpt``."""
+"""What a model declares to the callbacks: the pictures it can show, the name of its latent, the validation metrics
+it logs and the one that picks its best checkpoint. A LightningModule that declares nothing trains, tests and writes
+``last.ckpt``; it gets no pictures and no ``best-epochNNN.ckpt``. A config that asks a callback for a picture or a
+metric the model does not declare gets one ``ConfigError`` naming it (``check_declared``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
+
+from ssvae_pl.errors import ConfigError
 
 PICTURES = frozenset({
     "reconstructions",  # images/reconstructions: needs reconstruct(x)
@@ -30,6 +33,11 @@ class Declares:
     def monitor(self) -> tuple[str, str] | None:
         return None
 
+    def metrics(self) -> frozenset[str]:
+        """The validation metrics it logs (any of them can rank checkpoints); by default its monitor alone."""
+        declared = self.monitor()
+        return frozenset() if declared is None else frozenset({declared[0]})
+
 
 def pictures_of(model: Any) -> frozenset[str]:
     """The pictures ``model`` declares (none for a model without ``Declares``)."""
@@ -42,3 +50,28 @@ def monitor_of(model: Any) -> tuple[str, str] | None:
 
 def latent_name_of(model: Any) -> str:
     return model.latent_name() if isinstance(model, Declares) else f"{type(model).__name__}'s latent"
+
+
+def metrics_of(model: Any) -> frozenset[str]:
+    """The validation metrics ``model`` declares, with ``val/knn_acc`` where it asks for the k-NN probe."""
+    if not isinstance(model, Declares):
+        return frozenset()
+    return model.metrics() | ({"val/knn_acc"} if "knn_probe" in model.pictures() else set())
+
+
+def check_declared(model: Any, asked: Iterable[str], declared: frozenset[str], what: str, field: str) -> None:
+    """One ``ConfigError`` naming ``field`` if ``asked`` holds a ``what`` (picture, metric) that ``model`` does not
+    declare; a module without ``Declares`` is taken at its word."""
+    missing = sorted(set(asked) - declared)
+    if missing and isinstance(model, Declares):
+        shown = ", ".join(sorted(declared)) or "none"
+        raise ConfigError(f"{field}: {type(model).__name__} has no {what} {', '.join(map(repr, missing))} (it has: "
+                          f"{shown}); name one of those, or leave {field.rsplit('.', 1)[-1]} out for the model's own.")
+
+
+class AsksModel:
+    """A callback that a config points at something the model declares: ``check(model)`` raises one
+    ``ConfigError`` for what the model lacks. ``ssvae`` calls it before anything is written; ``setup`` too."""
+
+    def check(self, model: Any) -> None:
+        raise NotImplementedError

@@ -167,6 +167,9 @@ class LatentClassifier(Declares, pl.LightningModule):
     def monitor(self) -> tuple[str, str]:
         return "val/acc", "max"
 
+    def metrics(self) -> frozenset[str]:
+        return frozenset({"val/acc", "val/loss"})
+
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_classifier.yaml's Adam at 3e-3."""
         return torch.optim.Adam(self.classifier.parameters(), lr=3e-3)

@@ -270,6 +270,10 @@ class VAE(Declares, pl.LightningModule):
     def monitor(self) -> tuple[str, str]:
         return "val/elbo", "max"
 
+    def metrics(self) -> frozenset[str]:
+        bits = {"val/bits_per_dim"} if self.likelihood != "bernoulli" else set()
+        return frozenset({"val/elbo", "val/recon", "val/kl", "val/active_units", *bits})
+
     def configure_optimizers(self):
         """Used when no ``optimizer`` is given (a plain ``Trainer``): configs/mnist/m1_vae.yaml's fused Adam at 1e-3."""
         return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)

@@ -1,20 +1,13 @@
-"""The colour datasets (3 x 32 x 32): CIFAR-10 and SVHN (``data.dataset: cifar10``, ``svhn``), in torchvision's
-layout under ``root``:
-
-* ``cifar10``: ``<root>/cifar-10-batches-py/`` holding ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` and
-  ``batches.meta``, the Python pickles of the official archive (read with an unpickler that can only rebuild
-  numpy arrays: ``data`` uint8 (N, 3072) of red, green and blue planes, ``labels`` in 0..9).
-* ``svhn``: ``<root>/SVHN/train_32x32.mat`` and ``test_32x32.mat``, the cropped digits (``extra`` is not used),
-  read with scipy: ``X`` uint8 (32, 32, 3, N), ``y`` (N, 1) in 1..10, where 10 is the digit 0 (as torchvision
-  reads it).
-
-The file names, URLs and official md5s are torchvision's (``CIFAR10.train_list``, ``SVHN.split_list``). The files
-are read here rather than by torchvision's classes, which re-check the md5 whenever they are built, so that
-``check_md5=False`` loads files of one's own in the same layout. Sources, in order: the files already there (each
-non-empty and, with ``check_md5``, of the official md5; a present file that fails is never deleted or
-overwritten); for CIFAR-10, ``<root>/cifar-10-python.tar.gz`` if it is there; torchvision's download (with
-``download``). One ``DataSourceError`` lists what was tried and which files to put where.
-"""
+"""The colour datasets (3 x 32 x 32), ``data.dataset: cifar10`` or ``svhn``, in torchvision's layout under ``root``:
+* ``cifar10``: ``<root>/cifar-10-batches-py/`` (``data_batch_1`` .. ``5``, ``test_batch``, ``batches.meta``), the
+  official pickles, read by an unpickler that only rebuilds numpy arrays (``data`` uint8 (N, 3072) of R, G, B
+  planes; ``labels`` in 0..9);
+* ``svhn``: ``<root>/SVHN/train_32x32.mat``, ``test_32x32.mat`` (not ``extra``), read with scipy: ``X`` uint8
+  (32, 32, 3, N), ``y`` (N, 1) in 1..10, where 10 is the digit 0.
+Names, URLs and md5s are torchvision's; the files are read here (its classes re-check md5s whenever built), so
+``check_md5=False`` loads one's own files. Sources in order: files already there (non-empty and, with ``check_md5``,
+of the official md5; one that fails is never deleted or overwritten); for CIFAR-10, ``<root>/cifar-10-python.tar.gz``;
+torchvision's download (with ``download``). Else one ``DataSourceError`` lists what was tried and what to put where."""
 
 from __future__ import annotations
 

