@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_synthetic_mnist
+from helpers.synthetic import write_synthetic_mnist
 from helpers.cli import ssvae_here
 from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE
 
@@ -60,7 +60,7 @@ def cli_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def debug_vae_run(tmp_path_factory: pytest.TempPathFactory, cli_data: Path):
     """``ssvae fit -c m1_vae.yaml -c debug.yaml`` once, in an empty folder: (result, folder)."""
     cwd = tmp_path_factory.mktemp("debug_run")
-    return ssvae(cwd, "fit", "-c", VAE_CONFIG, "-c", DEBUG, *data_args(cli_data), *TINY_VAE), cwd
+    return ssvae_here(cwd, "fit", "-c", VAE_CONFIG, "-c", DEBUG, *data_args(cli_data), *TINY_VAE), cwd
 
 
 def test_debug_preset_fit_runs(debug_vae_run) -> None:
@@ -110,13 +110,14 @@ def test_two_stage_m1_and_self_contained_classifier_checkpoint(tmp_path: Path, c
 
 
 def test_help_and_print_config(tmp_path: Path) -> None:
-    """``ssvae --help`` lists the subcommands; ``--print_config`` prints the merged config as YAML."""
+    """``ssvae --help`` (the installed command, in a process of its own) lists the subcommands; ``--print_config``
+    prints the merged config as YAML."""
     helped = ssvae(tmp_path, "--help")
     ok(helped)
     for subcommand in ("fit", "validate", "test", "predict"):
         assert subcommand in helped.stdout
 
-    printed = ssvae(tmp_path, "fit", "-c", VAE_CONFIG, "--print_config")
+    printed = ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, "--print_config")
     ok(printed)
     assert "num_labelled" in printed.stdout
     config = yaml.safe_load(printed.stdout)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from colour_data import write_synthetic_colour
+from helpers.colour_data import write_synthetic_colour
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "presets" / "debug.yaml")

@@ -1,5 +1,5 @@
 """Tests of the colour datasets of ssvae_pl.data.sources (CIFAR-10 and SVHN) on small synthetic files in
-torchvision's layout (tests/colour_data.py), and of every dataset's class names. No network."""
+torchvision's layout (tests/helpers/colour_data.py), and of every dataset's class names. No network."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torchvision
 
-from colour_data import pack_cifar_archive, write_synthetic_colour
+from helpers.colour_data import pack_cifar_archive, write_synthetic_colour
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
-from conftest import ensure, load
+from helpers.synthetic import ensure, load
 from ssvae_pl.data.sources import NAMED, DataSourceError, colour, named
 
 COLOUR = ["cifar10", "svhn"]

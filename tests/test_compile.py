@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import quiet_trainer
+from helpers.trainers import quiet_trainer
 from test_m2 import binary_images, tiny_m2
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models import M2

@@ -11,7 +11,8 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import CombinedLoader
 
-from conftest import N_TRAIN, SYNTHETIC, VAL_SIZE, quiet_trainer
+from helpers.synthetic import N_TRAIN, SYNTHETIC, VAL_SIZE
+from helpers.trainers import quiet_trainer
 from ssvae_pl.data.sources import idx as sources
 from ssvae_pl.data.batches import binarize, to_model_input
 from ssvae_pl.data.datamodule import LABELLED_INDICES_FILE, SemiSupervisedDataModule

@@ -21,7 +21,7 @@ TINY_M2 = ["--model.init_args.hidden_dims", "[16]", "--model.init_args.classifie
 def ssvae_probed(cwd: Path, probe_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SSVAE_PROBE_DIR": str(probe_dir),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([*COMMAND, *args, "--trainer.callbacks+=ddp_probe.ShardProbe"], cwd=cwd, env=env,
+    return subprocess.run([*COMMAND, *args, "--trainer.callbacks+=helpers.ddp_probe.ShardProbe"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

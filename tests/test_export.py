@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import quiet_trainer
+from helpers.trainers import quiet_trainer
 from ssvae_pl import export
 from ssvae_pl.data.sources import idx as sources
 from ssvae_pl.errors import CheckpointError, ExportError
 from ssvae_pl.export import export_classifier, load_classifier, load_torchscript
-from test_cli import assert_one_line_user_error, ok, ssvae
+from test_cli import assert_one_line_user_error, ok
+from helpers.cli import ssvae_here as ssvae
 from test_predict import predict, read_csv
 from test_python_api import readme_python
 

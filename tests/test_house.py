@@ -18,7 +18,7 @@ M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
 def test_a_model_that_declares_nothing_trains_tests_and_checkpoints(tmp_path: Path, home: Path) -> None:
     """No pictures, no probe, no best checkpoint (nothing to rank by), and last.ckpt written and tested."""
     config = tmp_path / "own.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "faulty_models.Undeclared"},
+    config.write_text(yaml.safe_dump({"model": {"class_path": "helpers.faulty_models.Undeclared"},
                                       "trainer": {"logger": {"init_args": {"name": "own"}}}}))
     common = ["-c", str(config), *data(home / "data")]
     assert run(tmp_path, "fit", *common, *ONE_STEP, "--trainer.max_epochs", "2") == 0

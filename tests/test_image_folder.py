@@ -1,5 +1,5 @@
 """``data.dataset: ImageFolder``: the user's own folders of images, through the data module and the ``ssvae``
-command (fit, test, predict with class names). The folders are small PNGs written by ``image_folders.py``."""
+command (fit, test, predict with class names). The folders are small PNGs written by ``helpers/image_folders.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from image_folders import CLASSES, write_image_folders
+from helpers.image_folders import CLASSES, write_image_folders
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule
 from ssvae_pl.data.image_folder import (FolderImages, ImageFolder, class_folders, image_folder_pool, labelled_folder,
                                         load_image_folder)
@@ -25,7 +25,8 @@ from ssvae_pl.data.sources import offline as offline_sources
 from ssvae_pl.data.sources.idx import IdxDataset
 from ssvae_pl.errors import ConfigError, ImageReadError
 from ssvae_pl.results import read_scalars
-from test_cli import assert_one_line_user_error, ssvae
+from test_cli import assert_one_line_user_error
+from helpers.cli import ssvae_here as ssvae
 
 REPO = Path(__file__).resolve().parents[1]
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")

@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
+from helpers.synthetic import SYNTHETIC
+from helpers.trainers import quiet_trainer, assert_restored_equals
 from ssvae_pl import elbo
 from ssvae_pl.callbacks import grid_figure_inches
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
@@ -19,7 +20,8 @@ from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import M1M2, M2, VAE
 from ssvae_pl.models.vae import FrozenEncoder, active_dims, load_frozen_encoder
 from ssvae_pl.nets import ConditionalGaussianEncoder, GaussianEncoder, ImageClassifier
-from test_cli import DEBUG, REPO, assert_one_line_user_error, data_args, ok, ssvae
+from test_cli import DEBUG, REPO, assert_one_line_user_error, data_args, ok
+from helpers.cli import ssvae_here as ssvae
 
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
 M1M2_CONFIG = str(REPO / "configs" / "mnist" / "m1m2.yaml")

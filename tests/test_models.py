@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SYNTHETIC, quiet_trainer, assert_restored_equals
+from helpers.synthetic import SYNTHETIC
+from helpers.trainers import quiet_trainer, assert_restored_equals
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input
 from ssvae_pl.errors import CheckpointError, ConfigError
 from ssvae_pl.models import VAE, LatentClassifier

@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import quiet_trainer
+from helpers.trainers import quiet_trainer
 from test_cli import DEBUG, REPO, TINY_VAE, data_args
 from test_m2 import K, binary_images, tiny_m2
 from ssvae_pl import best_precision, precision

@@ -15,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import quiet_trainer
+from helpers.trainers import quiet_trainer
 from ssvae_pl.data.sources import idx as sources
 from ssvae_pl.data.image_folder import find_images, load_image_folder
 from ssvae_pl.data.preprocess import Preprocessing
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.files import atomic_output
 from ssvae_pl.prediction import PredictionCSVWriter
-from test_cli import CLASSIFIER_CONFIG, assert_one_line_user_error, data_args, ok, ssvae
+from test_cli import CLASSIFIER_CONFIG, assert_one_line_user_error, data_args, ok
+from helpers.cli import ssvae_here as ssvae
 
 PROB_COLUMNS = [f"prob_{k}" for k in range(10)]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SYNTHETIC, write_synthetic_mnist
+from helpers.synthetic import SYNTHETIC, write_synthetic_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_CONFIGS = REPO / "configs" / "mnist"
@@ -243,7 +243,7 @@ def test_a_source_of_ones_own_is_chosen_by_class_path_and_kept_in_the_checkpoint
     from ssvae_pl.cli import main
 
     logs = tmp_path / "logs"
-    common = ["-c", str(MNIST_CONFIGS / "m2.yaml"), "--data.dataset", "own_source.Stripes", "--data.dataset.n", "120",
+    common = ["-c", str(MNIST_CONFIGS / "m2.yaml"), "--data.dataset", "helpers.own_source.Stripes", "--data.dataset.n", "120",
               "--data.num_labelled", "10", "--data.val_size", "20", "--data.batch_size", "20",
               "--data.labelled_batch_size", "10", "--model.init_args.hidden_dims", "[16]",
               "--model.init_args.classifier_hidden_dims", "[16]", "--model.init_args.latent_dim", "2",
@@ -253,6 +253,6 @@ def test_a_source_of_ones_own_is_chosen_by_class_path_and_kept_in_the_checkpoint
     checkpoint = torch.load(logs / "m2" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["class_names"] == ["row", "column"]
     assert checkpoint["hyper_parameters"]["input_shape"] == (1, 8, 8)
-    assert checkpoint["datamodule_hyper_parameters"]["dataset"] == {"class_path": "own_source.Stripes",
+    assert checkpoint["datamodule_hyper_parameters"]["dataset"] == {"class_path": "helpers.own_source.Stripes",
                                                                      "init_args": {"n": 120, "seed": 0}}
     main(["test", *common[:-2], "--ckpt_path", str(logs / "m2" / "run" / "checkpoints" / "last.ckpt")])

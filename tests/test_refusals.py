@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import write_synthetic_mnist
+from helpers.synthetic import write_synthetic_mnist
 from helpers.cli import ssvae_here
-from image_folders import write_image_folders
+from helpers.image_folders import write_image_folders
 from ssvae_pl import cli
 from ssvae_pl.data.sources import idx as sources
 from test_cli import COMMAND, REPO, TINY_VAE
@@ -352,7 +352,7 @@ def test_a_second_ctrl_c_is_one_line_with_the_last_checkpoint(tmp_path: Path, ho
     import signal
 
     previous = signal.getsignal(signal.SIGINT)
-    args = vae_fit(home, "--model.class_path", "faulty_models.SecondCtrlC", "--model.init_args.at", "3",
+    args = vae_fit(home, "--model.class_path", "helpers.faulty_models.SecondCtrlC", "--model.init_args.at", "3",
                    "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2")
     try:
         assert run(tmp_path, *args) == 130

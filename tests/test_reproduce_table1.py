@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import shutil
 import os
@@ -12,13 +13,14 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
 from ssvae_pl.results import read_scalars
 
-from conftest import write_synthetic_mnist
+from helpers.synthetic import write_synthetic_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "reproduce_table1.py"
@@ -270,6 +272,18 @@ def run_script(cwd: Path, *args: str, timeout: float = 240) -> subprocess.Comple
                           timeout=timeout)
 
 
+def run_here(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The script's ``main`` in this process (for the runs that start no fit), as ``run_script`` reports it."""
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = table1.main(list(args))
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess([str(SCRIPT), *args], code, out.getvalue(), err.getvalue())
+
+
 def test_tiny_sweep_end_to_end_then_skips_and_refuses_changed_settings(tmp_path: Path) -> None:
     """m1 and m1m2 at 100 labels, seed 0, one tiny epoch each: one shared VAE, the table, plot and caches; the same
     command again skips every stage; changed epochs are refused rather than mixed into the cached results."""
@@ -305,14 +319,14 @@ def test_tiny_sweep_end_to_end_then_skips_and_refuses_changed_settings(tmp_path:
     assert table in first.stdout  # printed at the end
 
     started = time.perf_counter()
-    second = run_script(tmp_path, *args)
+    second = run_here(tmp_path, *args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert time.perf_counter() - started < 30
     assert sum("skip" in line for line in second.stdout.splitlines() if line.startswith("[")) == 5
     assert json.loads((out / "results.json").read_text()) == cache
 
     more_epochs = ["2" if arg == "1" and args[i - 1] == "--epochs" else arg for i, arg in enumerate(args)]
-    changed = run_script(tmp_path, *more_epochs)
+    changed = run_here(tmp_path, *more_epochs)
     assert changed.returncode == 1
     assert "different command" in changed.stderr and "vae-seed0-fit" in changed.stderr
 

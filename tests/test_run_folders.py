@@ -16,9 +16,9 @@ import yaml
 
 from test_cli import CLASSIFIER_CONFIG, TINY_VAE, VAE_CONFIG, assert_one_line_user_error, cli_data, data_args, ok  # noqa: F401
 from helpers.cli import ssvae_here
-from test_trust import M2_CONFIG, QUIET, TINY_M2, load, ssvae, start, wait_for
+from test_trust import M2_CONFIG, QUIET, TINY_M2, load, start, wait_for
 
-SLOW_M2 = ["--model.class_path", "faulty_models.SlowM2", *TINY_M2, "--data.binarize", "dynamic",
+SLOW_M2 = ["--model.class_path", "helpers.faulty_models.SlowM2", *TINY_M2, "--data.binarize", "dynamic",
            "--trainer.limit_val_batches", "1", *QUIET]
 
 
@@ -43,7 +43,7 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_in_its_own_folder(tmp_
     assert command[0] == "ssvae" and command[-2:] == ["--ckpt_path", "last"]
     assert 5 < load(folder / "checkpoints" / "last.ckpt")["global_step"] < 10
 
-    ok(ssvae(tmp_path, *command[1:]))
+    ok(ssvae_here(tmp_path, *command[1:]))  # the printed command, run in this process
     assert sorted(p.name for p in (tmp_path / "lightning_logs" / "m2").iterdir()) == ["version_0"]
     finished = load(folder / "checkpoints" / "last.ckpt")
     assert (finished["epoch"], finished["global_step"]) == (1, 10)
@@ -137,7 +137,7 @@ def test_two_fits_into_one_folder_the_second_is_refused(tmp_path: Path, cli_data
            "--trainer.logger.init_args.version", "shared"]
     first = start(tmp_path, *run)
     wait_for(tmp_path / "lightning_logs" / "m2" / "shared" / "config.yaml", first)
-    second = ssvae(tmp_path, *run, "--ckpt_path", "last")
+    second = ssvae_here(tmp_path, *run, "--ckpt_path", "last")  # beside the other process
     assert_one_line_user_error(second, "is in use by another ssvae fit")
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import ensure, load
+from helpers.synthetic import ensure, load
 from ssvae_pl.data.sources import NAMED, DataSourceError, fetch, idx, mnist, named
 from ssvae_pl.data.sources import offline as offline_sources
 from ssvae_pl.data.sources.idx import idx_bytes

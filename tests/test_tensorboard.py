@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import quiet_trainer
+from helpers.trainers import quiet_trainer
 from ssvae_pl.callbacks import ConfusionMatrix, GenerativeImages, LatentSpace, grid_figure_inches
 from ssvae_pl.models import M2, VAE
 from ssvae_pl.results import read_scalars, read_tags
-from test_cli import CLASSIFIER_CONFIG, REPO, SHORT_FIT, TINY_VAE, cli_data, data_args, ok, ssvae  # noqa: F401
+from test_cli import CLASSIFIER_CONFIG, REPO, SHORT_FIT, TINY_VAE, cli_data, data_args, ok  # noqa: F401
+from helpers.cli import ssvae_here as ssvae
 
 M2_CONFIG = str(REPO / "configs" / "mnist" / "m2.yaml")
 TINY_M2 = ["--model.init_args.hidden_dims", "[16]", "--model.init_args.classifier_hidden_dims", "[16]",

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import quiet_trainer
+from helpers.trainers import quiet_trainer
 from ssvae_pl.callbacks import EpochTimer
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models import M2

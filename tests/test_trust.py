@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import quiet_trainer
+from helpers.cli import ssvae_here
+from helpers.trainers import quiet_trainer
 from ssvae_pl.callbacks import NonFiniteGuard
 from ssvae_pl.checkpoint_io import AtomicCheckpointIO
 from ssvae_pl.errors import ConfigError, NumericalError
@@ -34,7 +35,7 @@ def run_env() -> dict[str, str]:
 
 
 def ssvae(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``ssvae`` with this folder on PYTHONPATH, so that configs may name ``faulty_models.*``."""
+    """``ssvae`` with this folder on PYTHONPATH, so that configs may name ``helpers.faulty_models.*``."""
     return subprocess.run([*COMMAND, *args], cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +51,7 @@ def finite(state: dict) -> bool:
 
 
 def nan_vae(**kwargs):
-    from faulty_models import NaNVAE
+    from helpers.faulty_models import NaNVAE
 
     torch.manual_seed(0)
     return NaNVAE(hidden_dims=[16], latent_dim=3, **kwargs)
@@ -59,7 +60,7 @@ def nan_vae(**kwargs):
 def test_skip_drops_exactly_the_non_finite_steps(make_dm) -> None:
     """action=skip: a NaN loss (steps 1, 2) and an infinite gradient (step 4) are skipped, counted and logged; the
     optimiser never sees them (Adam took 6 - 3 steps), and the weights stay finite."""
-    from faulty_models import NaNVAE
+    from helpers.faulty_models import NaNVAE
 
     for nan_in, steps in (("loss", [1, 2]), ("grad", [4])):
         torch.manual_seed(0)
@@ -157,8 +158,8 @@ def test_no_checkpoint_is_written_with_non_finite_weights(make_dm, tmp_path: Pat
 def test_a_nan_stops_ssvae_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path, cli_data: Path) -> None:
     """Through the command: a NaN loss at global step 3 (epoch 1, batch 1) stops the run with one ``ssvae: error:``
     line naming the step, the epoch and the loss; last.ckpt still holds epoch 0's finite weights and loads."""
-    result = ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), *QUIET,
-                   "--model.class_path", "faulty_models.NaNVAE", "--model.init_args.nan_steps", "[3]",
+    result = ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), *QUIET,
+                   "--model.class_path", "helpers.faulty_models.NaNVAE", "--model.init_args.nan_steps", "[3]",
                    "--model.init_args.hidden_dims", "[16]", "--model.init_args.latent_dim", "3",
                    "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches",
                    "1")
@@ -174,8 +175,8 @@ def test_a_nan_stops_ssvae_with_one_line_and_keeps_the_last_good_checkpoint(tmp_
 def test_a_nan_before_the_first_checkpoint_promises_no_checkpoint(tmp_path: Path, cli_data: Path) -> None:
     """A NaN at the very first step: the message says that nothing was saved yet, not that last.ckpt keeps a state
     that does not exist."""
-    result = ssvae(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), *QUIET,
-                   "--model.class_path", "faulty_models.NaNVAE", "--model.init_args.nan_steps", "[0]",
+    result = ssvae_here(tmp_path, "fit", "-c", VAE_CONFIG, *data_args(cli_data), *QUIET,
+                   "--model.class_path", "helpers.faulty_models.NaNVAE", "--model.init_args.nan_steps", "[0]",
                    "--model.init_args.hidden_dims", "[16]", "--model.init_args.latent_dim", "3",
                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
     assert_one_line_user_error(result, "no checkpoint was written yet")
@@ -226,7 +227,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
         time.sleep(0.05)
 
 
-SLOW_M2 = ["--model.class_path", "faulty_models.SlowM2", *TINY_M2, "--data.binarize", "dynamic",
+SLOW_M2 = ["--model.class_path", "helpers.faulty_models.SlowM2", *TINY_M2, "--data.binarize", "dynamic",
            "--trainer.limit_val_batches", "1", *QUIET]
 
 
@@ -247,7 +248,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes(tmp_path: Path, cli_d
     assert stopped["epoch"] == 1 and 5 < stopped["global_step"] < 10, (stopped["epoch"], stopped["global_step"])
     assert f"global step {stopped['global_step']} (epoch 1) saved to" in stderr
 
-    ok(ssvae(tmp_path, *run, "--ckpt_path", "last"))
+    ok(ssvae_here(tmp_path, *run, "--ckpt_path", "last"))
     finished = load(last)
     assert (finished["epoch"], finished["global_step"]) == (1, 10)
 
@@ -261,7 +262,7 @@ def reference_runs(tmp_path_factory: pytest.TempPathFactory, cli_data: Path):
     cwd = tmp_path_factory.mktemp("reference")
     run = ["fit", "-c", M2_CONFIG, *data_args(cli_data), *SLOW_M2, "--trainer.limit_train_batches", "3"]
     for version in ("a", "b"):
-        ok(ssvae(cwd, *run, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", version))
+        ok(ssvae_here(cwd, *run, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", version))
     return cwd, run
 
 
@@ -294,7 +295,7 @@ def test_identical_runs_are_identical_and_record_their_seeds(reference_runs, cli
     assert record["seed"] == 0 and len(record["labelled_indices"]) == 100
     assert yaml.safe_load((a / "config.yaml").read_text())["seed_everything"] == 0
 
-    ok(ssvae(cwd, *run, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+    ok(ssvae_here(cwd, *run, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
              "--data.seed", "1", "--trainer.logger.init_args.version", "seed1"))
     other = json.loads((run_folder(cwd, "seed1") / "labelled_indices.json").read_text())
     assert other["seed"] == 1 and other["labelled_indices"] != record["labelled_indices"]
@@ -303,8 +304,8 @@ def test_identical_runs_are_identical_and_record_their_seeds(reference_runs, cli
 def test_resuming_at_an_epoch_boundary_gives_the_uninterrupted_result(reference_runs) -> None:
     """One epoch, then ``--ckpt_path last`` to two: bit for bit the uninterrupted run (CPU)."""
     cwd, run = reference_runs
-    ok(ssvae(cwd, *run, "--trainer.max_epochs", "1", "--trainer.logger.init_args.version", "resumed"))
-    ok(ssvae(cwd, *run, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "resumed",
+    ok(ssvae_here(cwd, *run, "--trainer.max_epochs", "1", "--trainer.logger.init_args.version", "resumed"))
+    ok(ssvae_here(cwd, *run, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "resumed",
              "--ckpt_path", "last"))
     assert_same_training_state(load(run_folder(cwd, "a") / "checkpoints" / "last.ckpt"),
                                load(run_folder(cwd, "resumed") / "checkpoints" / "last.ckpt"))
@@ -324,7 +325,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_result(reference_
     process.communicate(timeout=60)
     killed = load(last)
     assert (killed["epoch"], killed["global_step"]) == (0, 3)
-    ok(ssvae(cwd, *args, "--ckpt_path", "last"))
+    ok(ssvae_here(cwd, *args, "--ckpt_path", "last"))
     assert_same_training_state(load(run_folder(cwd, "a") / "checkpoints" / "last.ckpt"), load(last))
 
 

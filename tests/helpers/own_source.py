@@ -1,4 +1,4 @@
-"""A source of images of one's own, for the tests: ``ssvae fit --data.dataset own_source.Stripes`` by class path."""
+"""A source of images of one's own, for the tests: ``ssvae fit --data.dataset helpers.own_source.Stripes`` by class path."""
 
 from __future__ import annotations
 
@@ -40,4 +40,4 @@ class Stripes(ImageSource):
         return self._images(self.n // 4, self.seed + 1)
 
     def config(self) -> dict:
-        return {"class_path": "own_source.Stripes", "init_args": {"n": self.n, "seed": self.seed}}
+        return {"class_path": "helpers.own_source.Stripes", "init_args": {"n": self.n, "seed": self.seed}}
