@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	( $(BIN)/python -m pip install --quiet uv && \
-	  $(BIN)/python -m uv pip install --quiet --python $(BIN)/python $$($(BIN)/python scripts/uv_args.py) -e '.[dev]' ) \
+	  $(BIN)/python -m uv pip install --quiet --compile-bytecode --python $(BIN)/python $$($(BIN)/python scripts/uv_args.py) -e '.[dev]' ) \
 	|| $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

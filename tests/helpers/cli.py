@@ -7,9 +7,14 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+
+
+def _printed(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def ssvae_here(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -22,6 +27,7 @@ def ssvae_here(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     os.chdir(cwd)
     try:
         with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.showwarning = _printed  # as the command prints them, not recorded by pytest
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             try:
                 main(list(args))
