@@ -1,0 +1,128 @@
+"""ADGM and SDGM (Maaløe et al. 2016): the bound written out term by term, the sum over classes against a loop, the
+gradient reaching every network, Monte Carlo samples as rows, and every ``ssvae`` subcommand on their configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from helpers.cli import ssvae_here
+from ssvae_pl.models import ADGM, SDGM
+from ssvae_pl.models.declares import monitor_of, pictures_of
+from test_cli import REPO, cli_data, data_args, ok  # noqa: F401  (cli_data is a fixture)
+
+K, TINY = 10, dict(hidden_dims=[16, 12], aux_dim=3, latent_dim=4)
+TOL = dict(rtol=1e-5, atol=1e-4)
+TINY_ARGS = ["--model.init_args.hidden_dims", "[16, 12]", "--model.init_args.aux_dim", "3",
+             "--model.init_args.latent_dim", "4"]
+
+
+def tiny(model_class, **kwargs):
+    torch.manual_seed(0)
+    model = model_class(**TINY, **kwargs)
+    model.set_data_sizes(num_labelled=100, num_unlabelled=500, num_train=500)
+    return model
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.bernoulli(torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("model_class", [ADGM, SDGM])
+def test_the_labelled_bound_is_the_papers_written_out(model_class) -> None:
+    """L(x, y) = log p(x|.) + log p(a|.) - log q(a|x) + log p(y) - KL(q(z|a,x,y) || p(z)), with the decoders
+    conditioned as the paper's ADGM (x on y, z; a on x, y, z) or SDGM (x on a, y, z; a on y, z)."""
+    model = tiny(model_class)
+    x, y = images(3), torch.tensor([1, 4, 9])
+    eps_a, eps_z = torch.randn(3, 3), torch.randn(3, 4)
+    bound = model.mixed_bounds(x, y, x[:0], eps_a, eps_z)["bound_l"]
+
+    flat = x.flatten(1)
+    q_a = Normal(*model.aux_encoder(flat))
+    a = q_a.mean + q_a.stddev * eps_a
+    h = torch.cat([flat, a], -1)
+    q_z = Normal(*model.encoder(h, y))
+    z = q_z.mean + q_z.stddev * eps_z
+    logits = model.decoder(torch.cat([z, a], -1) if model.skip else z, y)
+    x_part = None if model.skip else model.aux_decoder.x_part(flat)
+    p_a = Normal(*model.aux_decoder(z, y, x_part))
+    expected = (Bernoulli(logits=logits).log_prob(x).flatten(1).sum(-1) + p_a.log_prob(a).sum(-1)
+                - q_a.log_prob(a).sum(-1) - math.log(K) - kl_divergence(q_z, Normal(0.0, 1.0)).sum(-1))
+    torch.testing.assert_close(bound, expected, **TOL)
+    assert (model.aux_decoder.x_layer is None) == model.skip
+
+
+@pytest.mark.parametrize("model_class", [ADGM, SDGM])
+def test_the_sum_over_classes_equals_a_loop_over_them(model_class) -> None:
+    """Each unlabelled image's K bounds, computed as one batch of (image, class) rows, equal its labelled bound in
+    each class with the same a and z; U(x) is sum_y q(y|a,x) L(x, y) + H(q(y|a,x))."""
+    model = tiny(model_class)
+    x = images(4)
+    eps_a, eps_z = torch.randn(4, 3), torch.randn(4, K, 4)
+    terms = model.mixed_bounds(x[:0], torch.zeros(0, dtype=torch.long), x, eps_a, eps_z.flatten(0, 1))
+    for c in range(K):
+        one = model.mixed_bounds(x, torch.full((4,), c), x[:0], eps_a, eps_z[:, c])
+        torch.testing.assert_close(terms["class_bounds"][:, c], one["bound_l"], **TOL)
+        torch.testing.assert_close(terms["logits_u"], one["logits_l"], **TOL)
+
+
+@pytest.mark.parametrize("model_class", [ADGM, SDGM])
+def test_the_loss_reaches_every_network_and_samples_are_rows(model_class) -> None:
+    """One step's loss has a finite gradient in every network; ``samples`` draws are as many rows per image."""
+    model = tiny(model_class, samples=3)
+    batch = {"labelled": (images(2), torch.tensor([0, 5])), "unlabelled": images(4, seed=1)}
+    terms = model.loss_terms(batch)
+    assert terms["elbo_labelled"].shape == (6,) and terms["elbo_unlabelled"].shape == (12,)
+    terms["loss"].backward()
+    for name in ("aux_encoder", "classifier", "encoder", "decoder", "aux_decoder"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), name
+
+
+def test_evaluation_averages_q_y_over_samples_of_a_and_is_deterministic() -> None:
+    model = tiny(ADGM, eval_samples=4).eval()
+    x = images(5)
+    noise = model.evaluation_noise(5, torch.Generator().manual_seed(0))
+    log_probs, bound = model.evaluation_terms(x, noise)
+    assert log_probs.shape == (5, K) and bound.shape == (5,)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(5))
+    again = model.evaluation_terms(x, noise)
+    assert torch.equal(again[0], log_probs) and torch.equal(again[1], bound)
+    assert pictures_of(model) == {"reconstructions", "class_samples", "analogies", "latent_space", "confusion_matrix"}
+    assert monitor_of(model) == ("val/acc", "max")
+    assert model.sample(torch.arange(K), 2).shape == (2 * K, 1, 28, 28)
+    assert tiny(SDGM).analogies(x).shape == (5, K, 1, 28, 28)
+
+
+def test_bad_settings_are_config_errors() -> None:
+    from ssvae_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_args.samples"):
+        ADGM(samples=0)
+    with pytest.raises(ConfigError, match="hidden_dims"):
+        SDGM(hidden_dims=[])
+
+
+@pytest.mark.parametrize("name", ["adgm", "sdgm"])
+def test_fit_resume_test_predict_and_export_through_ssvae(tmp_path: Path, cli_data: Path, name: str) -> None:
+    """The shipped config, tiny: fit, resume with --ckpt_path last, test, predict and export."""
+    config = str(REPO / "configs" / "mnist" / f"{name}.yaml")
+    common = ["-c", config, *data_args(cli_data), *TINY_ARGS]
+    quick = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    ok(ssvae_here(tmp_path, "fit", *common, *quick, "--trainer.max_epochs", "1"))
+    ok(ssvae_here(tmp_path, "fit", *common, *quick, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    ckpt = tmp_path / "lightning_logs" / name / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
+    tested = ssvae_here(tmp_path, "test", *common, "--ckpt_path", "last")
+    ok(tested)
+    assert "test/acc" in tested.stdout
+    ok(ssvae_here(tmp_path, "predict", *common, "--ckpt_path", "last", "--predictions.output",
+                  str(tmp_path / "p.csv")))
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 201  # the header and the 200 test images
+    ok(ssvae_here(tmp_path, "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "export")))
+    assert (tmp_path / "export" / "last.onnx").is_file()
