@@ -133,7 +133,7 @@ def test_two_fits_into_one_folder_the_second_is_refused(tmp_path: Path, cli_data
     """A fit holds a lock on its run folder: a second one aimed at it stops with one line, and the first ends
     normally with its checkpoints whole."""
     run = ["fit", "-c", M2_CONFIG, *data_args(cli_data), *SLOW_M2, "--trainer.max_epochs", "1",
-           "--model.init_args.step_seconds", "3", "--trainer.limit_train_batches", "3",
+           "--model.init_args.step_seconds", "1.5", "--trainer.limit_train_batches", "3",
            "--trainer.logger.init_args.version", "shared"]
     first = start(tmp_path, *run)
     wait_for(tmp_path / "lightning_logs" / "m2" / "shared" / "config.yaml", first)
