@@ -1,10 +1,11 @@
 # make quickstart : set up (virtual env, dependencies, MNIST) and train M1 with 100 labels on the CPU
 # make test       : set up and run the test suite
+# make test-cluster : start a one-node SLURM cluster here (as root), run tests/cluster against it, stop it
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: quickstart test venv clean-venv
+.PHONY: quickstart test test-cluster venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -23,6 +24,13 @@ quickstart: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+CLUSTER ?= /tmp/ssvae-slurm
+test-cluster: venv
+	@scripts/cluster/local_cluster.sh start $(CLUSTER) >/dev/null; status=$$?; \
+	if [ $$status -eq 0 ]; then SLURM_CONF=$(CLUSTER)/slurm.conf $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/cluster; status=$$?; fi; \
+	scripts/cluster/local_cluster.sh stop $(CLUSTER); exit $$status
 
 clean-venv:
 	rm -rf $(VENV)
