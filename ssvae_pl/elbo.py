@@ -26,9 +26,9 @@ def _flat32(t: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
     return t.float().flatten(start_dim=batch_dims)
 
 
-def reparameterize(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """z = mean + std * eps, eps ~ N(0, I) (AEVB section 2.4)."""
-    return mean + std * torch.randn_like(std)
+def reparameterize(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mean + std * eps, eps ~ N(0, I) (AEVB section 2.4); ``eps`` given fixes the noise."""
+    return mean + std * (torch.randn_like(std) if eps is None else eps.to(std))
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:

@@ -136,7 +136,7 @@ class ADGM(SemiSupervised):
     def _aux(self, x: torch.Tensor, eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """a ~ q(a|x) and log q(a|x) for flattened images x (N, D): (N, A), (N,)."""
         mean, std = self.aux_encoder(x)
-        a = mean + std * (torch.randn_like(std) if eps is None else eps.to(std))
+        a = elbo.reparameterize(mean, std, eps)
         return a, elbo.gaussian_log_likelihood(a, mean, std)
 
     def mixed_bounds(self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor,
@@ -150,7 +150,7 @@ class ADGM(SemiSupervised):
         h = torch.cat([x, a], dim=-1)
         logits = self.classifier(h)  # (B, K)
         mean, std = self.encoder.labelled_and_all_classes(h[:b_l], y_l, h[b_l:])  # (R, Z), R = B_l + B_u K
-        z = mean + std * (torch.randn_like(std) if eps_z is None else eps_z.to(std))
+        z = elbo.reparameterize(mean, std, eps_z)
         rows = torch.cat([torch.arange(b_l, device=x.device), b_l + torch.arange(b_u, device=x.device)
                           .repeat_interleave(k)])  # (R,): the image of each row
         y = torch.cat([y_l, torch.arange(k, device=x.device).repeat(b_u)])  # (R,)
@@ -185,9 +185,9 @@ class ADGM(SemiSupervised):
         eps_a, eps_z = noise.transpose(0, 1).flatten(0, 1).split([hp.aux_dim, hp.num_classes * hp.latent_dim], -1)
         terms = self.mixed_bounds(x[:0], torch.zeros(0, dtype=torch.long, device=x.device), x.repeat(s, 1, 1, 1),
                                   eps_a, eps_z.reshape(-1, hp.latent_dim))
-        probs = terms["logits_u"].float().softmax(-1).view(s, n, -1).mean(0)  # (B, K)
-        bound = elbo.unlabelled_bound(terms["logits_u"].float().softmax(-1), terms["class_bounds"])
-        return probs.clamp_min(1e-30).log(), bound.view(s, n).mean(0)
+        q_y = terms["logits_u"].float().softmax(-1)  # (S B, K)
+        bound = elbo.unlabelled_bound(q_y, terms["class_bounds"])
+        return q_y.view(s, n, -1).mean(0).clamp_min(1e-30).log(), bound.view(s, n).mean(0)
 
     # ---- using it --------------------------------------------------------------------------------------------------
 

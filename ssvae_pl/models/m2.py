@@ -123,10 +123,6 @@ class M2(SemiSupervised):
         """Class logits (B, K) of q(y|x) for images (B, C, H, W), floats in [0, 1] or the loaders' uint8."""
         return self.classifier(self.features(x))
 
-    @staticmethod
-    def _sample_z(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        return elbo.reparameterize(mean, std) if eps is None else mean + std * eps.to(std)
-
     def _log_likelihood(self, h: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(h|y,z) per example: h (B, ...), y (B,), z (B, Z) -> (B,)."""
         return self._likelihood(self.decoder(z, y), h)
@@ -145,7 +141,7 @@ class M2(SemiSupervised):
     def labelled_bound(self, h: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """L(x, y) of eq. 6 as a bound, one z sample: h (B, ...), y (B,) -> (B,). ``eps`` (B, Z) fixes the noise."""
         mean, std = self.encoder(h, y)  # (B, Z), (B, Z)
-        z = self._sample_z(mean, std, eps)
+        z = elbo.reparameterize(mean, std, eps)
         return elbo.labelled_bound(self._log_likelihood(h, y, z), elbo.kl_standard_normal(mean, std),
                                    self.log_prior_y)
 
@@ -174,7 +170,7 @@ class M2(SemiSupervised):
         b_l, b_u, k = len(h_l), len(h_u), self.hparams.num_classes
         mean, std = self.encoder.labelled_and_all_classes(h_l, y_l, h_u)  # (R, Z) each, R = B_l + B_u K
         eps = None if eps_labelled is None else torch.cat([eps_labelled, eps_unlabelled.flatten(0, 1)])
-        z = self._sample_z(mean, std, eps)
+        z = elbo.reparameterize(mean, std, eps)
         y = torch.cat([y_l, torch.arange(k, device=y_l.device).repeat(b_u)])  # (R,)
         decoded = self.decoder(z, y)  # (R, ...), or a pair of them
         decoded_l = _each(decoded, lambda t: t[:b_l])
