@@ -5,11 +5,13 @@ data files fetched or converted, run records).
   target, then ``os.replace``).
 * Never replaced by surprise: an existing file is replaced only where the caller says so (``overwrite``).
 * One clear error when the disk is full or the folder cannot be written, naming the file being written.
+* One writer at a time: ``RunLock`` holds a folder (a fit's run folder; a sweep's records).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import tempfile
@@ -17,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ssvae_pl.errors import OutputError
+from ssvae_pl.errors import ConfigError, OutputError
 
 _FIXES = {
     errno.ENOSPC: "free some space, or write elsewhere",
@@ -117,3 +119,31 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+class RunLock:
+    """An exclusive ``flock`` on a run folder while a fit writes into it: a second fit aimed at the same folder
+    stops with one error instead of interleaving checkpoints. Released when the process ends, however it ends.
+    ``wait``: block until the folder is free instead (a sweep's records, written by its stages as they end)."""
+
+    def __init__(self, folder: Path, wait: bool = False) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self._descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(self._descriptor)
+            raise ConfigError(f"the run folder {folder.resolve()} is in use by another ssvae fit; wait for it to end, "
+                              "or start this one with --trainer.logger.init_args.version <new name>.") from None
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -11,7 +11,6 @@ is instantiated or written:
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from lightning_fabric.utilities.rank_zero import _get_rank
 
 from ssvae_pl.checkpoint_io import check_checkpoint_file
 from ssvae_pl.errors import ConfigError
-from ssvae_pl.files import make_folder
+from ssvae_pl.files import RunLock, make_folder
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.ckpt"
@@ -349,24 +348,3 @@ def check_model_class(ckpt: Path, model_config) -> None:
     if saved is not None and saved.rsplit(".", 1)[-1] != str(wanted).rsplit(".", 1)[-1]:
         raise ConfigError(f"--ckpt_path: {ckpt} holds a {saved.rsplit('.', 1)[-1]} ({saved}), but the config's model "
                           f"is {wanted}; use the config the checkpoint was trained with.")
-
-
-class RunLock:
-    """An exclusive ``flock`` on a run folder while a fit writes into it: a second fit aimed at the same folder
-    stops with one error instead of interleaving checkpoints. Released when the process ends, however it ends."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        self._descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._descriptor)
-            raise ConfigError(f"the run folder {folder.resolve()} is in use by another ssvae fit; wait for it to end, "
-                              "or start this one with --trainer.logger.init_args.version <new name>.") from None
-
-    def release(self) -> None:
-        if self._descriptor is not None:
-            os.close(self._descriptor)
-            self._descriptor = None

@@ -13,9 +13,11 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from ssvae_pl.results import read_scalars
@@ -36,6 +38,27 @@ def load_script():
 
 
 table1 = load_script()
+from sweep import plan, records, report, run  # noqa: E402 (the script puts scripts/ on the path)
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fakes below run in the sweep's local jobs
+
+
+def note(folder: Path, key: str, **values) -> None:
+    """What a faked stage saw, noted from its job's process (one JSON line per stage, in the order they ran)."""
+    with (folder / "ran.jsonl").open("a") as notes:
+        notes.write(json.dumps({"key": key, **values}) + "\n")
+
+
+def noted(folder: Path) -> list[dict]:
+    file = folder / "ran.jsonl"
+    return [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
+
+
+def ran(folder: Path) -> list[str]:
+    """The keys of the faked stages that ran, in order; read once, then forgotten."""
+    keys = [entry["key"] for entry in noted(folder)]
+    (folder / "ran.jsonl").unlink(missing_ok=True)
+    return keys
 
 
 def option(args: list[str], name: str) -> str | None:
@@ -178,7 +201,7 @@ def test_render_docs_replaces_its_own_section_only(tmp_path: Path) -> None:
     fit = {"epochs": 460, "median_epoch_seconds": 3.85, "val/acc": 0.9675, "best val/acc": 0.9686}
     records = [{"model": "m1m2", "seed": 0, "num_labelled": 100, "fit_seconds": 2100.0, "test_error": 3.2,
                 "fit": fit, "vae": vae}]
-    table1.render_docs(docs, "hour", "# MNIST test error\n\n| a |\n", "AMD EPYC, 2 cores", records)
+    report.render_docs(docs, "hour", "# MNIST test error\n\n| a |\n", "AMD EPYC, 2 cores", records)
     first = docs.read_text()
     assert first.startswith("# Results\n\nintro\n\n<!-- reproduce_table1 hour -->\n### MNIST test error")
     assert "Machine: AMD EPYC, 2 cores. Runs (from their TensorBoard events):" in first
@@ -186,7 +209,7 @@ def test_render_docs_replaces_its_own_section_only(tmp_path: Path) -> None:
             "- M1+M2, seed 0, 100 labels: fit 35 min, 460 epochs (median 3.85 s of training), val/acc 0.9675 at the "
             "end (best 0.9686); test error 3.20 %") in first
     docs.write_text(first + "\n## Later section\n")
-    table1.render_docs(docs, "hour", "# MNIST test error\n\n| b |\n", "AMD EPYC, 2 cores", records)
+    report.render_docs(docs, "hour", "# MNIST test error\n\n| b |\n", "AMD EPYC, 2 cores", records)
     second = docs.read_text()
     assert "| b |" in second and "| a |" not in second and second.endswith("\n## Later section\n")
     assert second.count("<!-- reproduce_table1 hour -->") == 1
@@ -207,7 +230,7 @@ def fabricated_records() -> list[dict]:
 
 def test_summarise_and_write_table(tmp_path: Path) -> None:
     """Means and sample standard deviations over seeds, one row per model beside the paper's figures."""
-    summary = table1.summarise(fabricated_records())
+    summary = report.summarise(fabricated_records())
     assert summary["m2"][100].mean == pytest.approx(12.0) and summary["m2"][100].std == pytest.approx(2.0)
     assert summary["m2"][100].n == 3
     assert summary["m1m2"][100].mean == pytest.approx(4.5)
@@ -216,8 +239,12 @@ def test_summarise_and_write_table(tmp_path: Path) -> None:
     assert summary["m1"][3000].std == 0.0
 
     path = tmp_path / "table1.md"
-    text = table1.write_table(summary, [100, 600, 1000, 3000], path, "python scripts/reproduce_table1.py --x")
+    ran = [{**record, "code": ["0123456789"]} for record in fabricated_records()]
+    ran[0]["code"] = ["0123456789", "abcdef0123 with uncommitted changes"]  # e.g. a VAE trained on an edited tree
+    text = report.write_table(summary, [100, 600, 1000, 3000], path, "python scripts/reproduce_table1.py --x",
+                              "mnist", ran)
     assert path.read_text() == text
+    assert "Code: 0123456789; abcdef0123 with uncommitted changes." in text  # which code made the table
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert list(rows) == ["model", "M1 + classifier (paper: M1+TSVM)", "M2", "M1+M2"]
     assert rows["model"].count("|") == 6  # 5 columns: unescaped pipes only
@@ -235,13 +262,13 @@ def test_summarise_and_write_table(tmp_path: Path) -> None:
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "table1.png"
-    table1.plot(table1.summarise(fabricated_records()), path)
+    report.plot(report.summarise(fabricated_records()), path)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_failed_stage_names_the_command_and_its_log(tmp_path: Path, monkeypatch, capsys) -> None:
     """A stage that fails stops the sweep with its command and log file; nothing is cached for it."""
-    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    monkeypatch.setattr(run, "SSVAE", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
     out = tmp_path / "out"
     assert table1.main(["--models", "m2", "--out", str(out)]) == 1
     captured = capsys.readouterr()
@@ -294,7 +321,7 @@ def test_tiny_sweep_end_to_end_then_skips_and_refuses_changed_settings(tmp_path:
             *[arg for stage in ("vae", "m1", "m1m2") for arg in ("--stage-args", f"{stage}={TINY[stage]}")]]
     first = run_script(tmp_path, *args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    progress = [line for line in first.stdout.splitlines() if line.startswith("[")]
+    progress = [line for line in first.stdout.splitlines() if line.startswith("[") and "log:" in line]  # ended
     assert [line.split()[1] for line in progress] == [
         "vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test", "m1m2-seed0-n100-fit", "m1m2-seed0-n100-test"]
     assert all(" s" in line and "log:" in line for line in progress)
@@ -412,13 +439,13 @@ def test_dry_run_of_svhn_quick_stacks_the_quick_colour_preset(tmp_path: Path, ca
         str(out / f"svhn_{name}" / "seed0-n1000" / "checkpoints" / "last.ckpt")
         for name in ("m1_classifier", "m2", "m1m2")]
 
-    runs = table1.plan_runs(["m1", "m2", "m1m2"], [1000], [0], table1.Settings(
-        out=out, data_dir=data, epochs=table1.EPOCHS["quick_colour"], extra_args={}, trainer_args=(),
-        dataset="svhn", fit_configs=(table1.QUICK_COLOUR,)))
+    runs = plan.plan_runs(["m1", "m2", "m1m2"], [1000], [0], plan.Settings(
+        out=out, data_dir=data, epochs=plan.EPOCHS["quick_colour"], extra_args={}, trainer_args=(),
+        dataset="svhn", fit_configs=(plan.QUICK_COLOUR,)))
     assert [run.test.run_dir.relative_to(out).parts[0] for run in runs] == [
         "svhn_m1_classifier", "svhn_m2", "svhn_m1m2"]
-    assert table1.logger_name("vae", "svhn") == "svhn_m1_vae" and table1.logger_name("vae") == "m1_vae"
-    assert table1.logger_name("m2", "cifar10") == "cifar10_m2" and table1.logger_name("m2", "mnist") == "m2"
+    assert plan.logger_name("vae", "svhn") == "svhn_m1_vae" and plan.logger_name("vae") == "m1_vae"
+    assert plan.logger_name("m2", "cifar10") == "cifar10_m2" and plan.logger_name("m2", "mnist") == "m2"
 
     default = dry_run_lines(capsys, "--dataset", "svhn", "--profile", "quick")
     assert "under lightning_logs/table1/svhn-quick " in default[1]
@@ -450,7 +477,7 @@ def colour_summary() -> dict:
     records = [{"model": m, "num_labelled": n, "seed": s, "test_error": e, "test_acc": 1 - e / 100}
                for m, n, s, e in [("m1", 1000, 0, 60.0), ("m2", 1000, 0, 50.0), ("m1m2", 1000, 0, 40.0),
                                   ("m1m2", 1000, 1, 42.0), ("m1m2", 4000, 0, 30.0)]]
-    return table1.summarise(records)
+    return report.summarise(records)
 
 
 def table_rows(text: str) -> dict[str, str]:
@@ -458,7 +485,7 @@ def table_rows(text: str) -> dict[str, str]:
 
 
 def test_write_table_of_svhn_quotes_the_paper_only_for_m1m2_at_1000(tmp_path: Path) -> None:
-    text = table1.write_table(colour_summary(), [1000, 4000], tmp_path / "table1.md", "python x", "svhn")
+    text = report.write_table(colour_summary(), [1000, 4000], tmp_path / "table1.md", "python x", "svhn")
     assert text.splitlines()[0].startswith("# SVHN test error (%)")
     assert "MNIST" not in text and "M1+TSVM" not in text
     rows = table_rows(text)
@@ -474,7 +501,7 @@ def test_write_table_of_svhn_quotes_the_paper_only_for_m1m2_at_1000(tmp_path: Pa
 
 
 def test_write_table_and_plot_of_cifar10_have_no_paper_figures(tmp_path: Path, monkeypatch) -> None:
-    text = table1.write_table(colour_summary(), [1000, 4000], tmp_path / "table1.md", "python x", "cifar10")
+    text = report.write_table(colour_summary(), [1000, 4000], tmp_path / "table1.md", "python x", "cifar10")
     assert text.splitlines()[0].startswith("# CIFAR-10 test error (%)") and "not in" in text
     rows = table_rows(text)
     for row in list(rows.values())[1:]:
@@ -487,7 +514,7 @@ def test_write_table_and_plot_of_cifar10_have_no_paper_figures(tmp_path: Path, m
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
     for dataset in ("cifar10", "svhn", "mnist"):
         path = tmp_path / f"{dataset}.png"
-        table1.plot(colour_summary(), path, dataset)
+        report.plot(colour_summary(), path, dataset)
         assert path.read_bytes()[:8] == PNG_SIGNATURE
     legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in figures]
     titles = [fig.axes[0].get_title() for fig in figures]
@@ -500,8 +527,8 @@ def test_write_table_and_plot_of_cifar10_have_no_paper_figures(tmp_path: Path, m
 def test_svhn_sweep_with_faked_stages_writes_its_dataset(tmp_path: Path, monkeypatch, capsys) -> None:
     """A whole svhn quick sweep with every `ssvae` stage faked (a no-op process) and a made-up test accuracy: the
     outputs name SVHN and record the dataset and its paper figures."""
-    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "pass"])
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.625)
+    monkeypatch.setattr(run, "SSVAE", [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.625)
     out = tmp_path / "out"
     assert table1.main(["--dataset", "svhn", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -521,14 +548,14 @@ def test_svhn_sweep_with_faked_stages_writes_its_dataset(tmp_path: Path, monkeyp
 def test_report_tables_the_finished_runs_without_running_anything(tmp_path: Path, monkeypatch, capsys) -> None:
     """--report on a sweep cut short: the table, its JSON and the docs section hold the runs whose test finished;
     no stage runs, and the command shown is the sweep's own."""
-    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "pass"])
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.96)
+    monkeypatch.setattr(run, "SSVAE", [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.96)
     out, docs = tmp_path / "out", tmp_path / "results.md"
     assert table1.main(["--profile", "quick", "--models", "m2", "--out", str(out)]) == 0
     cache = json.loads((out / "results.json").read_text())
     cache["m1m2-seed0-n100-fit"] = cache["m2-seed0-n100-fit"]  # an M1+M2 fit whose test has not run
     (out / "results.json").write_text(json.dumps(cache))
-    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "raise SystemExit(3)"])  # nothing may run
+    monkeypatch.setattr(run, "SSVAE", [sys.executable, "-c", "raise SystemExit(3)"])  # nothing may run
     capsys.readouterr()
     assert table1.main(["--profile", "quick", "--models", "m2", "m1m2", "--out", str(out), "--report",
                         "--docs", str(docs)]) == 0
@@ -550,30 +577,27 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
     finished tests are skipped, and a seed's VAE, whose checkpoint is gone, trains again only for the classifiers
     still to run; the classifiers recorded on the lost VAE then train again on the new one, so that the seed's
     figures all come from one VAE."""
-    ran: list[str] = []
-
     def fake_run(stage, log_file, threads=None) -> float:
-        ran.append(stage.key)
+        note(tmp_path, stage.key)
         if stage.args[0] == "fit":
             stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             stage.checkpoint.write_bytes(b"ckpt")
         return 1.0
 
-    monkeypatch.setattr(table1, "run_stage", fake_run)
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
+    monkeypatch.setattr(run, "run_stage", fake_run)
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.9)
     record, out = tmp_path / "record.json", tmp_path / "out"
     args = ["--profile", "quick", "--models", "m1", "--record", str(record), "--out", str(out)]
     assert table1.main(args) == 0
-    assert ran == ["vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test"]
-    assert set(json.loads(record.read_text())) == set(ran)
+    assert ran(tmp_path) == ["vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test"]
+    assert set(json.loads(record.read_text())) == {"vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test"}
 
     shutil.rmtree(out)  # a fresh clone: the record, no runs; the budget of 100 labels is done
-    ran.clear()
     assert table1.main(args) == 0
-    assert ran == []
+    assert ran(tmp_path) == []
     shutil.rmtree(out)  # one more budget there: its classifier needs the VAE, which trains again, and so does 100's
     assert table1.main([*args, "--labels", "100", "600"]) == 0
-    assert ran == ["vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test", "m1-seed0-n600-fit",
+    assert ran(tmp_path) == ["vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test", "m1-seed0-n600-fit",
                    "m1-seed0-n600-test"]
     printed = capsys.readouterr().out
     assert "vae-seed0-fit: recorded as done, but its checkpoint is gone" in printed
@@ -582,59 +606,58 @@ def test_a_sweep_resumes_from_its_record_in_a_fresh_clone(tmp_path: Path, monkey
 
 
 def test_two_sweeps_of_one_record_side_by_side_keep_each_others_records(tmp_path: Path, monkeypatch) -> None:
-    """A sweep of M2 (which reads no VAE) runs to its end while another sweep of the same record trains its seed's
-    VAE: the record keeps both sweeps' stages. The first sweep's VAE was lost (a fresh clone), so the classifier
-    recorded on it is dropped from the record at once, not only once a stage ends."""
+    """While a sweep trains its seed's VAE, a job of another sweep of the same record (M2's) records its stage: the
+    record keeps both. The first sweep's VAE was lost (a fresh clone), so the classifier recorded on it is dropped
+    from the record at once, before its VAE's job starts."""
     record, out = tmp_path / "record.json", tmp_path / "out"
     args = ["--profile", "quick", "--record", str(record), "--out", str(out)]
-    seen_during_the_vae: list[set[str]] = []
 
     def fake_run(stage, log_file, threads=None) -> float:
         if stage.args[0] == "fit":
             stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             stage.checkpoint.write_bytes(b"ckpt")
-        if stage.key == "vae-seed0-fit" and record.is_file() and not seen_during_the_vae:  # the second sweep's VAE
-            seen_during_the_vae.append(set(json.loads(record.read_text())))
-            assert table1.main([*args, "--models", "m2"]) == 0  # the other sweep, start to end
+        if stage.key == "vae-seed0-fit" and record.is_file():  # the second sweep's VAE: the other sweep's job ends
+            note(tmp_path, stage.key, recorded=sorted(json.loads(record.read_text())))
+            records.update_records(record, {"m2-seed0-n100-fit": {"args": ["fit"], "seconds": 1.0}})
         return 1.0
 
-    monkeypatch.setattr(table1, "run_stage", fake_run)
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
-    monkeypatch.setattr(table1, "fit_summary", lambda stage: {})
+    monkeypatch.setattr(run, "run_stage", fake_run)
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.9)
+    monkeypatch.setattr(records, "fit_summary", lambda stage: {})
     assert table1.main([*args, "--models", "m1"]) == 0  # its VAE runs before anything is recorded
-    assert seen_during_the_vae == []
+    assert noted(tmp_path) == []
     shutil.rmtree(out)  # a fresh clone: the VAE is gone; the classifier recorded on it must go too
     assert table1.main([*args, "--models", "m1", "--labels", "100", "600"]) == 0
-    assert seen_during_the_vae == [set()]
+    assert noted(tmp_path) == [{"key": "vae-seed0-fit", "recorded": []}]
     assert set(json.loads(record.read_text())) == {
         "vae-seed0-fit", "m1-seed0-n100-fit", "m1-seed0-n100-test", "m1-seed0-n600-fit", "m1-seed0-n600-test",
-        "m2-seed0-n100-fit", "m2-seed0-n100-test"}
+        "m2-seed0-n100-fit"}
 
 
 def test_jobs_run_stages_side_by_side_each_after_the_fits_it_reads(tmp_path: Path, monkeypatch, capsys) -> None:
     """--jobs 2 on 4 cores: two stages at a time (never more), each with 2 threads; a classifier starts only after
     its seed's VAE is recorded, a test only after its fit; every stage is recorded once."""
-    spans: dict[str, tuple[float, float, int | None]] = {}
-
     def fake_run(stage, log_file, threads=None) -> float:
-        started = time.monotonic()
-        time.sleep(0.3 if stage.args[0] == "fit" else 0.05)
+        started = time.monotonic()  # one clock for every process
+        time.sleep(0.6 if stage.args[0] == "fit" else 0.1)
         if stage.args[0] == "fit":
             stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             stage.checkpoint.write_bytes(b"ckpt")
-        spans[stage.key] = started, time.monotonic(), threads
+        note(tmp_path, stage.key, span=[started, time.monotonic()], threads=threads)
         return time.monotonic() - started
 
-    monkeypatch.setattr(table1, "run_stage", fake_run)
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
-    monkeypatch.setattr(table1.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(run, "run_stage", fake_run)
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.9)
+    monkeypatch.setattr(records, "fit_summary", lambda stage: {})
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     out = tmp_path / "out"
     assert table1.main(["--profile", "quick", "--seeds", "0", "1", "--jobs", "2", "--out", str(out)]) == 0
     assert "2 stages at a time, 2 threads each (OMP_NUM_THREADS)" in capsys.readouterr().out
-    stages = table1.unique_stages(table1.plan_runs(
-        ["m1", "m2", "m1m2"], [100], [0, 1], table1.Settings(out=out, data_dir=REPO / "data",
-                                                            epochs=table1.EPOCHS["quick"], extra_args={},
-                                                            trainer_args=())))
+    stages = plan.unique_stages(plan.plan_runs(
+        ["m1", "m2", "m1m2"], [100], [0, 1], plan.Settings(out=out, data_dir=REPO / "data",
+                                                          epochs=plan.EPOCHS["quick"], extra_args={},
+                                                          trainer_args=())))
+    spans = {entry["key"]: (*entry["span"], entry["threads"]) for entry in noted(tmp_path)}
     assert sorted(spans) == sorted(stage.key for stage in stages) == sorted(json.loads((out / "results.json").read_text()))
     assert {threads for _, _, threads in spans.values()} == {2}
     for stage in stages:
@@ -648,60 +671,56 @@ def test_after_a_failed_stage_none_starts_and_the_running_one_is_recorded(tmp_pa
                                                                             capsys) -> None:
     """--jobs 2: M2's fit fails while the VAE trains beside it; the VAE finishes and is recorded, nothing else
     starts, and the sweep stops with M2's failure."""
-    ran: list[str] = []
-
     def fake_run(stage, log_file, threads=None) -> float:
-        ran.append(stage.key)
+        note(tmp_path, stage.key)
         if stage.key == "m2-seed0-n100-fit":
-            raise table1.StageFailed("m2-seed0-n100-fit failed (exit 3)")
-        time.sleep(0.3)
+            raise records.StageFailed("m2-seed0-n100-fit failed (exit 3)")
+        time.sleep(1.0)
         stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         stage.checkpoint.write_bytes(b"ckpt")
-        return 0.3
+        return 1.0
 
-    monkeypatch.setattr(table1, "run_stage", fake_run)
+    monkeypatch.setattr(run, "run_stage", fake_run)
+    monkeypatch.setattr(records, "fit_summary", lambda stage: {})
     out = tmp_path / "out"
     assert table1.main(["--profile", "quick", "--jobs", "2", "--out", str(out)]) == 1
     captured = capsys.readouterr()
-    assert sorted(ran) == ["m2-seed0-n100-fit", "vae-seed0-fit"]
+    assert sorted(ran(tmp_path)) == ["m2-seed0-n100-fit", "vae-seed0-fit"]
     assert list(json.loads((out / "results.json").read_text())) == ["vae-seed0-fit"]
-    assert "m2-seed0-n100-fit failed (exit 3)" in captured.err and "FAILED" in captured.out
+    assert "reproduce_table1: m2-seed0-n100-fit failed (exit 3)" in captured.err and "FAILED" in captured.out
 
 
 def test_hours_start_only_the_stages_that_end_within_the_sitting(tmp_path: Path, monkeypatch, capsys) -> None:
     """--hours 0.5 of the hour profile (VAE 25 min, M1+M2 35, each plus 90 s): the three VAEs start, no M1+M2
     fit does; the sweep says what is left and exits 0. A stage without a time limit starts whatever the hours."""
-    ran: list[str] = []
-
     def fake_run(stage, log_file, threads=None) -> float:
-        ran.append(stage.key)
+        note(tmp_path, stage.key)
         stage.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         stage.checkpoint.write_bytes(b"ckpt")
         return 1.0
 
-    monkeypatch.setattr(table1, "run_stage", fake_run)
-    monkeypatch.setattr(table1, "fit_summary", lambda stage: {})
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.97)
+    monkeypatch.setattr(run, "run_stage", fake_run)
+    monkeypatch.setattr(records, "fit_summary", lambda stage: {})
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.97)
     out = tmp_path / "out"
     assert table1.main(["--profile", "hour", "--hours", "0.5", "--out", str(out)]) == 0
-    assert sorted(ran) == ["vae-seed0-fit", "vae-seed1-fit", "vae-seed2-fit"]
+    assert sorted(ran(tmp_path)) == ["vae-seed0-fit", "vae-seed1-fit", "vae-seed2-fit"]
     printed = capsys.readouterr().out
     assert "6 stages would not end within --hours: rerun the same command" in printed
     assert "No run of this sweep has finished yet" in printed
-    ran.clear()
     assert table1.main(["--profile", "hour", "--hours", "0.7", "--seeds", "0", "--out", str(out)]) == 0
-    assert ran == ["m1m2-seed0-n100-fit", "m1m2-seed0-n100-test"]
-    assert table1.stage_seconds(table1.Stage("m2-seed0-n100-fit", ("fit", "--trainer.max_epochs", "5"), out)) is None
-    assert table1.stage_seconds(table1.Stage("x", ("fit", "--trainer.max_time", "01:02:03:04"), out)) == \
-        93784 + table1.STAGE_MARGIN
+    assert ran(tmp_path) == ["m1m2-seed0-n100-fit", "m1m2-seed0-n100-test"]
+    assert plan.stage_seconds(plan.Stage("m2-seed0-n100-fit", ("fit", "--trainer.max_epochs", "5"), out)) is None
+    assert plan.stage_seconds(plan.Stage("x", ("fit", "--trainer.max_time", "01:02:03:04"), out)) == \
+        93784 + plan.STAGE_MARGIN
 
 
 def test_a_stage_run_side_by_side_gets_its_share_of_the_threads(tmp_path: Path, monkeypatch) -> None:
     """run_stage with threads: the `ssvae` process sees OMP_NUM_THREADS (and MKL's) set to it."""
-    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "import os; print('threads', "
+    monkeypatch.setattr(run, "SSVAE", [sys.executable, "-c", "import os; print('threads', "
                                           "os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"])
-    stage = table1.Stage(key="m2-seed0-n100-test", args=("test",), run_dir=tmp_path / "run")
-    table1.run_stage(stage, tmp_path / "log.txt", threads=3)
+    stage = plan.Stage(key="m2-seed0-n100-test", args=("test",), run_dir=tmp_path / "run")
+    run.run_stage(stage, tmp_path / "log.txt", threads=3)
     assert "threads 3 3" in (tmp_path / "log.txt").read_text()
 
 
@@ -710,14 +729,14 @@ def test_fit_summary_reads_a_runs_events(tmp_path: Path) -> None:
     with the best, val/elbo and the active units; a run without events gives an empty summary."""
     from torch.utils.tensorboard import SummaryWriter
 
-    stage = table1.Stage(key="m1m2-seed0-n100-fit", args=("fit",), run_dir=tmp_path / "run")
-    assert table1.fit_summary(stage) == {}
+    stage = plan.Stage(key="m1m2-seed0-n100-fit", args=("fit",), run_dir=tmp_path / "run")
+    assert records.fit_summary(stage) == {}
     writer = SummaryWriter(str(stage.run_dir))
     for epoch, (seconds, acc) in enumerate([(4.0, 0.90), (3.0, 0.97), (5.0, 0.95)]):
         writer.add_scalar("time/epoch_seconds", seconds, epoch)
         writer.add_scalar("val/acc", acc, epoch)
     writer.close()
-    assert table1.fit_summary(stage) == {"epochs": 3, "median_epoch_seconds": 4.0, "val/acc": 0.95,
+    assert records.fit_summary(stage) == {"epochs": 3, "median_epoch_seconds": 4.0, "val/acc": 0.95,
                                          "best val/acc": 0.97}
 
 
@@ -730,10 +749,10 @@ def test_a_record_made_with_another_config_stops_the_sweep(tmp_path: Path, monke
     sweep stops and names the stage and the file, and --dry-run says so, instead of tabling results of the old
     recipe as the new one's."""
     root = tmp_path / "repo"
-    shutil.copytree(table1.ROOT / "configs", root / "configs")
-    monkeypatch.setattr(table1, "ROOT", root)
-    monkeypatch.setattr(table1, "SSVAE", [sys.executable, "-c", "pass"])
-    monkeypatch.setattr(table1, "read_test_accuracy", lambda stage: 0.9)
+    shutil.copytree(plan.ROOT / "configs", root / "configs")
+    monkeypatch.setattr(plan, "ROOT", root)
+    monkeypatch.setattr(run, "SSVAE", [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(records, "read_test_accuracy", lambda stage: 0.9)
     args = ["--dataset", dataset, "--profile", "quick", "--models", "m1", "--record", str(tmp_path / "record.json"),
             "--out", str(tmp_path / "out")]
     assert table1.main(args) == 0
@@ -752,3 +771,93 @@ def test_a_record_made_with_another_config_stops_the_sweep(tmp_path: Path, monke
     assert not any("(done: would skip)" in line for line in lines)
     assert table1.main([*args, "--epochs", "vae=3", "--dry-run"]) == 0
     assert "vae-seed0-fit  (recorded with another command: would stop)" in capsys.readouterr().out
+
+
+# ---- stopping: Ctrl-C, and SLURM's submission ----------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_the_running_stages_and_records_nothing_of_them(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C while two local stage jobs run: both jobs' processes end, neither is recorded, the sweep exits 1 with
+    one line saying so, and the same command then runs them again."""
+    def fake_run(stage, log_file, threads=None) -> float:
+        note(tmp_path, stage.key, pid=os.getpid())
+        time.sleep(60)
+        return 60.0
+
+    polls = []
+
+    def interrupted_sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(noted(tmp_path)) == 2:  # both stages are running
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    monkeypatch.setattr(run, "run_stage", fake_run)
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(sleep=interrupted_sleep, monotonic=time.monotonic))
+    out = tmp_path / "out"
+    assert table1.main(["--profile", "quick", "--jobs", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("reproduce_table1: interrupted: stopped 2 running stages, which recorded nothing; rerun the same "
+                   "command to resume from the records.")
+    pids = [entry["pid"] for entry in noted(tmp_path)]
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a stage's job outlived Ctrl-C"
+        time.sleep(0.1)
+    assert not (out / "results.json").exists()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def fake_slurm(folder: Path, fail_at: int | None = None, interrupt_at: int | None = None) -> Path:
+    """sbatch, scancel and squeue that note their calls in ``folder``: sbatch answers job ids from 101, fails at
+    its ``fail_at``-th call or sends this process Ctrl-C at its ``interrupt_at``-th."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sbatch").write_text(f"""#!/bin/bash
+n=$(( $(cat {folder}/count 2>/dev/null || echo 0) + 1 )); echo $n > {folder}/count
+[ "$n" = "{fail_at}" ] && {{ echo "sbatch: error: Batch job submission failed: Invalid partition name" >&2; exit 1; }}
+[ "$n" = "{interrupt_at}" ] && kill -INT $PPID && sleep 1
+echo "Submitted batch job $(( 100 + n ))"
+""")
+    (folder / "scancel").write_text(f'#!/bin/bash\necho "$@" >> {folder}/cancelled\n')
+    (folder / "squeue").write_text("#!/bin/bash\n")
+    for name in ("sbatch", "scancel", "squeue"):
+        (folder / name).chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("how, why", [("fail_at", "failed (sbatch: error: Batch job submission failed: Invalid "
+                                                  "partition name)"),
+                                      ("interrupt_at", "interrupted")])
+def test_a_failed_or_interrupted_submission_cancels_what_it_submitted(tmp_path: Path, monkeypatch, capsys,
+                                                                        how: str, why: str) -> None:
+    """The third sbatch fails (or Ctrl-C comes during it): the two jobs already submitted are cancelled, nothing
+    is recorded as queued, and one line says what happened and that the same command submits again."""
+    bin_dir = fake_slurm(tmp_path / "bin", **{how: 3})
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    assert table1.main(["--profile", "quick", "--out", str(out), "--cluster", "slurm"]) == 1
+    *slurms_own, err = capsys.readouterr().err.strip().splitlines()  # ours, after what sbatch itself printed
+    assert slurms_own == (["sbatch: error: Batch job submission failed: Invalid partition name"] if how == "fail_at"
+                          else [])
+    assert err.startswith("reproduce_table1: submission ") and why in err
+    assert err.endswith("cancelled the 2 jobs it had submitted; nothing of it is queued. Rerun the same command "
+                           "to submit again.")
+    assert (bin_dir / "cancelled").read_text().split() == ["101", "102"]
+    assert not (out / "jobs.json").exists() and not (out / "results.json").exists()
+
+
+def test_the_cluster_option_without_sbatch_says_so_and_submits_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "out"
+    assert table1.main(["--profile", "quick", "--out", str(out), "--cluster", "slurm"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "reproduce_table1: --cluster slurm needs SLURM's sbatch and squeue on PATH (on a cluster's login node); "
+        "without --cluster the sweep runs on this machine.")
+    assert not (out / "jobs").exists() and not (out / "jobs.json").exists()
