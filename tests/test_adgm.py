@@ -101,8 +101,9 @@ def test_evaluation_averages_q_y_over_samples_of_a_and_is_deterministic() -> Non
 def test_bad_settings_are_config_errors() -> None:
     from ssvae_pl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.init_args.samples"):
-        ADGM(samples=0)
+    for field in ("samples", "eval_samples", "aux_dim", "latent_dim"):
+        with pytest.raises(ConfigError, match=f"model.init_args.{field} must be at least 1, got 0"):
+            ADGM(**{field: 0})
     with pytest.raises(ConfigError, match="hidden_dims"):
         SDGM(hidden_dims=[])
 
@@ -126,3 +127,9 @@ def test_fit_resume_test_predict_and_export_through_ssvae(tmp_path: Path, cli_da
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 201  # the header and the 200 test images
     ok(ssvae_here(tmp_path, "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "export")))
     assert (tmp_path / "export" / "last.onnx").is_file()
+    other = "sdgm" if name == "adgm" else "adgm"  # the other variant's config: one error naming both classes
+    refused = ssvae_here(tmp_path, "test", "-c", str(REPO / "configs" / "mnist" / f"{other}.yaml"),
+                         *data_args(cli_data), *TINY_ARGS, "--ckpt_path", str(ckpt))
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert f"holds a {name.upper()}" in refused.stderr and "use the config the checkpoint was trained with" in \
+        refused.stderr

@@ -119,7 +119,8 @@ class ADGM(SemiSupervised):
         class_names: Sequence[str] | None = None,
         compile: CompileSetting = False,
     ) -> None:
-        for field, value in (("samples", samples), ("eval_samples", eval_samples), ("aux_dim", aux_dim)):
+        for field, value in (("samples", samples), ("eval_samples", eval_samples), ("aux_dim", aux_dim),
+                             ("latent_dim", latent_dim)):
             if value < 1:
                 raise ConfigError(f"model.init_args.{field} must be at least 1, got {value}.")
         if not hidden_dims:
