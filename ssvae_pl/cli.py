@@ -1,10 +1,11 @@
-"""The ``ssvae`` command: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+"""The ``ssvae`` command: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and ``suggest``.
 
     ssvae fit -c configs/mnist/m1_vae.yaml [-c configs/presets/quick.yaml] [--data.num_labelled 600]
     ssvae fit -c configs/mnist/m1_classifier.yaml --model.vae_checkpoint <vae>/checkpoints/last.ckpt
     ssvae test -c configs/mnist/m1_classifier.yaml --ckpt_path <classifier>/checkpoints/last.ckpt
     ssvae predict -c configs/mnist/m1_classifier.yaml --ckpt_path <ckpt> [--data.predict_dir my_images/] \
         [--predictions.output predictions.csv]
+    ssvae suggest -c configs/mnist/m2.yaml --ckpt_path <ckpt> --suggest.count 50   (ssvae_pl/suggest.py)
     ssvae export --ckpt_path <ckpt> [--output_dir DIR] [--overwrite]     (ssvae_pl/export.py, its own parser)
 
 The numbers the data determine (classes, image shape) reach the model through ``link_arguments``.
@@ -42,6 +43,7 @@ from ssvae_pl.precision import best_precision
 from ssvae_pl.prediction import PredictionCSVWriter
 from ssvae_pl.quiet import quiet_lightning
 from ssvae_pl.settings import check_fit_trains, check_trainer_settings, config_paths, whole_number_limits
+from ssvae_pl.suggest import Suggestion
 
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, ImageReadError, NumericalError, OutputError,
                MisconfigurationException)
@@ -141,6 +143,17 @@ class SaveConfigToRunFolder(SaveConfigCallback):
         rank_zero_info(f"ssvae: resuming {log_dir} with changed settings: {what}; recorded in {record.name}.")
 
 
+class SSVAETrainer(Trainer):
+    """Lightning's Trainer, and ``suggest``."""
+
+    def suggest(self, model: LightningModule, datamodule: SemiSupervisedDataModule | None = None,
+                ckpt_path: str | None = None, suggest: Suggestion = Suggestion()) -> None:
+        """Rank the unlabelled images by what labelling them would teach the classifier; write the CSV and sheet."""
+        from ssvae_pl.suggest import suggest as run_suggest
+
+        run_suggest(self, model, datamodule, ckpt_path, suggest)
+
+
 class SSVAECLI(LightningCLI):
     """LightningCLI with the run-folder rules of ``runs.py`` and the always-on trust pieces of ``trainer_pieces``."""
 
@@ -152,6 +165,19 @@ class SSVAECLI(LightningCLI):
         self._lock: runs.RunLock | None = None
         SSVAECLI.current = self
         super().__init__(*args, parser_class=SSVAEParser, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "suggest": {"model", "datamodule"}}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        if subcommand != "suggest":
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser = self.init_parser(**kwargs)  # as Lightning's, but no group named after the method: --suggest.* is
+        self._add_arguments(parser)  # the Suggestion's own
+        self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(
+            klass, subcommand, skip=set(self.subcommands()[subcommand]), as_group=False)
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `ssvae predict` writes its CSV through this callback: --predictions.output (idle in the other subcommands)
@@ -252,9 +278,11 @@ def main(args: list[str] | None = None) -> None:
         SSVAECLI.command_line = command_line
         SSVAECLI(
             parser_kwargs={"description": "Semi-supervised learning with deep generative models (Kingma et al., "
-                                          "2014). Subcommands: fit, validate, test, predict, and export (a "
-                                          "classifier as TorchScript and ONNX: `ssvae export --help`)."},
+                                          "2014). Subcommands: fit, validate, test, predict, suggest (which "
+                                          "images to label next) and export (a classifier as TorchScript and "
+                                          "ONNX: `ssvae export --help`)."},
             datamodule_class=SemiSupervisedDataModule,
+            trainer_class=SSVAETrainer,
             subclass_mode_model=True,
             trainer_defaults={"logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                                          "init_args": {"save_dir": "lightning_logs", "default_hp_metric": False}}},

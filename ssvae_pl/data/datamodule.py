@@ -338,6 +338,12 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 images = images.load()
             yield to_model_input(images)
 
+    def pool_images(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pool's images at ``idx`` (uint8, in host memory) and their labels (``UNLABELLED`` where an
+        image folder's image has none): what ``ssvae suggest`` ranks."""
+        images = self._train_images[idx.to(self._train_images.device)]
+        return (images.load() if isinstance(images, FolderImages) else images).cpu(), self._train_labels[idx].cpu()
+
     def _training_split(self) -> torch.Tensor:
         return torch.unique(torch.cat([self.split.train, self.split.labelled]))
 

@@ -179,16 +179,25 @@ class ADGM(SemiSupervised):
         hp, s = self.hparams, self.hparams.eval_samples
         return torch.randn(n, s, hp.aux_dim + hp.num_classes * hp.latent_dim, generator=generator)
 
-    def evaluation_terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log of q(y|a,x) averaged over ``eval_samples`` draws of a (B, K), and U(x) averaged over them (B,)."""
+    def _sampled_terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(y|a,x) (S, B, K) and L(x, y) of every class (S, B, K) for ``eval_samples`` = S draws of a."""
         hp, x = self.hparams, unit_images(x)
         n, s = noise.shape[:2]
         eps_a, eps_z = noise.transpose(0, 1).flatten(0, 1).split([hp.aux_dim, hp.num_classes * hp.latent_dim], -1)
         terms = self.mixed_bounds(x[:0], torch.zeros(0, dtype=torch.long, device=x.device), x.repeat(s, 1, 1, 1),
                                   eps_a, eps_z.reshape(-1, hp.latent_dim))
-        q_y = terms["logits_u"].float().softmax(-1)  # (S B, K)
-        bound = elbo.unlabelled_bound(q_y, terms["class_bounds"])
-        return q_y.view(s, n, -1).mean(0).clamp_min(1e-30).log(), bound.view(s, n).mean(0)
+        return terms["logits_u"].float().softmax(-1).view(s, n, -1), terms["class_bounds"].view(s, n, -1)
+
+    def evaluation_terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log of q(y|a,x) averaged over ``eval_samples`` draws of a (B, K), and U(x) averaged over them (B,)."""
+        q_y, class_bounds = self._sampled_terms(x, noise)
+        bound = elbo.unlabelled_bound(q_y.flatten(0, 1), class_bounds.flatten(0, 1)).view(q_y.shape[:2])
+        return q_y.mean(0).clamp_min(1e-30).log(), bound.mean(0)
+
+    def bounds_by_class(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log of q(y|a,x) averaged over the draws of a (B, K), and each class's L(x, y) averaged over them (B, K)."""
+        q_y, class_bounds = self._sampled_terms(x, noise)
+        return q_y.mean(0).clamp_min(1e-30).log(), class_bounds.mean(0)
 
     # ---- using it --------------------------------------------------------------------------------------------------
 

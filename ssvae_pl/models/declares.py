@@ -33,6 +33,10 @@ class Declares:
     def monitor(self) -> tuple[str, str] | None:
         return None
 
+    def strategies(self) -> frozenset[str]:
+        """The ``ssvae suggest`` strategies it can rank images by (``ranking.py``); none unless it classifies."""
+        return frozenset()
+
     def metrics(self) -> frozenset[str]:
         """The validation metrics it logs (any of them can rank checkpoints); by default its monitor alone."""
         declared = self.monitor()

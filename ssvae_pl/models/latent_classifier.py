@@ -27,6 +27,7 @@ from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.models.vae import frozen_encoder
 from ssvae_pl.nets import Activation, Classifier, ImageClassifier
 from ssvae_pl.prediction import check_data_settings, class_predictions
+from ssvae_pl.ranking import CLASSIFIER_STRATEGIES
 
 
 class LatentClassifier(Declares, pl.LightningModule):
@@ -157,6 +158,9 @@ class LatentClassifier(Declares, pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_data_settings(self, checkpoint)
+
+    def strategies(self) -> frozenset[str]:
+        return CLASSIFIER_STRATEGIES
 
     def pictures(self) -> frozenset[str]:
         return frozenset({"latent_space", "confusion_matrix"})

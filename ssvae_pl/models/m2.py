@@ -193,11 +193,10 @@ class M2(SemiSupervised):
     def evaluation_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(n, self.hparams.num_classes, self.hparams.latent_dim, generator=generator)
 
-    def evaluation_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(y|x)'s logits (B, K) and U(x) (B,) of evaluation images x with the noise ``eps`` (B, K, Z)."""
+    def bounds_by_class(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(y|x)'s logits (B, K) and L(x, y) of every class (B, K) of images x with the noise ``eps`` (B, K, Z)."""
         h = self.features(x)
-        logits = self.classifier(h)
-        return logits, self.unlabelled_bound(h, eps, logits)
+        return self.classifier(h), self.class_bounds(h, eps)
 
     def evaluation_piece(self, x: torch.Tensor) -> int:
         """On a CPU, images per piece such that the widest layer of the K-class bound holds at most

@@ -25,6 +25,7 @@ from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compi
 from ssvae_pl.models.declares import Declares
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.prediction import check_data_settings, class_predictions
+from ssvae_pl.ranking import CLASSIFIER_STRATEGIES
 
 ALPHA_PER_DATAPOINT = 0.1  # the paper's alpha = 0.1 * N, "in all experiments" (weighting: dataset)
 BATCH_ALPHA_PER_DATAPOINT = 1.0  # the shipped recipe's alpha = N (weighting: batch; configs/mnist/m2.yaml: 50,000)
@@ -34,8 +35,9 @@ TRAINING_TERMS = ("elbo_labelled", "elbo_unlabelled", "classification", "loss")
 class SemiSupervised(Declares, pl.LightningModule):
     """A classifier q(y|x) trained with a generative model's bounds on labelled and unlabelled images (J^alpha).
 
-    Subclasses define ``loss_terms(batch)`` (through ``objective``), ``evaluation_terms(x, noise)`` -> (logits,
-    U(x)), ``evaluation_noise(n, generator)`` and ``forward(x)`` -> logits. The numbers of the objective, N, N_l
+    Subclasses define ``loss_terms(batch)`` (through ``objective``), ``bounds_by_class(x, noise)`` -> (logits,
+    L(x, y) for every y), from which ``evaluation_terms`` -> (logits, U(x)), ``evaluation_noise(n, generator)`` and
+    ``forward(x)`` -> logits. The numbers of the objective, N, N_l
     and N_u, come from the data module when fitting starts (or ``set_data_sizes``); alpha is in the paper's units,
     a sum over the N training images (``alpha``, else ``alpha_per_label`` * N_l, else N or 0.1 N).
     """
@@ -129,9 +131,14 @@ class SemiSupervised(Declares, pl.LightningModule):
         """The terms of ``objective`` for a training batch {"labelled": (x, y), "unlabelled": x}."""
         raise NotImplementedError
 
+    def bounds_by_class(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(y|x)'s logits (B, K) and L(x, y) of every class (B, K) for images x, with the fixed ``noise`` (B, ...)."""
+        raise NotImplementedError
+
     def evaluation_terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(y|x)'s logits (B, K) and U(x) (B,) of evaluation images x, with the fixed ``noise`` (B, ...)."""
-        raise NotImplementedError
+        logits, class_bounds = self.bounds_by_class(x, noise)
+        return logits, elbo.unlabelled_bound(logits.float().softmax(dim=-1), class_bounds)
 
     def evaluation_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The reparameterisation noise of ``evaluation_terms`` for n images, drawn with ``generator`` (B, ...)."""
@@ -187,6 +194,9 @@ class SemiSupervised(Declares, pl.LightningModule):
 
     def pictures(self) -> frozenset[str]:
         return frozenset({"latent_space", "confusion_matrix"})
+
+    def strategies(self) -> frozenset[str]:
+        return CLASSIFIER_STRATEGIES | {"bound"}  # and L(x, y) of every class: bounds_by_class
 
     def monitor(self) -> tuple[str, str]:
         return "val/acc", "max"
