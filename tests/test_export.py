@@ -136,10 +136,10 @@ def user_images(folder: Path, digits: np.ndarray) -> None:
         image.convert("RGB" if i % 3 == 0 else "L").save(folder / f"{i:02d}.png")
 
 
-def test_the_readme_onnx_snippet_predicts_as_ssvae_predict(tmp_path: Path, classifier_checkpoint: Path,
+def test_the_documented_onnx_snippet_predicts_as_ssvae_predict(tmp_path: Path, classifier_checkpoint: Path,
                                                            shared_mnist_dir: Path, synthetic_mnist) -> None:
-    """The exported ONNX file and ``<stem>.json``, used by the README's ONNX Runtime snippet with Pillow and NumPy
-    alone, give ``ssvae predict``'s classes and probabilities on images of other sizes and polarities."""
+    """The exported ONNX file and ``<stem>.json``, used by docs/python_api.md's ONNX Runtime snippet with Pillow and
+    NumPy alone, give ``ssvae predict``'s classes and probabilities on images of other sizes and polarities."""
     user_images(tmp_path / "my_images", synthetic_mnist[1][sources.TEST_IMAGES][:20])
     export_classifier(str(classifier_checkpoint), str(tmp_path / "exported"))
     result = predict(tmp_path, shared_mnist_dir, classifier_checkpoint, tmp_path / "predictions.csv",
@@ -151,7 +151,7 @@ def test_the_readme_onnx_snippet_predicts_as_ssvae_predict(tmp_path: Path, class
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(readme_python("onnxruntime"), "README.md", "exec"), namespace)
+        exec(compile(readme_python("onnxruntime", "docs/python_api.md"), "docs/python_api.md", "exec"), namespace)
     finally:
         os.chdir(cwd)
     assert [f.name for f in namespace["files"]] == [row["file"] for row in rows]

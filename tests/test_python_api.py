@@ -204,11 +204,11 @@ def test_a_model_takes_the_loaders_uint8_images(name: str, method: str, mode: st
 # ---- the README's example ----------------------------------------------------------------------------------------------
 
 
-def readme_python(marker: str) -> str:
-    """The README's one Python block that contains ``marker``."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+def readme_python(marker: str, doc: str = "README.md") -> str:
+    """The one Python block of ``doc`` (the README, or another page) that contains ``marker``."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / doc).read_text(), flags=re.S)
     found = [block for block in blocks if marker in block]
-    assert len(found) == 1, f"the README holds one Python block with {marker!r}"
+    assert len(found) == 1, f"{doc} holds one Python block with {marker!r}"
     return found[0]
 
 

@@ -160,3 +160,18 @@ def test_an_image_folder_gets_its_unlabelled_files_ranked_and_linked(tmp_path: P
                       str(tmp_path / "e.csv"))
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("ssvae: error: data.predict_dir")
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_the_suggested_images_once_labelled_train_the_next_round(m2_run, cli_data: Path, tmp_path: Path) -> None:
+    """The loop: the run's labelled indices plus the 20 suggested ones, named by --data.labelled_indices, are the
+    next fit's labelled subset (recorded with where they came from); its validation hold-out is unchanged."""
+    cwd, ckpt = m2_run
+    ok(suggest(cwd, cli_data, ckpt, "--suggest.count", "20", "--suggest.output", str(tmp_path / "next.csv")))
+    record = json.loads((ckpt.parent.parent / "labelled_indices.json").read_text())
+    suggested = [int(r["index"]) for r in csv.DictReader((tmp_path / "next.csv").open())]
+    (tmp_path / "round1.json").write_text(json.dumps(record["labelled_indices"] + suggested))
+    ok(ssvae_here(tmp_path, "fit", "-c", M2, *data_args(cli_data), *TINY_M2, *QUICK, "--data.num_labelled", "120",
+                  "--data.labelled_indices", str(tmp_path / "round1.json")))
+    again = json.loads((tmp_path / "lightning_logs" / "m2" / "version_0" / "labelled_indices.json").read_text())
+    assert again["labelled_indices"] == sorted(record["labelled_indices"] + suggested)
+    assert again["val_indices"] == record["val_indices"] and again["labelled_from"] == str(tmp_path / "round1.json")

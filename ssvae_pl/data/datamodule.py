@@ -76,6 +76,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             default for the MNIST-like datasets' ``predict_dir``), ``crop`` (the centre; photos), ``stretch``, or
             ``content`` (cropped to the content's box, squared with MNIST's margin, then padded: a digit on a wide
             page).
+        labelled_indices: a JSON file naming the labelled training images by index into the pool, in place of the
+            seeded class-balanced pick: a list, or a record such as a run's ``labelled_indices.json`` (the labels
+            ``ssvae suggest`` asked for, once known). ``num_labelled`` must be their number; ``seed`` still fixes
+            the validation hold-out, which they must stay out of.
     """
 
     def __init__(
@@ -98,10 +102,14 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         invert: Invert = "auto",
         on_error: OnError = "fail",
         resize: Resize = "pad",
+        labelled_indices: str | None = None,
     ) -> None:
         super().__init__()
         self.source = named(dataset, data_dir, download, check_md5) if isinstance(dataset, str) else dataset
-        self.source.check(num_labelled, val_size, unlabelled)
+        if labelled_indices is None:
+            self.source.check(num_labelled, val_size, unlabelled)
+        else:  # a named subset need not be class-balanced
+            self.source.check(num_labelled, val_size, unlabelled, balanced=False)
         if resize not in ("pad", "crop", "stretch", "content"):
             raise ConfigError(f"data.resize must be pad, crop, stretch or content, got {resize!r}.")
         for field, value in [("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size),
@@ -206,7 +214,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         train_images, self._train_labels, self.pool_files = self.source.train_split(self.preprocessing(), hp.on_error)
         self.source.check_labels(self._train_labels, train=True)
         self.split = make_split(self._train_labels, hp.num_labelled, self.num_classes, hp.val_size, hp.seed,
-                                self.class_names)
+                                self.class_names, hp.labelled_indices)
         if hp.binarize == "static":
             if isinstance(train_images, FolderImages):
                 raise ConfigError("data.binarize=static needs the images in memory; use dynamic or none, or "
@@ -318,6 +326,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             "labelled_labels": self._train_labels[split.labelled].tolist(),
             "val_indices": split.val.tolist(),
             "class_names": self.class_names,
+            **({"labelled_from": str(hp.labelled_indices)} if hp.labelled_indices is not None else {}),
         }
         if self.pool_files is not None:  # image_folder: the indices are into these files
             record["labelled_files"] = [self.pool_files[i] for i in split.labelled.tolist()]

@@ -84,13 +84,42 @@ def all_labelled(labels: torch.Tensor, candidates: torch.Tensor, num_classes: in
     return chosen.sort().values
 
 
+def chosen_labelled(path: str, labels: torch.Tensor, train: torch.Tensor, num_labelled: int | None) -> torch.Tensor:
+    """The labelled subset that the JSON file ``path`` names (``data.labelled_indices``): a list of indices into the
+    training pool, or a record holding one under ``labelled_indices`` (a run's ``labelled_indices.json``). Each must
+    be a labelled training image outside the validation hold-out, and there must be ``num_labelled`` of them."""
+    field = "data.labelled_indices"
+    try:
+        named = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{field}: {path} cannot be read as JSON ({type(err).__name__}); name a file holding a list "
+                          "of training image indices, or a run's labelled_indices.json.") from None
+    named = named.get("labelled_indices") if isinstance(named, dict) else named
+    if not isinstance(named, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in named):
+        raise ConfigError(f"{field}: {path} holds no list of integer indices (a list, or labelled_indices: [...]).")
+    chosen = torch.tensor(sorted(set(named)), dtype=torch.long)
+    outside = chosen[~torch.isin(chosen, train)].tolist() if len(chosen) else []
+    if outside:
+        raise ConfigError(f"{field}: {len(outside)} of the indices in {path} are not training images outside the "
+                          f"validation hold-out (e.g. {outside[:3]}); the hold-out is fixed by data.seed.")
+    if len(chosen) and (labels[chosen] == UNLABELLED).any():
+        raise ConfigError(f"{field}: {path} names images that have no label; name labelled ones.")
+    if num_labelled is not None and num_labelled != len(chosen):
+        raise ConfigError(f"data.num_labelled={num_labelled}, but {path} names {len(chosen)} labelled images; set "
+                          f"--data.num_labelled {len(chosen)}.")
+    return chosen
+
+
 def make_split(labels: torch.Tensor, num_labelled: int | None, num_classes: int, val_size: int, seed: int,
-               class_names: Sequence[str] | None = None) -> Split:
+               class_names: Sequence[str] | None = None, labelled_indices: str | None = None) -> Split:
     """Hold out ``val_size`` labelled images, then pick the labelled subset from the rest (``num_labelled``, class
-    balanced; ``None``: all of them); ``seed`` alone fixes both. Images labelled ``UNLABELLED`` only ever train."""
+    balanced; ``None``: all of them; or the images the file ``labelled_indices`` names); ``seed`` alone fixes the
+    hold-out and the pick. Images labelled ``UNLABELLED`` only ever train."""
     generator = torch.Generator().manual_seed(seed)
     train, val = split_train_val(labels, val_size, generator)
-    if num_labelled is None:
+    if labelled_indices is not None:
+        labelled = chosen_labelled(labelled_indices, labels, train, num_labelled)
+    elif num_labelled is None:
         labelled = all_labelled(labels, train, num_classes, class_names)
     else:
         labelled = class_balanced_subset(labels, train, num_labelled, num_classes, generator)

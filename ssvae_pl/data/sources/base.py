@@ -41,9 +41,10 @@ class ImageSource(ABC):
         """Training images, where known before they are read."""
         return None
 
-    def check(self, num_labelled: int | None, val_size: int, unlabelled: str) -> None:
-        """``ConfigError`` naming the ``data.`` field when the budget cannot be met."""
-        if num_labelled is not None:
+    def check(self, num_labelled: int | None, val_size: int, unlabelled: str, balanced: bool = True) -> None:
+        """``ConfigError`` naming the ``data.`` field when the budget cannot be met (``balanced``: split evenly over
+        the classes, as the seeded pick is; not for a subset named by ``data.labelled_indices``)."""
+        if num_labelled is not None and balanced:
             check_label_budget(num_labelled, len(self.class_names))
         if val_size < 0:
             raise ConfigError(f"data.val_size must be >= 0, got {val_size}.")
@@ -123,11 +124,11 @@ class NamedDataset(ImageSource):
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, C, H, W), contiguous, and int64 labels (N,) of one split."""
 
-    def check(self, num_labelled: int | None, val_size: int, unlabelled: str) -> None:
+    def check(self, num_labelled: int | None, val_size: int, unlabelled: str, balanced: bool = True) -> None:
         if num_labelled is None:
             raise ConfigError(f"data.num_labelled must be a number for {self.name} (e.g. 100: 10 per class); null "
                               "(all labelled images) is for an ImageFolder.")
-        super().check(num_labelled, val_size, unlabelled)
+        super().check(num_labelled, val_size, unlabelled, balanced)
         if not 0 <= val_size < self.train_size:
             raise ConfigError(f"data.val_size={val_size} is out of range; it must be between 0 and "
                               f"{self.train_size - 1} (the {self.name} training set holds {self.train_size} images).")
