@@ -197,7 +197,7 @@ def suggest(trainer: pl.Trainer, model: pl.LightningModule, datamodule, ckpt_pat
     seconds = time.perf_counter() - started
     write_csv(csv_file, names, "file" if files is not None else "index", picked, score, probs, classes,
               settings.overwrite)
-    contact_sheet(sheet, images[picked], [f"#{r} {classes[int(probs[i].argmax())]}"
+    contact_sheet(sheet, images[picked], [f"#{r}: {classes[int(probs[i].argmax())]}"
                                           for r, i in enumerate(picked.tolist(), 1)], settings.overwrite)
     if settings.link_dir is not None:
         link_files(Path(settings.link_dir), [files[i] for i in picked.tolist()])
