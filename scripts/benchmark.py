@@ -1,4 +1,4 @@
-"""Training throughput of the VAE (M1) and M2 at the paper's sizes, through Lightning and beside the plain PyTorch
+"""Training throughput of the VAE (M1), M2, M1+M2, ADGM and SDGM at the paper's sizes, through Lightning and beside the
 loop a user would otherwise write, measured in the same run.
 
 For each model it times, after warm-up steps, the same model, batch and optimiser several ways:
@@ -81,13 +81,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssvae_pl.callbacks import NonFiniteGuard  # noqa: E402
 from ssvae_pl.data.datamodule import SemiSupervisedDataModule, to_model_input  # noqa: E402
-from ssvae_pl.models import M1M2, M2, VAE  # noqa: E402
+from ssvae_pl.models import ADGM, M1M2, M2, SDGM, VAE  # noqa: E402
 from ssvae_pl.files import atomic_output  # noqa: E402
 from ssvae_pl.host import NVML_CHECK  # noqa: E402
 from ssvae_pl.precision import describe_machine  # noqa: E402
 from ssvae_pl.results import read_series, replace_marked_section  # noqa: E402
 
-CONFIGS = {"vae": "configs/mnist/m1_vae.yaml", "m2": "configs/mnist/m2.yaml", "m1m2": "configs/mnist/m1m2.yaml"}
+CONFIGS = {"vae": "configs/mnist/m1_vae.yaml", "m2": "configs/mnist/m2.yaml", "m1m2": "configs/mnist/m1m2.yaml",
+           "adgm": "configs/mnist/adgm.yaml", "sdgm": "configs/mnist/sdgm.yaml"}
+BATCHES = {"vae": (500, 0), "m2": (200, 100), "m1m2": (200, 20), "adgm": (100, 100), "sdgm": (100, 100)}  # the configs'
+EXTRA_WAYS = {"m2": ["naive"], "m1m2": ["uncached"]}  # beside reference, lightning, compiled (and the GPU's)
 REPO = Path(__file__).resolve().parents[1]
 GPU_WAYS = ("graphed", "guarded", "synced")  # Lightning with CUDA graphs: alone, with the deferred or synced guard
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -134,7 +137,16 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
         return M1M2(vae_checkpoint=vae_checkpoint, alpha_per_label=2, m1_cache="off" if way == "uncached" else "grey",
                     compile=compile, **{"hidden_dims": [300], "classifier_hidden_dims": [300], "latent_dim": 10,
                                         **sizes})
+    if name in ("adgm", "sdgm"):  # the configs' model: two layers of 500, a and z of 100
+        sizes = {"hidden_dims": [1, 1], "aux_dim": 1, "latent_dim": 1} if tiny else {}
+        return {"adgm": ADGM, "sdgm": SDGM}[name](compile=compile, **model_settings(name), **sizes)
     return M2(alpha=float(num_train), weighting="batch", compile=compile, **sizes)  # m2.yaml: 500 units, z 50
+
+
+def model_settings(name: str) -> dict:
+    """``model.init_args`` of the model's shipped config (its networks and objective), or none."""
+    model = yaml.safe_load((REPO / CONFIGS[name]).read_text()).get("model") or {}
+    return dict(model.get("init_args") or {})
 
 
 def training_loss(model: pl.LightningModule, batch: dict, naive: bool = False, compiled: bool = False) -> torch.Tensor:
@@ -330,15 +342,15 @@ def benchmark(name: str, args, dm: SemiSupervisedDataModule, device: torch.devic
               peak: float) -> tuple[list[dict], list[dict]]:
     """The table's rows of one model, and ``--breakdown``'s (empty without it)."""
     torch.manual_seed(0)
-    labelled_batch = 0 if name == "vae" else args.labelled_batch_size or {"m2": 100, "m1m2": 20}[name]
-    batch = args.batch_size or (500 if name == "vae" else 200)
+    labelled_batch = 0 if name == "vae" else args.labelled_batch_size or BATCHES[name][1]
+    batch = args.batch_size or BATCHES[name][0]
     dm.hparams.batch_size, dm.hparams.labelled_batch_size = batch, max(labelled_batch, 1)
     dm.hparams.binarize = args.data_options.get("binarize", config_binarize(name))  # every way's, as the fit's
     batches = Batches(dm, device, max(labelled_batch, 1), batch)
     images, steps = batch + labelled_batch, dm.num_train / batch  # images a step, steps an epoch
     rows = []
     gpu_ways = GPU_WAYS if device.type == "cuda" else ()
-    ways = ["reference", "lightning", "compiled", *gpu_ways, *{"m2": ["naive"], "m1m2": ["uncached"], "vae": []}[name]]
+    ways = ["reference", "lightning", "compiled", *gpu_ways, *EXTRA_WAYS.get(name, [])]
     ways = [way for way in ways if way == "reference" or not args.ways or way in args.ways]  # reference: the ratios'
     prepared = []  # (way, model, its batches, FLOPs of a step)
     for way in ways:
@@ -445,7 +457,7 @@ def breakdown_lines(parts: list[dict]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=["vae", "m2", "m1m2"], default=["vae", "m2"])
+    parser.add_argument("--models", nargs="+", choices=list(CONFIGS), default=["vae", "m2"])
     parser.add_argument("--vae-checkpoint", default=None, help="M1's checkpoint for m1m2 (its active dimensions "
                         "set M2's size), e.g. lightning_logs/m1_vae/version_0/checkpoints/last.ckpt")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

@@ -139,3 +139,22 @@ def test_the_plain_loop_runs_without_lightnings_environment(make_dm, monkeypatch
                                                                      model(torch.ones(1, 2)).sum())[1])
     benchmark.time_reference(model, lambda: {}, torch.device("cpu"), "32-true", warmup=1, steps=2)
     assert seen == [None] * 3 and os.environ[NVML_CHECK] == "1"
+
+
+def test_adgm_and_sdgm_are_benchmarked_as_their_configs_train_them(make_dm) -> None:
+    """ADGM's and SDGM's rows: the shipped configs' models and batches (100 unlabelled + 100 labelled, binarised
+    afresh), their steps' FLOPs counted through the same loss the fit trains."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    assert benchmark.BATCHES["adgm"] == benchmark.BATCHES["sdgm"] == (100, 100)
+    assert benchmark.config_binarize("adgm") == benchmark.config_binarize("sdgm") == "dynamic"
+    dm = make_dm(binarize="dynamic")
+    dm.setup("fit")
+    batch = benchmark.Batches(dm, torch.device("cpu"), 10, 20)()
+    for name, skip in (("adgm", False), ("sdgm", True)):
+        model = benchmark.make_model(name, dm.num_train, tiny=True)
+        assert type(model).__name__ == name.upper() and model.skip is skip
+        model.set_data_sizes(10, dm.num_unlabelled, dm.num_train)
+        assert benchmark.step_flops(model, batch) > 0
+        assert torch.isfinite(benchmark.training_loss(model, batch))
