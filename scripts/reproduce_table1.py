@@ -75,6 +75,9 @@ Profiles (--models, --labels, --seeds, --epochs override a profile's lists and e
     tiny    mnist: m1, m2, m1m2 at 100 labels, seed 0, one epoch of 2 batches each (configs/presets/tiny.yaml):
             seconds a stage, the whole path end to end (the cluster tests run it on a one-node SLURM)
                 python scripts/reproduce_table1.py --profile tiny --cluster slurm
+    adgm    mnist: ADGM and SDGM at 100 labels, seeds 0 1 2, each fit 3 hours of one core (ADGM_TIMES), two at a
+            time (issue 39's budget; the paper's figures are Maaløe et al. 2016's)
+                python scripts/reproduce_table1.py --profile adgm --docs docs/results.md
     hour    mnist: m1m2 at 100 labels, seeds 0 1 2, per seed 25 min of VAE then 35 of M1+M2 (HOUR_TIMES), the
             shipped configs and nothing but time limits; two stages at a time, one core each; rerun to resume
                 python scripts/reproduce_table1.py --profile hour --docs docs/results.md
@@ -115,7 +118,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep's modules, scripts/sweep/
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # ssvae_pl, where it is not installed
 
-from sweep.plan import (CONFIGS, DATASETS, MODELS, PROFILES, RECORDS, ROOT, Settings, command_line, plan_runs, shown,
+from sweep.plan import (CONFIGS, DATASETS, MNIST_ONLY, MODELS, PROFILES, RECORDS, ROOT, Settings, command_line, plan_runs, shown,
                         stale_record, unique_stages)
 from sweep.records import StageFailed, forget_lost_fits, load_cache, summarise_fits, update_records, write_json
 from sweep.report import PAPER, plot, render_docs, run_records, summarise, write_table
@@ -219,6 +222,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for value in args.slurm:
         if "=" not in value:
             parser.error(f"--slurm {value}: expected KEY=VALUE, e.g. partition=gpu")
+    if args.dataset != "mnist" and set(args.models or ()) & set(MNIST_ONLY):
+        parser.error(f"--models {' '.join(MNIST_ONLY)}: their configs are MNIST's (configs/mnist/); drop them for "
+                     f"{args.dataset}")
     if args.profile not in PROFILES[args.dataset]:
         parser.error(f"--profile {args.profile} is for mnist only; {args.dataset} has "
                      f"{', '.join(sorted(PROFILES[args.dataset]))}")

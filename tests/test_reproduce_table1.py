@@ -861,3 +861,20 @@ def test_the_cluster_option_without_sbatch_says_so_and_submits_nothing(tmp_path:
         "reproduce_table1: --cluster slurm needs SLURM's sbatch and squeue on PATH (on a cluster's login node); "
         "without --cluster the sweep runs on this machine.")
     assert not (out / "jobs").exists() and not (out / "jobs.json").exists()
+
+
+def test_the_adgm_profile_fits_adgm_and_sdgm_three_hours_each_beside_their_papers_figures(capsys,
+                                                                                          tmp_path: Path) -> None:
+    """--profile adgm: ADGM and SDGM at 100 labels for seeds 0 1 2, each fit stopped at 3 hours, no VAE; their rows
+    stand beside Maaløe et al. 2016's figures (0.96 and 1.32); a colour dataset refuses them."""
+    commands = dry_run_commands(capsys, "--profile", "adgm", "--out", "/OUT")
+    fits = [c for c in commands if c[0] == "fit"]
+    assert [option(c, "-c") for c in fits] == ["configs/mnist/adgm.yaml", "configs/mnist/sdgm.yaml"] * 3
+    assert {option(c, "--trainer.max_time") for c in fits} == {"00:03:00:00"}
+    assert {option(c, "--data.num_labelled") for c in fits} == {"100"}
+    records = [{"model": "adgm", "num_labelled": 100, "seed": s, "test_error": e} for s, e in ((0, 1.1), (1, 1.3))]
+    text = report.write_table(report.summarise(records), [100], tmp_path / "t.md", "python x")
+    assert "| ADGM (paper: ADGM, Maaløe et al. 2016) | 1.20 ± 0.14 (2 seeds) \\| 0.96 ± 0.02 |" in text
+    with pytest.raises(SystemExit):
+        table1.main(["--dataset", "svhn", "--models", "adgm", "--dry-run"])
+    assert "their configs are MNIST's" in capsys.readouterr().err
