@@ -1,5 +1,6 @@
 """Which images to label next: scores from a classifier's q(y|x) (and a generative model's bounds), and the order of
-the picks (``ssvae suggest``). Plain functions of tensors; a higher score means "label it sooner".
+the picks (``ssvae suggest``). Plain functions of tensors; a higher score means "label it sooner"
+(docs/why-suggest-ranking.md: why not baal's or modAL's).
 
     entropy  H(q(y|x)) = -sum_y q(y|x) log q(y|x)
     margin   1 - (q(y1|x) - q(y2|x)), y1 and y2 the two most probable classes
