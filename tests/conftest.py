@@ -5,16 +5,23 @@ No test here reads the real MNIST under ``data/`` or touches the network.
 
 from __future__ import annotations
 
-import logging
-import warnings
+import os
+
+# The shipped configs say model.compile auto; compiling each tiny test model would cost far more than it runs. So
+# torch.compile is off here and in the tests' subprocesses (torch reads this when it is imported); the tests of
+# compiling itself switch it back on (test_compile.py).
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import logging  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from helpers.synthetic import SYNTHETIC, VAL_SIZE, write_synthetic_mnist
-from helpers.trainers import quiet_trainer
+from helpers.synthetic import SYNTHETIC, VAL_SIZE, write_synthetic_mnist  # noqa: E402
+from helpers.trainers import quiet_trainer  # noqa: E402
 
 # The models here are tiny: one intra-op thread is as fast, and it avoids the many-fold slow-down of OpenMP
 # threads competing with other processes for a small machine's cores. Subprocesses get OMP_NUM_THREADS=1 too.

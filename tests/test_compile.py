@@ -16,6 +16,13 @@ from ssvae_pl.models import M2
 BACKEND = "aot_eager"  # dynamo's graph capture and AOT autograd without code generation: quick on any CPU
 
 
+@pytest.fixture(autouse=True)
+def compiling_on():
+    """torch.compile as a user has it (the suite switches it off: conftest.py)."""
+    with torch._dynamo.config.patch(disable=False):
+        yield
+
+
 def test_compiled_m2_trains_and_its_checkpoint_loads_without_compile(tmp_path, make_dm) -> None:
     eager, compiled = tiny_m2(), tiny_m2(compile=BACKEND)
     batch = {"labelled": (binary_images(8), torch.arange(8)), "unlabelled": binary_images(16, seed=1)}
@@ -145,3 +152,37 @@ def test_compiled_on_the_cpu_the_bound_draws_the_eager_noise() -> None:
     eager = model(x)["elbo"]
     torch.manual_seed(7)
     torch.testing.assert_close(model._training_terms(x)["elbo"], eager, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_compiles_with_inductor_where_a_compiler_is_found(make_dm, tmp_path, monkeypatch) -> None:
+    """model.compile auto (the shipped configs'): the training step goes through torch.compile with inductor's
+    options where the CPU has a C++ compiler (this machine has g++)."""
+    from ssvae_pl.models import compiling
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    assert compiling.why_not_compiled("cpu") is None
+    quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(
+        tiny_m2(compile="auto"), datamodule=make_dm())
+    assert calls and calls[0]["options"]["fallback_random"] is True and "backend" not in calls[0]
+
+
+def test_auto_trains_eagerly_without_a_compiler_and_says_why(make_dm, tmp_path, monkeypatch) -> None:
+    """model.compile auto on a CPU without a working C++ compiler: no error, one line naming what is missing, and
+    the eager step (torch.compile never called)."""
+    from torch._inductor import config
+
+    from ssvae_pl.models import compiling
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: pytest.fail("compiled without a compiler"))
+    said: list[str] = []
+    monkeypatch.setattr(compiling, "rank_zero_info", said.append)  # Lightning's console logger, as printed
+    compiling._compiler_missing.cache_clear()
+    try:
+        with config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+            quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(
+                tiny_m2(compile="auto"), datamodule=make_dm())
+    finally:
+        compiling._compiler_missing.cache_clear()
+    assert said == ["model.compile auto: training eagerly on the cpu: no working C++ compiler was found (tried "
+                    "/nonexistent/g++; install g++)"]

@@ -808,21 +808,21 @@ def test_ctrl_c_stops_the_running_stages_and_records_nothing_of_them(tmp_path: P
 
 
 def alive(pid: int) -> bool:
+    """Whether the process runs (an exited one that no parent has reaped yet, a zombie, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return state != "Z"
 
 
-def fake_slurm(folder: Path, fail_at: int | None = None, interrupt_at: int | None = None) -> Path:
-    """sbatch, scancel and squeue that note their calls in ``folder``: sbatch answers job ids from 101, fails at
-    its ``fail_at``-th call or sends this process Ctrl-C at its ``interrupt_at``-th."""
+def fake_slurm(folder: Path, fail_at: int | None = None) -> Path:
+    """sbatch, scancel and squeue that note their calls in ``folder``: sbatch answers job ids from 101 and fails at
+    its ``fail_at``-th call."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sbatch").write_text(f"""#!/bin/bash
 n=$(( $(cat {folder}/count 2>/dev/null || echo 0) + 1 )); echo $n > {folder}/count
 [ "$n" = "{fail_at}" ] && {{ echo "sbatch: error: Batch job submission failed: Invalid partition name" >&2; exit 1; }}
-[ "$n" = "{interrupt_at}" ] && kill -INT $PPID && sleep 1
 echo "Submitted batch job $(( 100 + n ))"
 """)
     (folder / "scancel").write_text(f'#!/bin/bash\necho "$@" >> {folder}/cancelled\n')
@@ -832,23 +832,36 @@ echo "Submitted batch job $(( 100 + n ))"
     return folder
 
 
-@pytest.mark.parametrize("how, why", [("fail_at", "failed (sbatch: error: Batch job submission failed: Invalid "
-                                                  "partition name)"),
-                                      ("interrupt_at", "interrupted")])
+@pytest.mark.parametrize("how, why", [("fail", "failed (sbatch: error: Batch job submission failed: Invalid "
+                                              "partition name)"),
+                                      ("ctrl-c", "interrupted")])
 def test_a_failed_or_interrupted_submission_cancels_what_it_submitted(tmp_path: Path, monkeypatch, capsys,
                                                                         how: str, why: str) -> None:
-    """The third sbatch fails (or Ctrl-C comes during it): the two jobs already submitted are cancelled, nothing
-    is recorded as queued, and one line says what happened and that the same command submits again."""
-    bin_dir = fake_slurm(tmp_path / "bin", **{how: 3})
+    """The third sbatch fails (or Ctrl-C comes during the third submission): the two jobs already submitted are
+    cancelled, nothing is recorded as queued, and one line says what happened and that the same command submits
+    again."""
+    import submitit
+
+    bin_dir = fake_slurm(tmp_path / "bin", fail_at=3 if how == "fail" else None)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    if how == "ctrl-c":
+        submit, calls = submitit.SlurmExecutor.submit, []
+
+        def interrupted(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return submit(self, *args, **kwargs)
+
+        monkeypatch.setattr(submitit.SlurmExecutor, "submit", interrupted)
     out = tmp_path / "out"
     assert table1.main(["--profile", "quick", "--out", str(out), "--cluster", "slurm"]) == 1
     *slurms_own, err = capsys.readouterr().err.strip().splitlines()  # ours, after what sbatch itself printed
-    assert slurms_own == (["sbatch: error: Batch job submission failed: Invalid partition name"] if how == "fail_at"
+    assert slurms_own == (["sbatch: error: Batch job submission failed: Invalid partition name"] if how == "fail"
                           else [])
     assert err.startswith("reproduce_table1: submission ") and why in err
     assert err.endswith("cancelled the 2 jobs it had submitted; nothing of it is queued. Rerun the same command "
-                           "to submit again.")
+                        "to submit again.")
     assert (bin_dir / "cancelled").read_text().split() == ["101", "102"]
     assert not (out / "jobs.json").exists() and not (out / "results.json").exists()
 

@@ -106,10 +106,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.source = named(dataset, data_dir, download, check_md5) if isinstance(dataset, str) else dataset
-        if labelled_indices is None:
-            self.source.check(num_labelled, val_size, unlabelled)
-        else:  # a named subset need not be class-balanced
-            self.source.check(num_labelled, val_size, unlabelled, balanced=False)
+        balance = {} if labelled_indices is None else {"balanced": False}  # a named subset need not be balanced
+        self.source.check(num_labelled, val_size, unlabelled, **balance)
         if resize not in ("pad", "crop", "stretch", "content"):
             raise ConfigError(f"data.resize must be pad, crop, stretch or content, got {resize!r}.")
         for field, value in [("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size),
@@ -348,8 +346,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             yield to_model_input(images)
 
     def pool_images(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training pool's images at ``idx`` (uint8, in host memory) and their labels (``UNLABELLED`` where an
-        image folder's image has none): what ``ssvae suggest`` ranks."""
+        """The pool's images at ``idx`` (uint8, on the host) and labels (``UNLABELLED``: none), for ``ssvae suggest``."""
         images = self._train_images[idx.to(self._train_images.device)]
         return (images.load() if isinstance(images, FolderImages) else images).cpu(), self._train_labels[idx].cpu()
 
