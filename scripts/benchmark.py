@@ -139,7 +139,7 @@ def make_model(name: str, num_train: int, vae_checkpoint: str | None = None, way
                                         **sizes})
     if name in ("adgm", "sdgm"):  # the configs' model: two layers of 500, a and z of 100
         sizes = {"hidden_dims": [1, 1], "aux_dim": 1, "latent_dim": 1} if tiny else {}
-        return {"adgm": ADGM, "sdgm": SDGM}[name](compile=compile, **model_settings(name), **sizes)
+        return {"adgm": ADGM, "sdgm": SDGM}[name](**{**model_settings(name), "compile": compile}, **sizes)
     return M2(alpha=float(num_train), weighting="batch", compile=compile, **sizes)  # m2.yaml: 500 units, z 50
 
 

@@ -10,6 +10,7 @@ import json
 import shutil
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -777,25 +778,29 @@ def test_a_record_made_with_another_config_stops_the_sweep(tmp_path: Path, monke
 
 
 def test_ctrl_c_stops_the_running_stages_and_records_nothing_of_them(tmp_path: Path, monkeypatch, capsys) -> None:
-    """Ctrl-C while two local stage jobs run: both jobs' processes end, neither is recorded, the sweep exits 1 with
-    one line saying so, and the same command then runs them again."""
+    """Ctrl-C while two local stage jobs run: both jobs' processes end, neither is recorded, and the sweep exits 1
+    with one line saying so; also where the jobs ignore SIGINT, as the children of a process that ignores it do (a
+    pytest-xdist worker, a shell's background job)."""
     def fake_run(stage, log_file, threads=None) -> float:
         note(tmp_path, stage.key, pid=os.getpid())
         time.sleep(60)
         return 60.0
 
-    polls = []
+    load_cache = run.load_cache
 
-    def interrupted_sleep(seconds: float) -> None:
-        polls.append(seconds)
-        if len(noted(tmp_path)) == 2:  # both stages are running
+    def interrupted(path):  # the loop reads the records at every turn: Ctrl-C once both stages run
+        if len(noted(tmp_path)) == 2:
             raise KeyboardInterrupt
-        time.sleep(seconds)
+        return load_cache(path)
 
     monkeypatch.setattr(run, "run_stage", fake_run)
-    monkeypatch.setattr(run, "time", types.SimpleNamespace(sleep=interrupted_sleep, monotonic=time.monotonic))
+    monkeypatch.setattr(run, "load_cache", interrupted)
     out = tmp_path / "out"
-    assert table1.main(["--profile", "quick", "--jobs", "2", "--out", str(out)]) == 1
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the jobs
+    try:
+        assert table1.main(["--profile", "quick", "--jobs", "2", "--out", str(out)]) == 1
+    finally:
+        signal.signal(signal.SIGINT, handler)
     err = capsys.readouterr().err.strip()
     assert err == ("reproduce_table1: interrupted: stopped 2 running stages, which recorded nothing; rerun the same "
                    "command to resume from the records.")

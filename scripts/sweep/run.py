@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -139,8 +140,7 @@ def run_here(stages: list[Stage], cache_file: Path, out: Path, number: dict[str,
                 break
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        for job in running.values():
-            job.cancel(check=False)
+        stop_local(list(running.values()))
         raise StageFailed(f"interrupted: stopped {len(running)} running stage{'s' * (len(running) != 1)}, which "
                           "recorded nothing; rerun the same command to resume from the records.") from None
     if failures:
@@ -148,6 +148,36 @@ def run_here(stages: list[Stage], cache_file: Path, out: Path, number: dict[str,
     if pending:
         print(f"{len(pending)} stage{'s' * (len(pending) > 1)} would not end within --hours: rerun the same command "
               f"to go on in a later sitting", flush=True)
+
+
+def process_tree(pids: list[int]) -> list[int]:
+    """``pids`` and all their descendants, from /proc (``pids`` alone where there is none)."""
+    tree, pending = [], list(pids)
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                pending += [int(child) for child in children.read_text().split()]
+            except OSError:
+                pass
+    return tree
+
+
+def stop_local(jobs: list[submitit.Job], grace: float = 3.0) -> None:
+    """Stop local jobs and what they started (their `ssvae` fits): Ctrl-C to each job, then, for whatever is still
+    running after ``grace`` seconds (a process may inherit an ignored SIGINT), SIGKILL."""
+    tree = process_tree([int(job.job_id) for job in jobs])  # a local job's id is its controller's pid
+    for job in jobs:
+        job.cancel(check=False)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in tree):
+        time.sleep(0.1)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ---- SLURM -------------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class ADGM(SemiSupervised):
         samples: int = 1,
         eval_samples: int = 1,
         class_names: Sequence[str] | None = None,
-        compile: CompileSetting = False,
+        compile: CompileSetting = "auto",
     ) -> None:
         for field, value in (("samples", samples), ("eval_samples", eval_samples), ("aux_dim", aux_dim),
                              ("latent_dim", latent_dim)):

@@ -55,7 +55,7 @@ class M1M2(M2):
         m1_active_threshold: float = ACTIVE_UNIT_STD,
         m1_cache: int | Literal["grey", "off"] = "grey",
         class_names: Sequence[str] | None = None,
-        compile: CompileSetting = False,
+        compile: CompileSetting = "auto",
     ) -> None:
         if vae_checkpoint is None and vae_hparams is None:
             raise ConfigError("model.vae_checkpoint is required for M1+M2: pass the VAE's checkpoint, e.g. "

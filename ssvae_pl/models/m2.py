@@ -75,7 +75,8 @@ class M2(SemiSupervised):
             (kernel 4) of q(z|x,y)'s and q(y|x)'s trunks, mirrored by p(x|y,z); H and W must be multiples of
             2^len(conv_channels).
         class_names: the classes' names, in label order; linked from the data module, kept in the checkpoint.
-        compile: ``torch.compile`` the training loss: ``true``, a mode or a backend (``models/compiling.py``).
+        compile: ``torch.compile`` the training loss: ``auto`` (where a compiler is found; the default), ``true``,
+            ``false``, a mode or a backend (``models/compiling.py``).
     """
 
     likelihoods: tuple[str, ...] = ("bernoulli", "discretized_logistic")
@@ -97,7 +98,7 @@ class M2(SemiSupervised):
         likelihood: Literal["bernoulli", "discretized_logistic"] = "bernoulli",
         conv_channels: Sequence[int] = (),
         class_names: Sequence[str] | None = None,
-        compile: CompileSetting = False,
+        compile: CompileSetting = "auto",
     ) -> None:
         super().__init__(num_classes, num_train, alpha, alpha_per_label, weighting, compile)
         if likelihood not in self.likelihoods:
