@@ -21,49 +21,38 @@ import csv
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep/: the records
-from sweep.records import code_version, load_cache, update_records  # noqa: E402
+from sweep.plan import Stage  # noqa: E402
+from sweep.records import StageFailed, code_version, load_cache, read_test_accuracy, update_records  # noqa: E402
+from sweep.run import run_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SSVAE = [sys.executable, "-m", "ssvae_pl.cli"]
 STRATEGIES = ("random", "margin", "entropy", "spread", "bound")
 ROUNDS = (20, 50, 100)  # labels after each round
 NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
 
-def run(records: Path, key: str, args: list[str], log: Path) -> dict:
-    """One `ssvae` command, skipped when ``records`` has it (the same arguments); its record: args, seconds, and
-    test/acc for a test."""
+def run(records: Path, key: str, args: list[str], log: Path, run_dir: Path) -> dict:
+    """One `ssvae` command (``sweep.run.run_stage``: a fit's half-written ``run_dir`` of an interrupted attempt is
+    cleared first), skipped when ``records`` has it with the same arguments; its record: args, the code, seconds,
+    and for a test its test/acc (logged in ``run_dir``, the checkpoint's run folder)."""
     done = load_cache(records).get(key)
     if done is not None and done["args"] == args:
         return done
-    log.parent.mkdir(parents=True, exist_ok=True)
-    code, started = code_version(), time.perf_counter()
-    with log.open("w") as stream:
-        stream.write(f"$ ssvae {shlex.join(args)}\n\n")
-        stream.flush()
-        result = subprocess.run([*SSVAE, *args], cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
-    if result.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-8:])
-        raise SystemExit(f"active_learning: {key} failed (exit {result.returncode}); log {log}:\n{tail}")
-    record = {"args": args, **code, "seconds": round(time.perf_counter() - started, 1)}
-    if args[0] == "test":
-        from ssvae_pl.results import read_scalars
-
-        record["test_acc"] = read_scalars(Path(option(args, "--ckpt_path")).parent.parent)["test/acc"]
+    stage, code = Stage(key, tuple(args), run_dir), code_version()
+    try:
+        record = {"args": args, **code, "seconds": round(run_stage(stage, log), 1)}
+        if args[0] == "test":
+            record["test_acc"] = read_test_accuracy(stage)
+    except StageFailed as err:
+        raise SystemExit(f"active_learning: {err}") from None
     update_records(records, {key: record})
     print(f"{key}: {record['seconds']:.0f} s" + (f", test error {100 * (1 - record['test_acc']):.2f} %"
                                                   if "test_acc" in record else ""), flush=True)
     return record
-
-
-def option(args: list[str], name: str) -> str:
-    return args[args.index(name) + 1]
 
 
 def chain(dataset: str, seed: int, strategies: list[str], settings: argparse.Namespace) -> None:
@@ -74,7 +63,7 @@ def chain(dataset: str, seed: int, strategies: list[str], settings: argparse.Nam
     vae_version = f"{dataset}-vae"
     run(records, vae_version, ["fit", "-c", "configs/mnist/m1_vae.yaml", *data, "--trainer.max_epochs",
                                str(settings.vae_epochs), "--trainer.logger.init_args.version", vae_version],
-        out / "logs" / f"{vae_version}.log")
+        out / "logs" / f"{vae_version}.log", out / "m1_vae" / vae_version)
     vae = out / "m1_vae" / vae_version / "checkpoints" / "last.ckpt"
     m1m2 = ["-c", "configs/mnist/m1m2.yaml", "--model.init_args.vae_checkpoint", str(vae), *data,
             "--seed_everything", str(seed), "--data.seed", str(seed), "--data.labelled_batch_size", "20",
@@ -83,10 +72,10 @@ def chain(dataset: str, seed: int, strategies: list[str], settings: argparse.Nam
     def fit_and_test(version: str, labelled: list[str]) -> Path:
         run(records, f"{version}-fit", ["fit", *m1m2, *labelled, "--trainer.max_epochs", str(settings.epochs),
                                         "--trainer.logger.init_args.version", version],
-            out / "logs" / f"{version}-fit.log")
+            out / "logs" / f"{version}-fit.log", out / "m1m2" / version)
         ckpt = out / "m1m2" / version / "checkpoints" / "last.ckpt"
         run(records, f"{version}-test", ["test", *m1m2, *labelled, "--ckpt_path", str(ckpt)],
-            out / "logs" / f"{version}-test.log")
+            out / "logs" / f"{version}-test.log", ckpt.parent.parent)
         return ckpt
 
     start = f"{dataset}-s{seed}-n{ROUNDS[0]}"
@@ -100,7 +89,7 @@ def chain(dataset: str, seed: int, strategies: list[str], settings: argparse.Nam
                                                 "--suggest.count", str(after - before), "--suggest.strategy",
                                                 strategy, "--suggest.seed", str(seed), "--suggest.output",
                                                 str(asked), "--suggest.overwrite", "true"],
-                out / "logs" / f"{version}-suggest.log")
+                out / "logs" / f"{version}-suggest.log", ckpt.parent.parent)
             labelled = json.loads((ckpt.parent.parent / "labelled_indices.json").read_text())["labelled_indices"]
             with asked.open() as rows:
                 chosen = labelled + [int(row["index"]) for row in csv.DictReader(rows)]

@@ -122,7 +122,7 @@ from sweep.plan import (CONFIGS, DATASETS, MNIST_ONLY, MODELS, PROFILES, RECORDS
                         stale_record, unique_stages)
 from sweep.records import StageFailed, forget_lost_fits, load_cache, summarise_fits, update_records, write_json
 from sweep.report import PAPER, plot, render_docs, run_records, summarise, write_table
-from sweep.run import lost_jobs, pending_stages, queued_jobs, run_here, stage_threads, submit_to_slurm
+from sweep.run import earlier_jobs, pending_stages, run_here, stage_threads, submit_to_slurm
 
 def parse_epochs(values: list[str], epochs: dict[str, int]) -> dict[str, int]:
     """--epochs N (every stage) or STAGE=N, applied in order over the profile's epochs."""
@@ -292,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reproduce_table1: {err}", file=sys.stderr)
         return 1
     if (out / "jobs.json").is_file() and shutil.which("squeue"):  # a sweep submitted to SLURM: what is still out there
-        cache_keys = load_cache(cache_file)
-        for key, job in queued_jobs(out / "jobs.json").items():
+        queued, lost = earlier_jobs(out / "jobs.json", cache)
+        for key, job in queued.items():
             print(f"{key}: job {job} still queued or running")
-        for key, job in lost_jobs(out / "jobs.json", cache_keys).items():
+        for key, job in lost.items():
             print(f"{key}: job {job} ended without a record (failed or cancelled): see {shown(out / 'logs' / key)}.log;"
                   " rerun the command without --report to submit it again")
     records = run_records(runs, cache)

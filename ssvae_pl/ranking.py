@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from ssvae_pl.elbo import categorical_entropy
+
 STRATEGIES = ("entropy", "margin", "bound", "spread", "random")
 CLASSIFIER_STRATEGIES = frozenset({"entropy", "margin", "spread", "random"})  # from q(y|x) alone
 NEEDS_BOUNDS = frozenset({"bound"})  # the strategies that need L(x, y) for every class
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """H of each row of class probabilities (N, K) -> (N,), in nats."""
-    return -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
 
 
 def margin(probs: torch.Tensor) -> torch.Tensor:
@@ -34,13 +31,13 @@ def scores(strategy: str, probs: torch.Tensor, class_bounds: torch.Tensor | None
     """The score of each image (N,) under ``strategy``: from q(y|x)'s probabilities (N, K) and, for ``bound``, the
     bound L(x, y) of every class (N, K)."""
     if strategy == "entropy":
-        return entropy(probs)
+        return categorical_entropy(probs)
     if strategy in ("margin", "spread"):
         return margin(probs)
     if strategy == "bound":
         if class_bounds is None:
             raise ValueError("the bound strategy needs L(x, y) of every class")
-        return entropy(class_bounds.float().softmax(dim=-1))
+        return categorical_entropy(class_bounds.float().softmax(dim=-1))
     if strategy == "random":
         return torch.rand(len(probs), generator=generator)
     raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")

@@ -177,12 +177,8 @@ def test_auto_trains_eagerly_without_a_compiler_and_says_why(make_dm, tmp_path, 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: pytest.fail("compiled without a compiler"))
     said: list[str] = []
     monkeypatch.setattr(compiling, "rank_zero_info", said.append)  # Lightning's console logger, as printed
-    compiling._compiler_missing.cache_clear()
-    try:
-        with config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
-            quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(
-                tiny_m2(compile="auto"), datamodule=make_dm())
-    finally:
-        compiling._compiler_missing.cache_clear()
+    with config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(
+            tiny_m2(compile="auto"), datamodule=make_dm())
     assert said == ["model.compile auto: training eagerly on the cpu: no working C++ compiler was found (tried "
                     "/nonexistent/g++; install g++)"]

@@ -28,7 +28,7 @@ QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--t
 
 def test_entropy_and_margin_score_uncertain_images_higher() -> None:
     probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1]])
-    assert ranking.entropy(probs).tolist() == pytest.approx([0.0, math.log(2), math.log(3), 0.8979], abs=1e-4)
+    assert ranking.scores("entropy", probs).tolist() == pytest.approx([0.0, math.log(2), math.log(3), 0.8979], abs=1e-4)
     assert ranking.margin(probs).tolist() == pytest.approx([0.0, 1.0, 1.0, 0.7])
     bounds = torch.tensor([[-90.0, -90.0, -200.0], [-80.0, -120.0, -130.0]])  # ambiguous, then sure, to the model
     assert ranking.scores("bound", probs[:2], bounds).tolist() == pytest.approx([math.log(2), 0.0], abs=1e-6)

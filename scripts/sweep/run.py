@@ -4,7 +4,6 @@ reads have ended well). Either way a job runs one `ssvae` command and then recor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -183,21 +182,17 @@ def stop_local(jobs: list[submitit.Job], grace: float = 3.0) -> None:
 # ---- SLURM -------------------------------------------------------------------------------------------------------
 
 
-def queued_jobs(jobs_file: Path) -> dict[str, str]:
-    """The stages of this sweep's earlier submissions whose jobs SLURM still holds (pending or running): key -> id."""
-    submitted = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
+def earlier_jobs(jobs_file: Path, cache: dict[str, dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """The stages of this sweep's earlier submissions (``jobs_file``), key -> job id: those whose jobs SLURM still
+    holds (pending or running), and those whose jobs have ended without a record in ``cache`` (failed, cancelled,
+    or held on a failed input)."""
+    submitted = load_cache(jobs_file)
     if not submitted:
-        return {}
+        return {}, {}
     listed = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
     alive = set(listed.stdout.split()) if listed.returncode == 0 else set(submitted.values())  # unsure: assume held
-    return {key: job for key, job in submitted.items() if job in alive}
-
-
-def lost_jobs(jobs_file: Path, cache: dict[str, dict]) -> dict[str, str]:
-    """Submitted stages whose jobs have ended without a record (failed, cancelled, or held on a failed input)."""
-    submitted = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
-    queued = queued_jobs(jobs_file)
-    return {key: job for key, job in submitted.items() if key not in cache and key not in queued}
+    queued = {key: job for key, job in submitted.items() if job in alive}
+    return queued, {key: job for key, job in submitted.items() if key not in cache and key not in queued}
 
 
 def submit_to_slurm(stages: list[Stage], cache_file: Path, out: Path, number: dict[str, str],
@@ -209,8 +204,8 @@ def submit_to_slurm(stages: list[Stage], cache_file: Path, out: Path, number: di
         raise StageFailed("--cluster slurm needs SLURM's sbatch and squeue on PATH (on a cluster's login node); "
                           "without --cluster the sweep runs on this machine.")
     jobs_file = out / "jobs.json"
-    queued = queued_jobs(jobs_file)
-    for key, job in lost_jobs(jobs_file, load_cache(cache_file)).items():
+    queued, lost = earlier_jobs(jobs_file, load_cache(cache_file))
+    for key, job in lost.items():
         print(f"{key}: job {job} ended without a record (failed or cancelled; log: {shown(out / 'logs' / key)}.log"
               f", SLURM's: {shown(out / 'jobs')}/{job}_0_log.*): submitted again", flush=True)
     executor = submitit.SlurmExecutor(folder=out / "jobs")
@@ -239,5 +234,5 @@ def submit_to_slurm(stages: list[Stage], cache_file: Path, out: Path, number: di
             f"failed ({(str(err).strip().splitlines() or [type(err).__name__])[-1][-300:]})"
         raise StageFailed(f"submission {why}: cancelled the {len(ids)} job{'s' * (len(ids) != 1)} it had "
                           "submitted; nothing of it is queued. Rerun the same command to submit again.") from None
-    write_json(jobs_file, {**json.loads(jobs_file.read_text() if jobs_file.is_file() else "{}"), **ids})
+    write_json(jobs_file, {**load_cache(jobs_file), **ids})
     return list(ids.values())

@@ -11,7 +11,6 @@ arithmetic rather than the host's kernel launches. On a CPU those modes compile 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Union
 
 import torch
@@ -38,27 +37,28 @@ def why_not_compiled(device: str) -> str | None:
     Triton for a GPU), or None when it can: what ``model.compile auto`` asks."""
     if torch._dynamo.config.disable:
         return "torch.compile is switched off (TORCH_COMPILE_DISABLE=1)"
-    return _compiler_missing(device)
-
-
-@functools.cache
-def _compiler_missing(device: str) -> str | None:
     if device == "cpu":
-        from torch._inductor import config
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        from torch._inductor.exc import InvalidCxxCompiler
-
-        try:
-            get_cpp_compiler()
-        except InvalidCxxCompiler:
-            tried = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else [config.cpp.cxx]
-            return f"no working C++ compiler was found (tried {', '.join(c for c in tried if c)}; install g++)"
-        return None
+        tried = cxx_tried_in_vain()
+        return None if tried is None else f"no working C++ compiler was found (tried {tried}; install g++)"
     if device == "cuda":
         from torch.utils._triton import has_triton
 
         return None if has_triton() else "Triton is not installed (pip install triton)"
     return f"inductor does not compile for {device}"
+
+
+def cxx_tried_in_vain() -> str | None:
+    """The C++ compilers inductor tried for a CPU (``CXX``, else g++), when none of them works; None when one does."""
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return ", ".join(c for c in (config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else [config.cpp.cxx])
+                         if c)
+    return None
 
 
 def resolve_auto(setting: CompileSetting, device: str, say: bool = False) -> CompileSetting:
@@ -85,19 +85,10 @@ def check_compile_can_train(setting: CompileSetting, trainer) -> None:
         raise ConfigError(f"model.compile={setting} (CUDA graphs) cannot accumulate gradients over "
                           f"trainer.accumulate_grad_batches={accumulate} batches; use model.compile true, or a "
                           f"batch {accumulate} times larger.")
-    if device == "cpu" and (setting is True or setting in MODES):
-        from torch._inductor import config
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        from torch._inductor.exc import InvalidCxxCompiler
-
-        try:
-            get_cpp_compiler()
-        except InvalidCxxCompiler:
-            tried = [cxx for cxx in (config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else [config.cpp.cxx])
-                     if cxx]
-            raise ConfigError(f"model.compile={str(setting).lower()} compiles the step into C++ on a CPU, and no "
-                              f"working C++ compiler was found (tried {', '.join(tried)}): install one (g++, or name "
-                              "it in CXX), or set model.compile false.") from None
+    if device == "cpu" and (setting is True or setting in MODES) and (tried := cxx_tried_in_vain()) is not None:
+        raise ConfigError(f"model.compile={str(setting).lower()} compiles the step into C++ on a CPU, and no "
+                          f"working C++ compiler was found (tried {tried}): install one (g++, or name it in CXX), or "
+                          "set model.compile false.")
 
 
 def fitting(module) -> bool:
