@@ -214,6 +214,8 @@ def test_render_docs_replaces_its_own_section_only(tmp_path: Path) -> None:
     second = docs.read_text()
     assert "| b |" in second and "| a |" not in second and second.endswith("\n## Later section\n")
     assert second.count("<!-- reproduce_table1 hour -->") == 1
+    report.render_docs(docs, "hour", "# T\n\n| c |\n\nCommand: `x`\n\nCode: 0123456789.\n", "AMD EPYC", records)
+    assert "| c |" in docs.read_text() and "Command: `x`" in docs.read_text() and "0123456789" not in docs.read_text()
 
 
 FABRICATED = [  # (model, labels, seed, test error %)

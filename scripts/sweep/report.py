@@ -180,12 +180,14 @@ def plot(summary: dict[str, dict[int, Cell]], path: Path, dataset: str = "mnist"
 
 def render_docs(docs: Path, key: str, table: str, machine: str, records: list[dict],
                 figure: Path | None = None) -> None:
-    """Put ``table`` (table1.md's text, its title a level down), the plot ``figure`` (linked relative to ``docs``),
-    the machine and each run's fit time and summary (its epochs and last validation figures, ``fit_summary``; the
-    VAEs' too) into ``docs`` between the markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY
-    -->``, replacing what they held; appended at the end when they are not there yet."""
+    """Put ``table`` (table1.md's text, its title a level down, without its Code line: the docs name the command and
+    the machine, not commits), the plot ``figure`` (linked relative to ``docs``), the machine and each run's fit time
+    and summary (its epochs and last validation figures, ``fit_summary``; the VAEs' too) into ``docs`` between the
+    markers ``<!-- reproduce_table1 KEY -->`` and ``<!-- /reproduce_table1 KEY -->``, replacing what they held;
+    appended at the end when they are not there yet."""
     from ssvae_pl.results import replace_marked_section
 
+    table = "\n".join(line for line in table.splitlines() if not line.startswith("Code: "))
     vaes = {r["seed"]: r["vae"] for r in records if r["vae"]}
     lines = [f"- M1's VAE, seed {seed}: {describe_fit(summary)}" for seed, summary in sorted(vaes.items())]
     lines += [f"- {OUR_NAMES[r['model']]}, seed {r['seed']}, {r['num_labelled']} labels: fit "
