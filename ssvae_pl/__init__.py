@@ -13,16 +13,16 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["VAE", "LatentClassifier", "M2", "M1M2", "ADGM", "SDGM", "SemiSupervisedDataModule", "ImageFolder",
+__all__ = ["VAE", "LatentClassifier", "M2", "M1M2", "ADGM", "SDGM", "M1ADGM", "SemiSupervisedDataModule", "ImageFolder",
            "best_precision"]
 
-_MODELS = ("VAE", "LatentClassifier", "M2", "M1M2", "ADGM", "SDGM")
+_MODELS = ("VAE", "LatentClassifier", "M2", "M1M2", "ADGM", "SDGM", "M1ADGM")
 _HOMES = {**dict.fromkeys(_MODELS, "ssvae_pl.models"), "SemiSupervisedDataModule": "ssvae_pl.data",
           "ImageFolder": "ssvae_pl.data", "best_precision": "ssvae_pl.precision"}
 
 if TYPE_CHECKING:
     from ssvae_pl.data import ImageFolder, SemiSupervisedDataModule
-    from ssvae_pl.models import ADGM, M1M2, M2, SDGM, VAE, LatentClassifier
+    from ssvae_pl.models import ADGM, M1ADGM, M1M2, M2, SDGM, VAE, LatentClassifier
     from ssvae_pl.precision import best_precision
 
 

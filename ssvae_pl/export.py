@@ -55,9 +55,10 @@ def load_classifier(ckpt_path: str, ckpt: dict | None = None) -> pl.LightningMod
     """The LatentClassifier or M2 (M1+M2) of a checkpoint (``ckpt``: the file's contents, when already read), in
     eval mode. Raises ``CheckpointError`` naming the file when it is missing, unreadable, or of a model that does
     not classify (a VAE)."""
-    from ssvae_pl.models import ADGM, M1M2, M2, SDGM, LatentClassifier
+    from ssvae_pl.models import ADGM, M1ADGM, M1M2, M2, SDGM, LatentClassifier
 
-    classifiers = {"LatentClassifier": LatentClassifier, "M2": M2, "M1M2": M1M2, "ADGM": ADGM, "SDGM": SDGM}
+    classifiers = {"LatentClassifier": LatentClassifier, "M2": M2, "M1M2": M1M2, "ADGM": ADGM, "SDGM": SDGM,
+                   "M1ADGM": M1ADGM}
     ckpt = read_classifier_checkpoint(ckpt_path) if ckpt is None else ckpt
     hparams, state = dict(ckpt.get("hyper_parameters", {})), ckpt["state_dict"]
     name = hparams.get("_class_path", "").rsplit(".", 1)[-1]

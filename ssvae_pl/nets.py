@@ -383,6 +383,18 @@ def _with_onehot(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Te
     return torch.cat([z, F.one_hot(y, num_classes).to(z.dtype)], dim=-1)  # (..., Z + K)
 
 
+def split_class_rows(decoded, num_labelled: int, num_classes: int):
+    """A decoder's output over the rows of ``labelled_and_all_classes`` (a tensor, or a pair of them: (mean, std),
+    (mean, log_scale)) split into its B_l labelled rows and its B_u K class rows as (B_u, K, ...)."""
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t[:num_labelled], t[num_labelled:].unflatten(0, ((len(t) - num_labelled) // num_classes, num_classes))
+
+    if isinstance(decoded, tuple):
+        labelled, unlabelled = zip(*(split(t) for t in decoded))
+        return labelled, unlabelled
+    return split(decoded)
+
+
 class ImageClassifier(nn.Module):
     """Class logits of images (B, C, H, W) -> (B, K), from a trained model's networks, free of Lightning (to
     export): ``head`` on the images, or on the posterior means of a frozen ``encoder`` (M1's) when one is given,

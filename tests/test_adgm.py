@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from helpers.cli import ssvae_here
-from ssvae_pl.models import ADGM, SDGM
+from ssvae_pl.models import ADGM, SDGM, M1ADGM
 from ssvae_pl.models.declares import monitor_of, pictures_of
 from test_cli import REPO, cli_data, data_args, ok  # noqa: F401  (cli_data is a fixture)
 
@@ -19,6 +19,28 @@ K, TINY = 10, dict(hidden_dims=[16, 12], aux_dim=3, latent_dim=4)
 TOL = dict(rtol=1e-5, atol=1e-4)
 TINY_ARGS = ["--model.init_args.hidden_dims", "[16, 12]", "--model.init_args.aux_dim", "3",
              "--model.init_args.latent_dim", "4"]
+
+
+QUICK = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+         "false", "--trainer.enable_model_summary", "false"]
+
+
+def every_subcommand(tmp_path: Path, name: str, common: list[str], fit_only: tuple[str, ...] = ()) -> Path:
+    """fit for one epoch of 2 steps, resume with --ckpt_path last for a second, test, predict and export, each
+    through ``ssvae``; ``fit_only``: arguments of the fits alone. Returns the run's last.ckpt."""
+    ok(ssvae_here(tmp_path, "fit", *common, *fit_only, *QUICK, "--trainer.max_epochs", "1"))
+    ok(ssvae_here(tmp_path, "fit", *common, *fit_only, *QUICK, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    ckpt = tmp_path / "lightning_logs" / name / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
+    tested = ssvae_here(tmp_path, "test", *common, "--ckpt_path", "last")
+    ok(tested)
+    assert "test/acc" in tested.stdout
+    ok(ssvae_here(tmp_path, "predict", *common, "--ckpt_path", "last", "--predictions.output",
+                  str(tmp_path / "p.csv")))
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 201  # the header and the 200 test images
+    ok(ssvae_here(tmp_path, "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "export")))
+    assert (tmp_path / "export" / "last.onnx").is_file()
+    return ckpt
 
 
 def tiny(model_class, **kwargs):
@@ -111,25 +133,79 @@ def test_bad_settings_are_config_errors() -> None:
 @pytest.mark.parametrize("name", ["adgm", "sdgm"])
 def test_fit_resume_test_predict_and_export_through_ssvae(tmp_path: Path, cli_data: Path, name: str) -> None:
     """The shipped config, tiny: fit, resume with --ckpt_path last, test, predict and export."""
-    config = str(REPO / "configs" / "mnist" / f"{name}.yaml")
-    common = ["-c", config, *data_args(cli_data), *TINY_ARGS]
-    quick = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    ok(ssvae_here(tmp_path, "fit", *common, *quick, "--trainer.max_epochs", "1"))
-    ok(ssvae_here(tmp_path, "fit", *common, *quick, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
-    ckpt = tmp_path / "lightning_logs" / name / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
-    tested = ssvae_here(tmp_path, "test", *common, "--ckpt_path", "last")
-    ok(tested)
-    assert "test/acc" in tested.stdout
-    ok(ssvae_here(tmp_path, "predict", *common, "--ckpt_path", "last", "--predictions.output",
-                  str(tmp_path / "p.csv")))
-    assert len((tmp_path / "p.csv").read_text().splitlines()) == 201  # the header and the 200 test images
-    ok(ssvae_here(tmp_path, "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "export")))
-    assert (tmp_path / "export" / "last.onnx").is_file()
+    ckpt = every_subcommand(tmp_path, name, ["-c", str(REPO / "configs" / "mnist" / f"{name}.yaml"),
+                                             *data_args(cli_data), *TINY_ARGS])
     other = "sdgm" if name == "adgm" else "adgm"  # the other variant's config: one error naming both classes
     refused = ssvae_here(tmp_path, "test", "-c", str(REPO / "configs" / "mnist" / f"{other}.yaml"),
                          *data_args(cli_data), *TINY_ARGS, "--ckpt_path", str(ckpt))
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
     assert f"holds a {name.upper()}" in refused.stderr and "use the config the checkpoint was trained with" in \
         refused.stderr
+
+
+# ---- M1+ADGM: ADGM on M1's latents ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def m1adgm(vae_checkpoint: Path) -> M1ADGM:
+    torch.manual_seed(0)
+    model = M1ADGM(vae_checkpoint=str(vae_checkpoint), m1_active_threshold=0, **TINY)
+    model.set_data_sizes(num_labelled=100, num_unlabelled=500, num_train=500)
+    return model
+
+
+def test_m1adgm_bound_is_adgms_with_a_gaussian_p_of_m1s_latents(m1adgm: M1ADGM) -> None:
+    """On M1's latents z1 (A = 4 here) the bound is ADGM's with log N(z1; p(z1|y,z2)) in place of the Bernoulli
+    image likelihood, and p(a|z1,y,z2) conditioned on z1; the sum over classes still equals a loop over them."""
+    h, y = torch.randn(3, 4), torch.tensor([1, 4, 9])
+    eps_a, eps_z = torch.randn(3, 3), torch.randn(3, 4)
+    bound = m1adgm.mixed_bounds(h, y, h[:0], eps_a, eps_z)["bound_l"]
+    q_a = Normal(*m1adgm.aux_encoder(h))
+    a = q_a.mean + q_a.stddev * eps_a
+    q_z = Normal(*m1adgm.encoder(torch.cat([h, a], -1), y))
+    z = q_z.mean + q_z.stddev * eps_z
+    p_a = Normal(*m1adgm.aux_decoder(z, y, m1adgm.aux_decoder.x_part(h)))
+    expected = (Normal(*m1adgm.decoder(z, y)).log_prob(h).sum(-1) + p_a.log_prob(a).sum(-1)
+                - q_a.log_prob(a).sum(-1) - math.log(K) - kl_divergence(q_z, Normal(0.0, 1.0)).sum(-1))
+    torch.testing.assert_close(bound, expected, **TOL)
+
+    eps_u = torch.randn(3, K, 4)
+    terms = m1adgm.mixed_bounds(h[:0], y[:0], h, eps_a, eps_u.flatten(0, 1))
+    for c in range(K):
+        one = m1adgm.mixed_bounds(h, torch.full((3,), c), h[:0], eps_a, eps_u[:, c])["bound_l"]
+        torch.testing.assert_close(terms["class_bounds"][:, c], one, **TOL)
+
+
+def test_m1adgm_trains_on_cached_rows_and_classifies_images_through_m1(m1adgm: M1ADGM) -> None:
+    """A training batch of the cache's rows [mean, std] of q(z1|x) reaches every network but M1's frozen encoder;
+    in eval mode, images are classified on the posterior mean of q(z1|x), as the exported classifier does; the
+    model declares no image pictures and refuses to draw images (it keeps no decoder of M1)."""
+    rows = lambda n, seed: torch.cat([torch.randn(n, 1, 4, generator=torch.Generator().manual_seed(seed)),  # noqa: E731
+                                      torch.full((n, 1, 4), 0.1)], -1)
+    terms = m1adgm.train().loss_terms({"labelled": (rows(2, 0), torch.tensor([0, 5])), "unlabelled": rows(4, 1)})
+    terms["loss"].backward()
+    for name in ("aux_encoder", "classifier", "encoder", "decoder", "aux_decoder"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(m1adgm, name).parameters()), name
+    assert all(p.grad is None and not p.requires_grad for p in m1adgm.m1_encoder.parameters())
+
+    m1adgm.eval()
+    x = images(5)
+    logits = m1adgm(x)
+    torch.testing.assert_close(logits, m1adgm.image_classifier()(x))
+    mean = m1adgm.m1_encoder.latents(x)
+    torch.testing.assert_close(logits, m1adgm.classifier(torch.cat([mean, m1adgm.aux_encoder(mean)[0]], -1)))
+    assert pictures_of(m1adgm) == {"latent_space", "confusion_matrix"}
+    with pytest.raises(NotImplementedError, match="M1ADGM generates M1 latents"):
+        m1adgm.sample(torch.arange(K))
+
+
+def test_m1adgm_fit_resume_test_predict_and_export_through_ssvae(tmp_path: Path, cli_data: Path,
+                                                                vae_checkpoint: Path) -> None:
+    """configs/mnist/m1adgm.yaml, tiny, on a VAE checkpoint: fit, resume, test, predict and export; the
+    checkpoint carries M1's encoder, so test needs no VAE file; without a VAE, one line naming the setting."""
+    common = ["-c", str(REPO / "configs" / "mnist" / "m1adgm.yaml"), *data_args(cli_data), *TINY_ARGS,
+              "--model.init_args.m1_active_threshold", "0"]
+    every_subcommand(tmp_path, "m1adgm", common, ("--model.init_args.vae_checkpoint", str(vae_checkpoint)))
+    refused = ssvae_here(tmp_path / "export", "fit", *common, *QUICK)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "model.vae_checkpoint" in refused.stderr

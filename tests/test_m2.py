@@ -401,7 +401,7 @@ def test_m1m2_fit_caches_the_posterior_and_refuses_a_cache_too_large(m1m2_run, m
     model2.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["unlabelled"].shape)
     quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(model2, datamodule=dm)
     assert seen == [(100, 2, 2 * model.m1_encoder.out_dim)] * 2 and dm._train_features is None
-    monkeypatch.setattr("ssvae_pl.models.m1m2.free_memory", lambda device: 1000)
+    monkeypatch.setattr("ssvae_pl.models.m1_latents.free_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match="model.init_args.m1_cache"):
         quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(model2, datamodule=dm)
     with pytest.raises(ConfigError, match="model.m1_cache"):

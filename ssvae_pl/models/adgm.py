@@ -20,6 +20,7 @@ from torch import nn
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting
+from ssvae_pl.models.declares import CLASS_IMAGE_PICTURES
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.semi_supervised import SemiSupervised
 from ssvae_pl.nets import (
@@ -27,10 +28,13 @@ from ssvae_pl.nets import (
     Activation,
     Classifier,
     ConditionalBernoulliDecoder,
+    ConditionalGaussianDecoder,
     ConditionalGaussianEncoder,
     GaussianEncoder,
+    ImageClassifier,
     gaussian_parameters,
     mlp,
+    split_class_rows,
 )
 
 
@@ -68,19 +72,24 @@ class AuxiliaryClassifier(nn.Module):
         return self.classifier(torch.cat([x, self.aux_encoder(x)[0]], dim=-1))
 
 
-def adgm_networks(in_dim: int, input_shape: Sequence[int], num_classes: int, hidden_dims: Sequence[int],
-                  aux_dim: int, latent_dim: int, activation: Activation, min_std: float,
-                  skip: bool) -> dict[str, nn.Module]:
-    """The five networks; ``skip`` (SDGM): x decoded from (a, y, z) and a from (y, z)."""
+def adgm_networks(shape: Sequence[int], num_classes: int, hidden_dims: Sequence[int], aux_dim: int,
+                  latent_dim: int, activation: Activation, min_std: float, skip: bool,
+                  likelihood: str) -> dict[str, nn.Module]:
+    """The five networks for inputs of ``shape``: images (C, H, W) with a Bernoulli p(x|.), or M1's latents (A,)
+    with a Gaussian one (``likelihood``); ``skip`` (SDGM): x decoded from (a, y, z) and a from (y, z)."""
+    in_dim, decoder_dims = math.prod(shape), list(reversed(hidden_dims))
+    decoder_in = latent_dim + (aux_dim if skip else 0)
+    decoder = (ConditionalGaussianDecoder(decoder_in, num_classes, decoder_dims, in_dim, activation, min_std)
+               if likelihood == "gaussian" else
+               ConditionalBernoulliDecoder(decoder_in, num_classes, decoder_dims, shape, activation))
     return {
         "aux_encoder": GaussianEncoder(in_dim, hidden_dims, aux_dim, activation, min_std),  # q(a|x)
         "classifier": Classifier(in_dim + aux_dim, hidden_dims, num_classes, activation),  # q(y|a,x)
         "encoder": ConditionalGaussianEncoder(in_dim + aux_dim, num_classes, hidden_dims, latent_dim, activation,
                                               min_std),  # q(z|a,x,y)
-        "decoder": ConditionalBernoulliDecoder(latent_dim + (aux_dim if skip else 0), num_classes,
-                                               list(reversed(hidden_dims)), input_shape, activation),  # p(x|.)
-        "aux_decoder": AuxiliaryDecoder(0 if skip else in_dim, latent_dim, num_classes, list(reversed(hidden_dims)),
-                                        aux_dim, activation, min_std),  # p(a|.)
+        "decoder": decoder,  # p(x|.)
+        "aux_decoder": AuxiliaryDecoder(0 if skip else in_dim, latent_dim, num_classes, decoder_dims, aux_dim,
+                                        activation, min_std),  # p(a|.)
     }
 
 
@@ -100,6 +109,7 @@ class ADGM(SemiSupervised):
     """
 
     skip = False
+    likelihood = "bernoulli"  # of p(x|.); "gaussian" on M1's latents (M1ADGM)
 
     def __init__(
         self,
@@ -126,11 +136,25 @@ class ADGM(SemiSupervised):
         if not hidden_dims:
             raise ConfigError("model.init_args.hidden_dims needs at least one layer, e.g. [500, 500].")
         super().__init__(num_classes, num_train, alpha, alpha_per_label, weighting, compile)
-        self.in_dim = math.prod(input_shape)
-        for name, net in adgm_networks(self.in_dim, input_shape, num_classes, list(hidden_dims), aux_dim,
-                                       latent_dim, activation, min_std, self.skip).items():
+        self.modelled_shape = self.input_stage()
+        for name, net in adgm_networks(self.modelled_shape, num_classes, list(hidden_dims), aux_dim, latent_dim,
+                                       activation, min_std, self.skip, self.likelihood).items():
             setattr(self, name, net)
         self.log_prior_y = -math.log(num_classes)
+
+    def input_stage(self) -> tuple[int, ...]:
+        """Build what comes before the networks, and return the shape of what they model: the images here."""
+        return tuple(self.hparams.input_shape)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the networks model: the images, as floats in [0, 1] (uint8 ones converted)."""
+        return unit_images(x)
+
+    def _log_px(self, decoded, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+        """log p(x|.) summed over the last dimensions of ``x`` past ``batch_dims``."""
+        if self.likelihood == "gaussian":
+            return elbo.gaussian_log_likelihood(x, *decoded, batch_dims)
+        return elbo.bernoulli_log_likelihood(decoded, x, batch_dims)
 
     # ---- the bounds ------------------------------------------------------------------------------------------------
 
@@ -157,9 +181,9 @@ class ADGM(SemiSupervised):
         y = torch.cat([y_l, torch.arange(k, device=x.device).repeat(b_u)])  # (R,)
         a_rows = a[rows]
         decoded = self.decoder(torch.cat([z, a_rows], dim=-1) if self.skip else z, y)  # (R, C, H, W) logits
-        log_px = torch.cat([elbo.bernoulli_log_likelihood(decoded[:b_l], x_l),
-                            elbo.bernoulli_log_likelihood(decoded[b_l:].unflatten(0, (b_u, k)), x_u.unsqueeze(1),
-                                                          batch_dims=2).flatten()])  # (R,)
+        decoded_l, decoded_u = split_class_rows(decoded, b_l, k)  # (B_l, ...), (B_u, K, ...)
+        log_px = torch.cat([self._log_px(decoded_l, x_l),
+                            self._log_px(decoded_u, x_u.unsqueeze(1), batch_dims=2).flatten()])  # (R,)
         x_part = self.aux_decoder.x_part(x)
         p_mean, p_std = self.aux_decoder(z, y, None if x_part is None else x_part[rows])
         log_pa = elbo.gaussian_log_likelihood(a_rows, p_mean, p_std)  # (R,)
@@ -170,8 +194,8 @@ class ADGM(SemiSupervised):
     def loss_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """J^alpha's terms with ``samples`` draws per image, each draw one more row (``objective``)."""
         x_l, y_l = batch["labelled"]
-        x_l, x_u, s = unit_images(x_l), unit_images(batch["unlabelled"]), self.hparams.samples
-        terms = self.mixed_bounds(x_l.repeat(s, 1, 1, 1), y_l.repeat(s), x_u.repeat(s, 1, 1, 1))
+        x_l, x_u, s = self.features(x_l), self.features(batch["unlabelled"]), self.hparams.samples
+        terms = self.mixed_bounds(torch.cat([x_l] * s), y_l.repeat(s), torch.cat([x_u] * s))
         return self.objective(terms["bound_l"], terms["logits_l"], y_l.repeat(s), terms["class_bounds"],
                               terms["logits_u"])
 
@@ -181,10 +205,10 @@ class ADGM(SemiSupervised):
 
     def _sampled_terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(y|a,x) (S, B, K) and L(x, y) of every class (S, B, K) for ``eval_samples`` = S draws of a."""
-        hp, x = self.hparams, unit_images(x)
+        hp, x = self.hparams, self.features(x)
         n, s = noise.shape[:2]
         eps_a, eps_z = noise.transpose(0, 1).flatten(0, 1).split([hp.aux_dim, hp.num_classes * hp.latent_dim], -1)
-        terms = self.mixed_bounds(x[:0], torch.zeros(0, dtype=torch.long, device=x.device), x.repeat(s, 1, 1, 1),
+        terms = self.mixed_bounds(x[:0], torch.zeros(0, dtype=torch.long, device=x.device), torch.cat([x] * s),
                                   eps_a, eps_z.reshape(-1, hp.latent_dim))
         return terms["logits_u"].float().softmax(-1).view(s, n, -1), terms["class_bounds"].view(s, n, -1)
 
@@ -203,15 +227,20 @@ class ADGM(SemiSupervised):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K) of q(y|a,x), a the mean of q(a|x), for images in [0, 1] or the loaders' uint8."""
-        return self.image_classifier()(unit_images(x))
+        return self.classifier_head()(self.features(x))
 
-    def image_classifier(self) -> AuxiliaryClassifier:
+    def classifier_head(self) -> AuxiliaryClassifier:
+        """q(y|a,.) on what the networks model (``features``), a the mean of q(a|.)."""
         return AuxiliaryClassifier(self.aux_encoder, self.classifier)
+
+    def image_classifier(self) -> ImageClassifier:
+        """q(y|a,x) as a plain module, images -> logits, sharing this model's weights (to export)."""
+        return ImageClassifier(self.classifier_head())
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The means of q(z|a,x,y), a the mean of q(a|x), y given or else predicted: (B, Z)."""
-        x = unit_images(x).flatten(1)
+        x = self.features(x).flatten(1)
         h = torch.cat([x, self.aux_encoder(x)[0]], dim=-1)
         y = self.classifier(h).argmax(-1) if y is None else y
         return self.encoder(h, y)[0]
@@ -245,7 +274,7 @@ class ADGM(SemiSupervised):
         return self._decode_mean(z, classes).unflatten(0, (len(x), k))
 
     def pictures(self) -> frozenset[str]:
-        return super().pictures() | {"reconstructions", "class_samples", "analogies"}
+        return super().pictures() | CLASS_IMAGE_PICTURES
 
     def latent_name(self) -> str:
         return f"{type(self).__name__}'s z, mean of q(z|a,x,y)"

@@ -18,6 +18,7 @@ PICTURES = frozenset({
     "confusion_matrix",  # val/confusion_matrix: validation_step returns {"pred": ...}
     "knn_probe",  # val/knn_acc: validation_step returns {"z_mean": ...}, and latent_means(x)
 })
+CLASS_IMAGE_PICTURES = frozenset({"reconstructions", "class_samples", "analogies"})  # a class-conditional decoder's
 
 
 class Declares:

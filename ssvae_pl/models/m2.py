@@ -15,6 +15,7 @@ import torch
 from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting
+from ssvae_pl.models.declares import CLASS_IMAGE_PICTURES
 from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.semi_supervised import SemiSupervised
 from ssvae_pl.nets import (
@@ -25,6 +26,7 @@ from ssvae_pl.nets import (
     ConditionalGaussianDecoder,
     ConditionalGaussianEncoder,
     ImageClassifier,
+    split_class_rows,
 )
 
 EVAL_PIECE_VALUES = 2**21  # an eager CPU evaluation's piece: its widest layer over the K classes (evaluation_piece)
@@ -80,7 +82,6 @@ class M2(SemiSupervised):
     """
 
     likelihoods: tuple[str, ...] = ("bernoulli", "discretized_logistic")
-    generates_images = True  # p(x|y,z) decodes images (M1+M2's decodes M1's latents)
 
     def __init__(
         self,
@@ -174,8 +175,7 @@ class M2(SemiSupervised):
         z = elbo.reparameterize(mean, std, eps)
         y = torch.cat([y_l, torch.arange(k, device=y_l.device).repeat(b_u)])  # (R,)
         decoded = self.decoder(z, y)  # (R, ...), or a pair of them
-        decoded_l = _each(decoded, lambda t: t[:b_l])
-        decoded_u = _each(decoded, lambda t: t[b_l:].unflatten(0, (b_u, k)))  # (B_u, K, ...)
+        decoded_l, decoded_u = split_class_rows(decoded, b_l, k)  # (B_l, ...), (B_u, K, ...)
         log_px = torch.cat([self._likelihood(decoded_l, h_l),  # (B_l,), then (B_u K,) against h_u not copied K times
                             self._likelihood(decoded_u, h_u.unsqueeze(1), batch_dims=2).flatten()])
         bounds = elbo.labelled_bound(log_px, elbo.kl_standard_normal(mean, std), self.log_prior_y)  # (R,)
@@ -212,13 +212,16 @@ class M2(SemiSupervised):
             bits = elbo.bits_per_dim(bound, math.prod(self.hparams.input_shape))
             self.log(f"{stage}/bits_per_dim", bits.mean(), sync_dist=True, batch_size=batch_size)
 
+    def classifier_head(self) -> Classifier:
+        """q(y|.) on what the networks model (``features``)."""
+        return self.classifier
+
     def image_classifier(self) -> ImageClassifier:
         """q(y|x) as a plain module, images -> logits, sharing this model's weights (to export)."""
-        return ImageClassifier(self.classifier)
+        return ImageClassifier(self.classifier_head())
 
     def pictures(self) -> frozenset[str]:
-        images = {"reconstructions", "class_samples", "analogies"} if self.generates_images else set()
-        return super().pictures() | images
+        return super().pictures() | CLASS_IMAGE_PICTURES
 
     def latent_name(self) -> str:
         return "M2's z, mean of q(z|x,y)"
@@ -234,13 +237,6 @@ class M2(SemiSupervised):
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
-    def _check_generates_images(self) -> None:
-        if not self.generates_images:
-            raise NotImplementedError(
-                "M1+M2 generates M1 latents, not images: decoding them needs M1's decoder, which this model does "
-                "not keep (only M1's frozen encoder). Use M2 on images to sample or draw analogies."
-            )
-
     def _decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The means of p(x|y,z), images in [0, 1]: z (..., Z), y (...) -> (..., C, H, W). Bernoulli means, or the
         logistics' means clamped to [0, 1]."""
@@ -252,7 +248,6 @@ class M2(SemiSupervised):
     def sample(self, y: torch.Tensor, num_samples_per_class: int = 1) -> torch.Tensor:
         """Images' means from p(x|y,z) (in [0, 1]), z ~ p(z), ``num_samples_per_class`` for each entry of ``y``
         (class indices (B,)): (B * num_samples_per_class, C, H, W), those of y[0] first."""
-        self._check_generates_images()
         y = y.to(self.device).repeat_interleave(num_samples_per_class)  # (B*S,)
         z = torch.randn(len(y), self.hparams.latent_dim, device=self.device)  # (B*S, Z)
         return self._decode_mean(z, y)
@@ -269,7 +264,6 @@ class M2(SemiSupervised):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Each image decoded from the mean of q(z|x,y) with y predicted by q(y|x): means in [0, 1] (B, C, H, W)."""
-        self._check_generates_images()
         h = self.features(x)
         y = self.classifier(h).argmax(dim=-1)  # (B,)
         return self._decode_mean(self.encoder(h, y)[0], y)
@@ -278,13 +272,8 @@ class M2(SemiSupervised):
     def analogies(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Each image's style in every class (SSDGM fig. 1): z, the mean of q(z|x,y) with y given or else
         predicted by q(y|x), decoded with each class y' -> the means of p(x|y',z), (B, K, C, H, W)."""
-        self._check_generates_images()
         k = self.hparams.num_classes
         z = self.latent_means(x, y).unsqueeze(1).expand(-1, k, -1)  # (B, K, Z)
         classes = torch.arange(k, device=z.device).expand(len(z), k)  # (B, K)
         return self._decode_mean(z, classes)  # (B, K, C, H, W)
 
-
-def _each(decoded, fn):
-    """``fn`` of a decoder's output, or of each tensor of a pair of them ((mean, std), (mean, log_scale))."""
-    return tuple(fn(t) for t in decoded) if isinstance(decoded, tuple) else fn(decoded)
