@@ -205,7 +205,11 @@ def test_m1adgm_fit_resume_test_predict_and_export_through_ssvae(tmp_path: Path,
     checkpoint carries M1's encoder, so test needs no VAE file; without a VAE, one line naming the setting."""
     common = ["-c", str(REPO / "configs" / "mnist" / "m1adgm.yaml"), *data_args(cli_data), *TINY_ARGS,
               "--model.init_args.m1_active_threshold", "0"]
-    every_subcommand(tmp_path, "m1adgm", common, ("--model.init_args.vae_checkpoint", str(vae_checkpoint)))
+    ckpt = every_subcommand(tmp_path, "m1adgm", common, ("--model.init_args.vae_checkpoint", str(vae_checkpoint)))
+    refused = ssvae_here(tmp_path, "test", "-c", str(REPO / "configs" / "mnist" / "m1m2.yaml"), *data_args(cli_data),
+                         "--ckpt_path", str(ckpt))  # M1+M2's config: one line naming the checkpoint's model
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "holds a M1ADGM" in refused.stderr
     refused = ssvae_here(tmp_path / "export", "fit", *common, *QUICK)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
     assert "model.vae_checkpoint" in refused.stderr
