@@ -99,12 +99,42 @@ def chain(dataset: str, seed: int, strategies: list[str], settings: argparse.Nam
             ckpt = fit_and_test(version, labelled_args)
 
 
+def test_errors(records: dict, dataset: str, strategy: str, n: int, seeds: list[int]) -> dict[int, float]:
+    """Test error (%) of each seed's fit at ``n`` labels by ``strategy`` that is recorded, by seed."""
+    key = (lambda s: f"{dataset}-s{s}-n{n}-test") if n == ROUNDS[0] else \
+        (lambda s: f"{dataset}-s{s}-{strategy}-n{n}-test")
+    return {s: 100 * (1 - records[key(s)]["test_acc"]) for s in seeds if key(s) in records}
+
+
+def verdict(records: dict, datasets: list[str], seeds: list[int], strategies: list[str]) -> str:
+    """For each dataset and label count past round 0: the strategies whose mean test error is below random's, by how
+    much and in how many seeds (paired by seed), or else none, and which came closest. Only seeds that both ran."""
+    lines = []
+    for dataset in datasets:
+        for n in ROUNDS[1:]:
+            random = test_errors(records, dataset, "random", n, seeds)
+            rows = []
+            for strategy in (s for s in strategies if s != "random"):
+                mine = test_errors(records, dataset, strategy, n, seeds)
+                both = sorted(set(mine) & set(random))
+                if both:
+                    gain = statistics.fmean(mine[s] - random[s] for s in both)
+                    wins = sum(mine[s] < random[s] for s in both)
+                    rows.append((gain, f"{strategy} {gain:+.2f} (lower in {wins} of {len(both)} seeds)"))
+            if not rows:
+                continue
+            below = [text for gain, text in sorted(rows) if gain < 0]
+            closest = min(rows)[1]
+            lines.append(f"- {NAMES.get(dataset, dataset)}, {n} labels: "
+                         + (f"below random: {'; '.join(below)}." if below
+                            else f"no strategy below random; closest: {closest}."))
+    return "\n".join(lines)
+
+
 def table(records: dict, datasets: list[str], seeds: list[int], strategies: list[str]) -> str:
     """Test error (%) at 50 and 100 labels, mean ± std over seeds, each strategy beside random."""
     def errors(dataset: str, strategy: str, n: int) -> list[float]:
-        keys = [f"{dataset}-s{s}-{strategy}-n{n}-test" if n != ROUNDS[0] else f"{dataset}-s{s}-n{n}-test"
-                for s in seeds]
-        return [100 * (1 - records[k]["test_acc"]) for k in keys if k in records]
+        return list(test_errors(records, dataset, strategy, n, seeds).values())
 
     def cell(values: list[float]) -> str:
         if not values:
@@ -131,9 +161,7 @@ def plot(records: dict, datasets: list[str], seeds: list[int], strategies: list[
         for strategy in strategies:
             means, stds, ns = [], [], []
             for n in ROUNDS:
-                key = (lambda s: f"{dataset}-s{s}-n{n}-test") if n == ROUNDS[0] else \
-                    (lambda s: f"{dataset}-s{s}-{strategy}-n{n}-test")
-                values = [100 * (1 - records[key(s)]["test_acc"]) for s in seeds if key(s) in records]
+                values = list(test_errors(records, dataset, strategy, n, seeds).values())
                 if values:
                     ns.append(n), means.append(statistics.fmean(values))
                     stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -175,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                 chain(dataset, seed, strategies, settings)
     records = load_cache(settings.out / "records.json")
     text = table(records, settings.datasets, settings.seeds, strategies)
-    print(text)
+    summary = verdict(records, settings.datasets, settings.seeds, strategies)
+    print(text, summary, sep="\n\n")
     if settings.docs is not None:
         from ssvae_pl.precision import describe_machine
         from ssvae_pl.results import replace_marked_section
@@ -189,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "## Labels chosen by `ssvae suggest` against random labels", "",
             f"M1+M2, {settings.epochs} epochs a fit, VAE of {settings.vae_epochs} epochs per dataset; test error (%) "
             "of last.ckpt, mean ± std (seeds).", "", text, "",
+            "Each strategy against random, seed by seed (the mean difference in test error, points):", "", summary, "",
             f"![test error against labels, by strategy]({figure.relative_to(settings.docs.resolve().parent)})", "",
             f"Command: `{command}`. Machine: {describe_machine()}."]))
     return 0

@@ -6,6 +6,7 @@ images; the table and plot; a rerun runs nothing."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -50,3 +51,20 @@ def test_rounds_of_suggested_and_random_labels_then_the_table(tmp_path: Path) ->
     again = script(tmp_path)
     assert again.returncode == 0 and " s" not in "".join(line for line in again.stdout.splitlines()
                                                          if line.startswith("mnist-"))  # all recorded: nothing ran
+
+
+def test_the_verdict_pairs_each_strategy_with_random_seed_by_seed() -> None:
+    """Below random means a lower mean test error than random's over the seeds both ran, counted seed by seed; where
+    none is below, the verdict says so and names the closest."""
+    spec = importlib.util.spec_from_file_location("active_learning", REPO / "scripts" / "active_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    errors = {("random", 0): 10.0, ("random", 1): 8.0, ("margin", 0): 9.0, ("margin", 1): 8.5, ("bound", 0): 12.0,
+              ("bound", 1): 11.0, ("bound", 2): 1.0}  # bound's seed 2 has no random to pair with: left out
+    records = {f"mnist-s{seed}-{strategy}-n{n}-test": {"test_acc": 1 - (err + (n == 100)) / 100}
+               for (strategy, seed), err in errors.items() for n in (50, 100)}
+    records["mnist-s0-margin-n100-test"] = {"test_acc": 1 - 12 / 100}
+    text = module.verdict(records, ["mnist"], [0, 1, 2], ["random", "margin", "bound"])
+    assert text.splitlines() == [
+        "- MNIST, 50 labels: below random: margin -0.25 (lower in 1 of 2 seeds).",
+        "- MNIST, 100 labels: no strategy below random; closest: margin +0.75 (lower in 0 of 2 seeds)."]
