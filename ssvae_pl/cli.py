@@ -154,6 +154,26 @@ class SSVAETrainer(Trainer):
         run_suggest(self, model, datamodule, ckpt_path, suggest)
 
 
+# model settings that a fit fills in (from the data module, or M1's checkpoint): a checkpoint holds them, a config not
+FILLED_MODEL_SETTINGS = frozenset({"num_train", "vae_hparams", "input_shape", "num_classes", "class_names"})
+
+
+def check_model_settings_kept(given: dict | None, restored: dict | None, ckpt_path: str) -> None:
+    """A fit from a checkpoint builds the model from the checkpoint's hyperparameters (Lightning's ``dict_kwargs``
+    over the config's ``init_args``): a model setting of the command that differs from the checkpoint's would be
+    dropped without a word, so it is a ``ConfigError`` naming the key and both values."""
+    if not given or not restored:
+        return
+    mine = given.get("init_args") or {}
+    kept = {**(restored.get("init_args") or {}), **(restored.get("dict_kwargs") or {})}
+    for key, value in mine.items():
+        if key not in FILLED_MODEL_SETTINGS and key in kept and kept[key] != value:
+            raise ConfigError(
+                f"model.init_args.{key}: {value!r} here, {kept[key]!r} in --ckpt_path {ckpt_path}; a fit from a "
+                f"checkpoint keeps its model's settings, so give {kept[key]!r} (or leave it out), or fit a new "
+                "run without --ckpt_path.")
+
+
 class SSVAECLI(LightningCLI):
     """LightningCLI with the run-folder rules of ``runs.py`` and the always-on trust pieces of ``trainer_pieces``."""
 
@@ -201,6 +221,9 @@ class SSVAECLI(LightningCLI):
             if saved is not None:
                 self.optimizer_changes = optimizer_arguments_changed(saved, current)
         super()._parse_ckpt_path()  # the checkpoint's hyperparameters over the config's model
+        if subcommand == "fit" and config.get("ckpt_path"):
+            restored = yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_unset=False))
+            check_model_settings_kept(current.get("model"), restored.get("model"), config.get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}

@@ -213,3 +213,19 @@ def test_m1adgm_fit_resume_test_predict_and_export_through_ssvae(tmp_path: Path,
     refused = ssvae_here(tmp_path / "export", "fit", *common, *QUICK)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
     assert "model.vae_checkpoint" in refused.stderr
+
+
+def test_a_fit_from_another_runs_checkpoint_refuses_model_settings_it_would_drop(tmp_path: Path, cli_data: Path) -> None:
+    """`ssvae fit --ckpt_path <file>` restores the checkpoint's model settings (Lightning puts its hyperparameters over
+    the config's), so a model setting given with it that differs from the checkpoint's would be silently dropped:
+    one error line naming the key and both values, no run folder written; the same settings resume."""
+    common = ["-c", str(REPO / "configs" / "mnist" / "adgm.yaml"), *data_args(cli_data), *TINY_ARGS, *QUICK]
+    ok(ssvae_here(tmp_path, "fit", *common, "--trainer.max_epochs", "1"))
+    ckpt = tmp_path / "lightning_logs" / "adgm" / "version_0" / "checkpoints" / "last.ckpt"
+    refused = ssvae_here(tmp_path, "fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt),
+                         "--trainer.logger.init_args.version", "changed", "--model.init_args.samples", "3")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "model.init_args.samples" in refused.stderr and "3" in refused.stderr and "1" in refused.stderr
+    assert not (tmp_path / "lightning_logs" / "adgm" / "changed").exists()
+    ok(ssvae_here(tmp_path, "fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt),
+                  "--trainer.logger.init_args.version", "same"))
