@@ -21,7 +21,6 @@ from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting
 from ssvae_pl.models.declares import CLASS_IMAGE_PICTURES
-from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.semi_supervised import SemiSupervised
 from ssvae_pl.nets import (
     _ACTIVATIONS,
@@ -141,14 +140,6 @@ class ADGM(SemiSupervised):
                                        activation, min_std, self.skip, self.likelihood).items():
             setattr(self, name, net)
         self.log_prior_y = -math.log(num_classes)
-
-    def input_stage(self) -> tuple[int, ...]:
-        """Build what comes before the networks, and return the shape of what they model: the images here."""
-        return tuple(self.hparams.input_shape)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """What the networks model: the images, as floats in [0, 1] (uint8 ones converted)."""
-        return unit_images(x)
 
     def _log_px(self, decoded, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
         """log p(x|.) summed over the last dimensions of ``x`` past ``batch_dims``."""

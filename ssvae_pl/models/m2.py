@@ -16,7 +16,6 @@ from ssvae_pl import elbo
 from ssvae_pl.errors import ConfigError
 from ssvae_pl.models.compiling import CompileSetting
 from ssvae_pl.models.declares import CLASS_IMAGE_PICTURES
-from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.semi_supervised import SemiSupervised
 from ssvae_pl.nets import (
     Activation,
@@ -112,14 +111,6 @@ class M2(SemiSupervised):
             self.modelled_shape, num_classes, hidden_dims, classifier_hidden_dims, latent_dim, activation, min_std,
             likelihood, conv_channels)
         self.log_prior_y = -math.log(num_classes)  # p(y) uniform
-
-    def input_stage(self) -> tuple[int, ...]:
-        """Build what comes before the networks, and return the shape of what they model: the images here."""
-        return tuple(self.hparams.input_shape)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """What the networks model: the images, as floats in [0, 1] (uint8 ones converted)."""
-        return unit_images(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K) of q(y|x) for images (B, C, H, W), floats in [0, 1] or the loaders' uint8."""

@@ -23,6 +23,7 @@ from ssvae_pl.errors import ConfigError
 from ssvae_pl.host import check_cuda_once
 from ssvae_pl.models.compiling import CompileSetting, check_compile, check_compile_can_train, compiled, fitting
 from ssvae_pl.models.declares import Declares
+from ssvae_pl.models.inputs import unit_images
 from ssvae_pl.models.step_scalars import StepScalars
 from ssvae_pl.prediction import check_data_settings, class_predictions
 from ssvae_pl.ranking import CLASSIFIER_STRATEGIES
@@ -60,6 +61,16 @@ class SemiSupervised(Declares, pl.LightningModule):
         self._training_loss = compiled(self.loss_terms, compile)
         self._validation_terms = compiled(self.evaluation_terms, compile)  # a fit's validations, not a lone test
         self._step_scalars = StepScalars()
+
+    # ---- what the networks model (an M1 stage overrides both: ``m1_latents.OnM1Latents``) ----------------------
+
+    def input_stage(self) -> tuple[int, ...]:
+        """Build what comes before the networks, and return the shape of what they model: the images here."""
+        return tuple(self.hparams.input_shape)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the networks model: the images, as floats in [0, 1] (uint8 ones converted)."""
+        return unit_images(x)
 
     # ---- the numbers of the objective --------------------------------------------------------------------------
 
